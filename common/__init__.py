@@ -1,0 +1,1 @@
+"""Shared code for the numbered pipeline stages; each module owns one concern."""

@@ -1,0 +1,106 @@
+"""Reading `train.csv` / `test.csv`: the columns, the ids and the prices are checked before any work.
+
+Bad rows are listed by line and sample_id in one error, or, when the caller allows skipping (train only),
+dropped and returned with their reasons so that the stage can count them in its stats.json.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from common.fsio import is_safe_id
+
+REQUIRED = {"train": ["sample_id", "catalog_content", "image_link", "price"],
+            "test": ["sample_id", "catalog_content", "image_link"]}
+MAX_PRICE = 1_000_000.0  # above this a "price" is a data error (e.g. 1e308), not a product
+MAX_LISTED = 20
+
+
+class CatalogError(ValueError):
+    """Input that cannot be used; the message names the file and the offending rows."""
+
+
+@dataclass
+class Catalog:
+    split: str
+    path: Path
+    rows: pd.DataFrame                     # the usable rows, in file order, all columns as str (+ price float)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> sample_ids (or line labels)
+    n_input: int = 0
+
+
+def _describe(line: int, sid: str) -> str:
+    return f"line {line} (sample_id {sid!r})"
+
+
+def _price(text: str) -> tuple[float | None, str | None]:
+    try:
+        value = float(text)
+    except ValueError:
+        return None, "price_not_a_number"
+    if not math.isfinite(value):
+        return None, "price_not_finite"
+    if value <= 0:
+        return None, "price_not_positive"
+    if value > MAX_PRICE:
+        return None, "price_too_large"
+    return value, None
+
+
+def read_catalog(path: Path | str, split: str, skip_bad_rows: bool = False) -> Catalog:
+    """Read one split's CSV. Test rows are never skipped: a bad test row is always an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"{path}: file not found (expected the {split} catalog)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8",
+                         quoting=csv.QUOTE_MINIMAL)
+    except UnicodeDecodeError as err:
+        raise CatalogError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except pd.errors.EmptyDataError:
+        raise CatalogError(f"{path}: empty file, expected a header {','.join(REQUIRED[split])}") from None
+    except pd.errors.ParserError as err:
+        raise CatalogError(f"{path}: not a valid CSV: {err}") from None
+    missing = [c for c in REQUIRED[split] if c not in df.columns]
+    if missing:
+        raise CatalogError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, df.columns))}")
+    if len(df) == 0:
+        raise CatalogError(f"{path}: no rows")
+    df = df[[c for c in REQUIRED[split]]].copy()  # extra columns are ignored
+    df["line"] = range(2, len(df) + 2)  # 1-based file line, header is line 1 (multi-line cells aside)
+
+    problems: dict[str, list[str]] = {}
+    bad = pd.Series(False, index=df.index)
+
+    def flag(mask: pd.Series, reason: str) -> None:
+        nonlocal bad
+        mask = mask & ~bad
+        if mask.any():
+            problems.setdefault(reason, []).extend(
+                _describe(ln, sid) for ln, sid in zip(df.loc[mask, "line"], df.loc[mask, "sample_id"]))
+            bad = bad | mask
+
+    ids = df["sample_id"].str.strip()
+    flag(ids == "", "empty_sample_id")
+    flag(~ids.map(is_safe_id), "unsafe_sample_id")
+    flag(ids.duplicated(keep=False), "duplicate_sample_id")
+    df["sample_id"] = ids
+    if split == "train":
+        parsed = df["price"].str.strip().map(_price)
+        df["price"] = [p for p, _ in parsed]
+        for reason in ("price_not_a_number", "price_not_finite", "price_not_positive", "price_too_large"):
+            flag(pd.Series([r == reason for _, r in parsed], index=df.index), reason)
+
+    if problems and (split == "test" or not skip_bad_rows):
+        lines = []
+        for reason, rows in problems.items():
+            shown = ", ".join(rows[:MAX_LISTED]) + (f", ... ({len(rows)} in all)" if len(rows) > MAX_LISTED else "")
+            lines.append(f"  {reason}: {shown}")
+        hint = "" if split == "test" else "\n(pass --skip-bad-rows to drop these train rows and count them)"
+        raise CatalogError(f"{path}: {sum(map(len, problems.values()))} bad row(s):\n" + "\n".join(lines) + hint)
+    rows = df[~bad].drop(columns=["line"]).reset_index(drop=True)
+    return Catalog(split=split, path=path, rows=rows, skipped=problems, n_input=len(df))

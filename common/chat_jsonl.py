@@ -1,0 +1,55 @@
+"""Building the chat JSONL rows (the seed's schema) and reading them back."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.fsio import write_text
+from common.prompt import build_messages
+
+
+def split_validation(rows: pd.DataFrame, ratio: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A seeded random split that keeps file order inside each part."""
+    rng = np.random.default_rng(seed)
+    is_val = rng.random(len(rows)) < ratio
+    return rows[~is_val].reset_index(drop=True), rows[is_val].reset_index(drop=True)
+
+
+def to_records(rows: pd.DataFrame, images: dict[str, str], with_price: bool) -> list[dict]:
+    records = []
+    for row in rows.itertuples(index=False):
+        price = float(row.price) if with_price else None
+        rec = {"sample_id": row.sample_id,
+               "messages": build_messages(row.catalog_content, images.get(row.sample_id), price)}
+        if with_price:
+            rec["price"] = price
+        records.append(rec)
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+class JsonlError(ValueError):
+    pass
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every row of a chat JSONL; a broken line fails with the file and line number."""
+    if not Path(path).exists():
+        raise JsonlError(f"{path}: not found (run 3_create_jsonl.py first)")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or "sample_id" not in rec or "messages" not in rec:
+                    raise ValueError("missing sample_id or messages")
+            except ValueError as err:
+                raise JsonlError(f"{path}:{n}: broken JSONL row ({err})") from None
+            rows.append(rec)
+    return rows

@@ -1,0 +1,69 @@
+"""Files that are either whole or absent: temp name + fsync + rename, and the stats every stage writes."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+# A sample_id becomes a file name, so it must not be able to name a path of its own.
+SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+def is_safe_id(sample_id: str) -> bool:
+    return bool(SAFE_ID.match(sample_id)) and ".." not in sample_id
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str, suffix: str = ""):
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: Path | str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path | str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path | str):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".") and ".tmp" in name
+
+
+def clean_temp_files(folder: Path | str) -> int:
+    """Remove temp files a killed run left behind; they are never mistaken for outputs."""
+    folder = Path(folder)
+    if not folder.exists():
+        return 0
+    removed = 0
+    for p in folder.iterdir():
+        if p.is_file() and is_temp_name(p.name):
+            p.unlink()
+            removed += 1
+    return removed

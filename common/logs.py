@@ -1,0 +1,18 @@
+"""Logging set-up shared by the stages: INFO on rank 0, warnings only on other ranks."""
+from __future__ import annotations
+
+import logging
+import os
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup(name: str) -> logging.Logger:
+    level = logging.INFO if rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s {name} %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("urllib3", "PIL", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return logging.getLogger(name)

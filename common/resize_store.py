@@ -1,0 +1,83 @@
+"""Resizing a split's downloaded images in parallel processes, resumable, with a per-row manifest."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common.fsio import clean_temp_files, read_json, write_bytes, write_json, write_text
+from common.image_store import read_manifest
+from common.images import ImageRejected, jpeg_bytes, load_resized
+
+FIELDS = ["sample_id", "status", "file", "width", "height"]
+
+
+def _resize_one(args) -> tuple[str, str, str, int, int]:
+    sid, src, dst, min_pixels, max_pixels, max_image_pixels, use_draft, quality = args
+    if os.path.exists(dst):
+        from PIL import Image
+        try:
+            with Image.open(dst) as img:
+                img.load()  # a file cut short by a crash outside our rename is caught here
+                return sid, "skipped", os.path.basename(dst), img.width, img.height
+        except OSError:
+            os.unlink(dst)
+    try:
+        img = load_resized(src, min_pixels, max_pixels, max_image_pixels, use_draft)
+    except ImageRejected as err:
+        return sid, err.reason, "", 0, 0
+    write_bytes(dst, jpeg_bytes(img, quality))
+    return sid, "ok", os.path.basename(dst), img.width, img.height
+
+
+def check_params(out_dir: Path, params: dict, force: bool) -> None:
+    """Refuse to mix images resized with other bounds into one folder, unless told to redo them."""
+    path = out_dir / "params.json"
+    if path.exists() and read_json(path) != params:
+        if not force:
+            raise SystemExit(f"{out_dir} was resized with {read_json(path)}, not {params}; "
+                             "pass --force to redo it with the new options")
+        for p in out_dir.glob("*.jpg"):
+            p.unlink()
+    write_json(path, params)
+
+
+def resize_split(images_dir: Path, out_dir: Path, params: dict, workers: int) -> dict[str, int]:
+    manifest = read_manifest(images_dir)
+    if not manifest:
+        raise SystemExit(f"{images_dir}/manifest.csv not found or empty: run 1_download.py first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_temp_files(out_dir)
+    jobs, results = [], {}
+    for sid, row in manifest.items():
+        if row["file"]:
+            jobs.append((sid, str(images_dir / row["file"]), str(out_dir / f"{sid}.jpg"), params["min_pixels"],
+                         params["max_pixels"], params["max_image_pixels"], params["use_draft"], params["quality"]))
+        else:
+            results[sid] = (sid, f"no_image:{row['status']}", "", 0, 0)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for res in tqdm(pool.map(_resize_one, jobs, chunksize=16), total=len(jobs),
+                        desc=f"resize {out_dir.name}", unit="img", mininterval=1):
+            results[res[0]] = res
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(FIELDS)
+    for sid in manifest:
+        writer.writerow(results[sid])
+    write_text(out_dir / "manifest.csv", buf.getvalue())
+    return dict(Counter(r[1] for r in results.values()))
+
+
+def resized_files(out_dir: Path) -> dict[str, str]:
+    """sample_id -> absolute path of its resized image, for rows that have one."""
+    path = out_dir / "manifest.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {r["sample_id"]: str((out_dir / r["file"]).resolve())
+                for r in csv.DictReader(fh) if r["file"]}
