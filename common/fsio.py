@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 # A sample_id becomes a file name, so it must not be able to name a path of its own.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -24,6 +26,7 @@ def atomic_path(path: Path | str, suffix: str = ""):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to this user
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

@@ -60,3 +60,13 @@ def message_parts(messages: list[dict]) -> tuple[str, str | None, str | None]:
             elif msg["role"] == "assistant" and part["type"] == "text":
                 answer = part["text"]
     return text, image, answer
+
+
+_CATALOG_PREFIX, _CATALOG_SUFFIX = USER_TEMPLATE.split("{catalog}")
+
+
+def catalog_from_user_text(text: str) -> str:
+    """The catalog part of a user turn built by `user_text`, so that it alone can be truncated."""
+    if not (text.startswith(_CATALOG_PREFIX) and text.endswith(_CATALOG_SUFFIX)):
+        raise ValueError("user text does not follow common.prompt.USER_TEMPLATE; rebuild the JSONL (stage 3)")
+    return text[len(_CATALOG_PREFIX): len(text) - len(_CATALOG_SUFFIX)]

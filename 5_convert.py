@@ -1,0 +1,63 @@
+"""Stage 5: pack stage 4's samples into WebDataset shards, with an index that training plans from.
+
+Reads   WORK_DIR/jsonl/{split}.jsonl (the order), WORK_DIR/preprocessed/{split}/SAMPLE_ID/
+Writes  WORK_DIR/webdataset_{split}/{split}-shard-NNNNNN.tar   members per sample: input_ids.npy,
+            attention_mask.npy, pixel_values.npy (uint8 patches; absent if text-only), metadata.json
+        WORK_DIR/webdataset_{split}/index.json   shards, their sample counts and sample_ids
+        WORK_DIR/webdataset_{split}/stats.json
+
+    python 5_convert.py --work-dir work --split all --samples-per-shard 1000
+
+Each shard is written under a temporary name, read back to check it, then renamed. A rerun keeps
+shards whose samples are unchanged and rewrites only the rest.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import layout, logs, options
+from common.chat_jsonl import read_jsonl
+from common.fsio import write_json
+from common.shards import pack_split
+
+
+@dataclass
+class ConvertOptions:
+    work_dir: Path = options.opt("folder every stage writes under", Path("work"))
+    split: str = options.opt("which split(s) to pack", "all", choices=["train", "validation", "test", "all"])
+    samples_per_shard: int = options.opt("samples per shard", 1000)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.samples_per_shard < 1:
+            out.append("--samples-per-shard must be >= 1")
+        for split in layout.resolve_splits(self.split, layout.JSONL_SPLITS):
+            if not layout.preprocessed_dir(self.work_dir, split).is_dir():
+                out.append(f"{layout.preprocessed_dir(self.work_dir, split)} not found: run 4_preprocess.py first")
+        return out
+
+
+def main(cfg: ConvertOptions) -> dict:
+    log = logs.setup("convert")
+    all_stats = {}
+    for split in layout.resolve_splits(cfg.split, layout.JSONL_SPLITS):
+        started = time.time()
+        rows = read_jsonl(layout.jsonl_path(cfg.work_dir, split))
+        out_dir = layout.shards_dir(cfg.work_dir, split)
+        result = pack_split(rows, layout.preprocessed_dir(cfg.work_dir, split), out_dir, split,
+                            cfg.samples_per_shard)
+        stats = {"split": split, "rows_in": len(rows), **result, "seconds": round(time.time() - started, 2),
+                 "bytes_per_sample": round(result["bytes"] / max(1, result["samples"])),
+                 "options": options.to_jsonable(cfg)}
+        write_json(out_dir / "stats.json", stats)
+        log.info("%s: %d rows -> %d samples in %d shards (%d written, %d kept), %d missing from stage 4",
+                 split, len(rows), result["samples"], result["shards"], result["shards_written"],
+                 result["shards_reused"], result["missing_from_stage4"])
+        all_stats[split] = stats
+    return all_stats
+
+
+if __name__ == "__main__":
+    main(options.parse(ConvertOptions, description=__doc__))

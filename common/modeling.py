@@ -1,0 +1,125 @@
+"""Model, tokenizer and LoRA loading: Unsloth on a GPU, transformers + peft elsewhere.
+
+`--model` is `tiny` (built offline under WORK_DIR/models/tiny), a local folder, or a hub id.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import layout
+
+log = logging.getLogger("model")
+# LoRA on the language model's seven projections only: names like `gate_proj` also match the vision
+# tower's MLP, which stays frozen unless asked for.
+LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_TARGETS = r".*visual.*\.(qkv|proj|gate_proj|up_proj|down_proj)"
+
+
+def resolve_model(name: str, work_dir: Path) -> str:
+    if name == "tiny":
+        from common.tiny import ensure_tiny_model
+        return str(ensure_tiny_model(layout.models_dir(work_dir) / "tiny"))
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    return name  # a hub id
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.chat_template is None:
+        for name in ("chat_template.jinja", "chat_template.json"):
+            p = Path(path) / name
+            if p.exists():
+                text = p.read_text()
+                tok.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+                break
+        else:
+            from common.tiny import CHAT_TEMPLATE
+            tok.chat_template = CHAT_TEMPLATE  # Qwen2-VL's own format
+    if tok.pad_token is None:
+        tok.pad_token = "<|endoftext|>"
+    return tok
+
+
+def pick_backend(requested: str) -> str:
+    import torch
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
+        return "unsloth"
+    return "hf"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    tune_vision: bool = False
+
+
+def load_for_training(path: str, backend: str, lora: LoraSettings, load_in_4bit: bool,
+                      gradient_checkpointing: bool, seed: int):
+    """(model with LoRA adapters, backend actually used)."""
+    import torch
+    backend = pick_backend(backend)
+    if backend == "unsloth":
+        from unsloth import FastVisionModel
+        model, _ = FastVisionModel.from_pretrained(
+            path, load_in_4bit=load_in_4bit, dtype=torch.bfloat16,
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
+        model = FastVisionModel.get_peft_model(
+            model, finetune_vision_layers=lora.tune_vision, finetune_language_layers=True,
+            finetune_attention_modules=True, finetune_mlp_modules=True, r=lora.r, lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout, bias="none", random_state=seed)
+        FastVisionModel.for_training(model)
+        return model, backend
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    cuda = torch.cuda.is_available()
+    kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    if load_in_4bit and cuda:
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
+    if load_in_4bit and cuda:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    targets = LANGUAGE_TARGETS + (f"|{VISION_TARGETS}" if lora.tune_vision else "")
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not lora.tune_vision:
+            # transformers marks the inputs as requiring grad, which makes the frozen vision tower
+            # recompute and back-propagate (3x slower on an H100, see FINDINGS); LoRA does not need it.
+            model.base_model.model.disable_input_require_grads()
+    return model, backend
+
+
+def load_for_inference(base_path: str, adapter: str | None, backend: str):
+    """Base model (+ LoRA adapter merged where possible), in eval mode."""
+    import torch
+    backend = pick_backend(backend)
+    if backend == "unsloth":
+        from unsloth import FastVisionModel
+        model, _ = FastVisionModel.from_pretrained(adapter or base_path, load_in_4bit=True, dtype=torch.bfloat16)
+        FastVisionModel.for_inference(model)
+        return model, backend
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_path, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    return model, backend

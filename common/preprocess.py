@@ -1,0 +1,98 @@
+"""Stage 4's work: encode every JSONL row in worker processes, validate it, write its folder."""
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common.encode import Encoder, ImageSpec, SampleError, validate
+from common.sample_store import PIXEL_STORAGE, done_ids, sample_files, write_sample
+
+_worker: dict = {}
+
+
+def _init(model_path: str, max_length: int, min_pixels: int, max_pixels: int, out_dir: str, split: str):
+    from common.modeling import load_tokenizer
+    tok = load_tokenizer(model_path)
+    spec = ImageSpec.from_model(model_path)
+    _worker.update(encoder=Encoder(tok, spec, max_length, min_pixels, max_pixels), spec=spec,
+                   out_dir=Path(out_dir), split=split)
+
+
+def encode_row(enc: Encoder, spec: ImageSpec, row: dict, index: int, split: str) -> tuple[dict, dict, list[str]]:
+    """(encoded sample, its metadata, notes) for one JSONL row; image trouble falls back to text only."""
+    notes = []
+    messages = row["messages"]
+    try:
+        sample = enc.encode(messages)
+    except SampleError as err:
+        if err.reason in ("too_long", "image_unreadable", "corrupt_image", "not_image", "bad_image_size",
+                          "decompression_bomb", "extreme_aspect_ratio"):
+            notes.append(f"image_dropped:{err.reason}")
+            messages = [dict(m, content=[c for c in m["content"] if c["type"] != "image"]) for m in messages]
+            sample = enc.encode(messages)
+        else:
+            raise
+    validate(sample, spec, enc.image_token_id)
+    if sample["catalog_tokens_dropped"]:
+        notes.append("truncated")
+    has_image = sample["patches"] is not None
+    meta = {"sample_id": row["sample_id"], "original_index": index, "split": split,
+            "input_ids_shape": list(sample["input_ids"].shape),
+            "pixel_values_shape": [int(sample["patches"].shape[0]),
+                                   int(sample["patches"].shape[1]) * spec.temporal_patch_size] if has_image else None,
+            "pixel_storage": PIXEL_STORAGE if has_image else None,
+            "image_grid_thw": sample["image_grid_thw"].tolist() if has_image else None,
+            "answer_start": sample["answer_start"], "answer_end": sample["answer_end"],
+            "n_image_tokens": sample["n_image_tokens"], "catalog_tokens_dropped": sample["catalog_tokens_dropped"],
+            "price": row.get("price"), "image_token_id": enc.image_token_id}
+    return sample, meta, notes
+
+
+def _work(job: tuple[int, dict]) -> tuple[str, str, list[str], int]:
+    index, row = job
+    enc, spec, out_dir = _worker["encoder"], _worker["spec"], _worker["out_dir"]
+    try:
+        sample, meta, notes = encode_row(enc, spec, row, index, _worker["split"])
+    except (SampleError, ValueError) as err:
+        return row["sample_id"], "failed", [f"{getattr(err, 'reason', 'bad_row')}: {err}"], 0
+    files = sample_files(sample, meta)
+    write_sample(out_dir, row["sample_id"], files)
+    return row["sample_id"], "ok", notes, sum(len(b) for b in files.values())
+
+
+def preprocess_split(rows: list[dict], out_dir: Path, split: str, model_path: str, max_length: int,
+                     min_pixels: int, max_pixels: int, workers: int) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    have = done_ids(out_dir)
+    jobs = [(i, r) for i, r in enumerate(rows) if r["sample_id"] not in have]
+    counts, notes_count, failures, nbytes = Counter(skipped=len(rows) - len(jobs)), Counter(), defaultdict(list), 0
+    init_args = (model_path, max_length, min_pixels, max_pixels, str(out_dir), split)
+    if workers <= 1:
+        _init(*init_args)
+        results = map(_work, jobs)
+        pool = None
+    else:
+        pool = get_context("spawn").Pool(workers, initializer=_init, initargs=init_args)
+        results = pool.imap_unordered(_work, jobs, chunksize=32)
+    try:
+        for sid, status, notes, size in tqdm(results, total=len(jobs), desc=f"preprocess {split}",
+                                             unit="sample", mininterval=1):
+            counts[status] += 1
+            nbytes += size
+            for note in notes:
+                if status == "failed":
+                    failures[note.split(":")[0]].append(sid)
+                else:
+                    notes_count[note] += 1
+                    if note.startswith("image_dropped"):
+                        failures[note].append(sid)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return {"counts": dict(counts), "notes": dict(notes_count), "problem_ids": dict(failures),
+            "bytes_written": nbytes, "workers": workers or os.cpu_count()}

@@ -1,0 +1,258 @@
+"""WebDataset shards: writing them (stage 5), and the one reader that training and inference share.
+
+Layout: `webdataset_{split}/{split}-shard-NNNNNN.tar` plus `index.json` (shards, sample counts). In a
+shard each sample has the members `input_ids.npy, attention_mask.npy, pixel_values.npy` (absent for
+text-only samples) and `metadata.json`, under a dot-free key (the row's index in the JSONL), since
+WebDataset cuts keys at the first dot and a sample_id may hold one.
+
+Reading splits the work into slots (rank x dataloader worker). With at least as many shards as slots,
+each slot reads whole shards; with fewer, every slot reads all shards and keeps every n-th sample.
+Either way each sample is read exactly once per epoch across all ranks and workers.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from common.encode import ImageSpec, normalize_patches
+from common.fsio import atomic_path, read_json, write_json
+
+log = logging.getLogger("shards")
+INDEX = "index.json"
+MEMBER_MAP = {"input_ids.npy": "input_ids.npy", "attention_mask.npy": "attention_mask.npy",
+              "pixel_values.npy": "pixel_values.npy", "meta.json": "metadata.json"}
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read; the message names it."""
+
+
+def shard_name(split: str, k: int) -> str:
+    return f"{split}-shard-{k:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    return f"s{index:09d}"
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> int:
+    """Write (key, {member: bytes}) samples to path atomically, with fixed metadata so bytes repeat."""
+    with atomic_path(path) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, files in samples:
+                for name in sorted(files):
+                    info = tarfile.TarInfo(f"{key}.{MEMBER_MAP.get(name, name)}")
+                    info.size = len(files[name])
+                    info.mtime = 0
+                    info.mode = 0o644
+                    tar.addfile(info, io.BytesIO(files[name]))
+    return path.stat().st_size
+
+
+def verify_tar(path: Path, expected_keys: list[str]) -> None:
+    """Round-trip check: the shard reads back with exactly the expected samples, each with its metadata."""
+    found = [s["__key__"] for s in iter_shard(path)]
+    if found != expected_keys:
+        raise ShardError(f"{path}: round-trip check failed: {len(found)} samples read, {len(expected_keys)} written")
+
+
+def load_index(folder: Path) -> dict:
+    path = Path(folder) / INDEX
+    if not path.exists():
+        raise ShardError(f"{path} not found: run 5_convert.py for this split first")
+    return read_json(path)
+
+
+def save_index(folder: Path, index: dict) -> None:
+    write_json(Path(folder) / INDEX, index)
+
+
+def iter_shard(path: Path):
+    """Raw WebDataset samples of one shard: dicts of member bytes with `__key__` and `__url__`."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+    try:
+        with open(path, "rb") as stream:
+            yield from group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))
+    except (tarfile.TarError, OSError, ValueError) as err:
+        raise ShardError(f"corrupt or truncated shard {path}: {err}") from None
+
+
+def decode(raw: dict, spec: ImageSpec) -> dict:
+    """Shard sample -> model-ready sample (np.load from bytes, pixels normalized, grid checked)."""
+    where = f"{raw.get('__url__')} sample {raw.get('__key__')}"
+    try:
+        meta = json.loads(raw["metadata.json"])
+        ids = np.load(io.BytesIO(raw["input_ids.npy"]), allow_pickle=False)
+        pixels = grid = None
+        if "pixel_values.npy" in raw:
+            patches = np.load(io.BytesIO(raw["pixel_values.npy"]), allow_pickle=False)
+            grid = np.asarray(meta["image_grid_thw"], dtype=np.int64)
+            if patches.shape[0] != int(grid.prod()):
+                raise ValueError(f"{patches.shape[0]} patches but grid {grid.tolist()}")
+            if int((ids == meta["image_token_id"]).sum()) * spec.merge_size ** 2 != patches.shape[0]:
+                raise ValueError("image token count does not match the patches")
+            pixels = torch.from_numpy(normalize_patches(patches, spec))
+            grid = torch.from_numpy(grid)
+    except (KeyError, ValueError, json.JSONDecodeError) as err:
+        raise ShardError(f"bad sample in {where}: {err}") from None
+    return {"input_ids": torch.from_numpy(ids.astype(np.int64)), "pixel_values": pixels, "image_grid_thw": grid,
+            "answer_start": meta.get("answer_start"), "answer_end": meta.get("answer_end"),
+            "sample_id": meta["sample_id"], "price": meta.get("price"), "original_index": meta["original_index"]}
+
+
+def _slot() -> tuple[int, int]:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    info = get_worker_info()
+    wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+    return rank * nworkers + wid, world * nworkers
+
+
+class ShardStream(IterableDataset):
+    """Streams decoded samples of one split to this rank and dataloader worker.
+
+    shuffle: shard order and a buffer of `shuffle_buffer` samples, reseeded per epoch.
+    infinite: epochs follow each other forever (training plans its steps from the index instead).
+    """
+
+    def __init__(self, folder: Path, spec: ImageSpec, shuffle: bool = False, shuffle_buffer: int = 1000,
+                 seed: int = 0, infinite: bool = False, skip_corrupt: bool = False):
+        self.folder = Path(folder)
+        self.index = load_index(self.folder)
+        self.shards = [self.folder / s["name"] for s in self.index["shards"]]
+        self.spec, self.shuffle, self.buffer, self.seed = spec, shuffle, shuffle_buffer, seed
+        self.infinite, self.skip_corrupt = infinite, skip_corrupt
+        self.corrupt: list[str] = []
+
+    def __len__(self) -> int:  # the true sample count of one epoch, from the index
+        return self.index["samples"]
+
+    def _epoch(self, epoch: int):
+        slot, nslots = _slot()
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(shards)
+        by_shard = len(shards) >= nslots
+        mine = shards[slot::nslots] if by_shard else shards
+        counter = 0
+        for path in mine:
+            if not path.exists() and self.skip_corrupt:
+                self.corrupt.append(str(path))
+                log.warning("missing shard %s skipped", path)
+                continue
+            try:
+                for raw in iter_shard(path):
+                    counter += 1
+                    if by_shard or (counter - 1) % nslots == slot:
+                        yield decode(raw, self.spec)
+            except ShardError as err:
+                if not self.skip_corrupt:
+                    raise
+                self.corrupt.append(str(path))
+                log.warning("%s (skipped: --skip-corrupt-shards)", err)
+
+    def _shuffled(self, samples, epoch: int):
+        slot, _ = _slot()
+        rng = random.Random((self.seed + 1) * 1_000_003 + epoch * 997 + slot)
+        buf = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) >= self.buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            samples = self._epoch(epoch)
+            yield from (self._shuffled(samples, epoch) if self.shuffle else samples)
+            epoch += 1
+            if not self.infinite:
+                return
+
+
+class IndexableWebDataset(Dataset):
+    """Map-style view of a shard folder for trainers that need `__len__` / `__getitem__`.
+
+    Built from the tar headers (one pass, no payload read); an item is read with one seek per member.
+    """
+
+    def __init__(self, folder: Path, spec: ImageSpec):
+        self.folder, self.spec = Path(folder), spec
+        self.index = load_index(self.folder)
+        self.items: list[tuple[Path, str, dict[str, tuple[int, int]]]] = []
+        for shard in self.index["shards"]:
+            path = self.folder / shard["name"]
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    for m in tar:
+                        key, _, ext = m.name.partition(".")
+                        members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+            except (tarfile.TarError, OSError) as err:
+                raise ShardError(f"corrupt or truncated shard {path}: {err}") from None
+            self.items.extend((path, key, exts) for key, exts in members.items())
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        path, key, exts = self.items[i]
+        raw = {"__key__": key, "__url__": str(path)}
+        with open(path, "rb") as fh:
+            for ext, (offset, size) in exts.items():
+                fh.seek(offset)
+                raw[ext] = fh.read(size)
+        return decode(raw, self.spec)
+
+
+def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_shard: int) -> dict:
+    """Pack stage 4's sample folders into shards in JSONL order; skip shards already complete."""
+    from tqdm import tqdm
+
+    from common.sample_store import done_ids, read_sample_files
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in out_dir.glob(".*.tmp*"):
+        p.unlink()
+    have = done_ids(pre_dir)
+    present = [(i, r["sample_id"]) for i, r in enumerate(rows) if r["sample_id"] in have]
+    missing = [r["sample_id"] for r in rows if r["sample_id"] not in have]
+    chunks = [present[k:k + per_shard] for k in range(0, len(present), per_shard)]
+    old = read_json(out_dir / INDEX) if (out_dir / INDEX).exists() else None
+    old_shards = {s["name"]: s for s in old["shards"]} if old and old.get("samples_per_shard") == per_shard else {}
+    if old and not old_shards:  # a different layout: start over rather than mix two
+        for p in out_dir.glob(f"{split}-shard-*.tar"):
+            p.unlink()
+    shards, written, reused = [], 0, 0
+    for k, chunk in enumerate(tqdm(chunks, desc=f"convert {split}", unit="shard", mininterval=1)):
+        name = shard_name(split, k)
+        keys = [sample_key(i) for i, _ in chunk]
+        ids = [sid for _, sid in chunk]
+        prev = old_shards.get(name)
+        if prev and prev["sample_ids"] == ids and (out_dir / name).exists():
+            shards.append(prev)
+            reused += 1
+            continue
+        samples = [(key, read_sample_files(pre_dir, sid)) for key, (_, sid) in zip(keys, chunk)]
+        size = write_tar(out_dir / name, samples)
+        verify_tar(out_dir / name, keys)
+        shards.append({"name": name, "samples": len(chunk), "bytes": size, "sample_ids": ids})
+        written += 1
+    for p in out_dir.glob(f"{split}-shard-*.tar"):  # shards of an earlier, longer run
+        if p.name not in {s["name"] for s in shards}:
+            p.unlink()
+    index = {"split": split, "samples": len(present), "samples_per_shard": per_shard, "shards": shards}
+    save_index(out_dir, index)
+    return {"samples": len(present), "shards": len(shards), "shards_written": written, "shards_reused": reused,
+            "missing_from_stage4": len(missing), "missing_ids": missing,
+            "bytes": sum(s["bytes"] for s in shards)}
