@@ -76,7 +76,10 @@ def _retry_after(resp: requests.Response) -> float | None:
         return None
     if value.strip().isdigit():
         return float(value)
-    parsed = email.utils.parsedate_to_datetime(value) if value else None
+    try:  # an HTTP date; anything else (e.g. "soon", "1.5") is ignored rather than failing the run
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
     return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
@@ -90,7 +93,10 @@ def _get_once(url: str, policy: FetchPolicy) -> tuple[str, bytes | None, float |
                 return "http_5xx", None, _retry_after(resp)
             if resp.status_code >= 400:
                 return f"http_{resp.status_code}", None, None
-            declared = int(resp.headers.get("Content-Length") or 0)
+            try:
+                declared = int(resp.headers.get("Content-Length") or 0)
+            except ValueError:
+                declared = 0  # a malformed header: the streamed body cap below still applies
             if declared > policy.max_bytes:
                 return "too_large", None, None
             deadline = time.monotonic() + 3 * policy.timeout_s
@@ -113,6 +119,8 @@ def _get_once(url: str, policy: FetchPolicy) -> tuple[str, bytes | None, float |
         return "bad_url", None, None
     except requests.exceptions.ConnectionError as err:
         return ("truncated" if "IncompleteRead" in str(err) else "connection_error"), None, None
+    except requests.exceptions.RequestException:
+        return "bad_response", None, None  # e.g. a body that fails its Content-Encoding; one URL, not the run
 
 
 def fetch(url: str, policy: FetchPolicy, rng: random.Random | None = None) -> FetchResult:
