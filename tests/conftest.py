@@ -1,0 +1,184 @@
+"""Shared fixtures: the demo catalog served by a real loopback ImageServer, a stage loader, and one
+small end-to-end work folder (stages 1-3 run once per session) that later test files can reuse.
+
+    load_stage("1_download")      the stage module (file names start with a digit, so no plain import)
+    make_demo(train_rows=..)      a fresh demo catalog + running server, in its own temp folder
+    demo                          a tiny demo (20 train / 8 test rows), one per test
+    small_demo_work               stages 1-3 run on ~60 train / 20 test rows with injected failures
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.demo import write_demo  # noqa: E402
+from common.imageserver import ImageServer  # noqa: E402
+
+_STAGES: dict[str, object] = {}
+
+
+def load_stage(name: str):
+    """Import a stage file such as '1_download' (or '1_download.py') once and return its module."""
+    name = name[:-3] if name.endswith(".py") else name
+    if name not in _STAGES:
+        path = ROOT / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+        _STAGES[name] = module
+    return _STAGES[name]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def read_csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_csv_rows(path: Path, rows: list[dict], header: list[str] | None = None) -> None:
+    header = header or list(rows[0].keys())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    Path(path).write_text(buf.getvalue(), encoding="utf-8")
+
+
+def small_jpeg(path: Path, size=(64, 48), colour=(40, 90, 200), quality: int = 90) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, "JPEG", quality=quality)
+    return path.read_bytes()
+
+
+def stage_options(stage: str, **kw):
+    """The stage's options dataclass with its defaults, overridden by kw (no argv parsing)."""
+    mod = load_stage(stage)
+    cls = {"1_download": "DownloadOptions", "2_resize": "ResizeOptions", "3_create_jsonl": "JsonlOptions"}[stage]
+    cfg = getattr(mod, cls)(**kw)
+    problems = cfg.problems()
+    assert not problems, problems
+    return cfg
+
+
+# Fast retry settings for tests: the fault routes still fail or pass as in production, only sooner.
+FAST_DOWNLOAD = dict(concurrency=8, timeout_s=2.0, retries=2, backoff_s=0.02)
+
+
+def run_stages_1_to_3(data_dir: Path, work_dir: Path, download=None, resize=None, jsonl=None) -> dict:
+    s1 = load_stage("1_download").main(stage_options("1_download", data_dir=data_dir, work_dir=work_dir,
+                                                     **{**FAST_DOWNLOAD, **(download or {})}))
+    s2 = load_stage("2_resize").main(stage_options("2_resize", work_dir=work_dir, **{"workers": 2, **(resize or {})}))
+    s3 = load_stage("3_create_jsonl").main(stage_options("3_create_jsonl", data_dir=data_dir, work_dir=work_dir,
+                                                         **{"validation_split_ratio": 0.2, **(jsonl or {})}))
+    return {"download": s1, "resize": s2, "jsonl": s3}
+
+
+# --------------------------------------------------------------------------------------------- demo
+
+@dataclass
+class Demo:
+    data_dir: Path          # train.csv, test.csv, images/, test_truth.json, demo.json
+    server: ImageServer
+    info: dict
+    changes: dict = field(default_factory=dict)  # what a fixture changed in the CSVs, for the tests to check
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    def url(self, path: str) -> str:
+        return self.server.url(path)
+
+    def rows(self, split: str) -> list[dict]:
+        return read_csv_rows(self.data_dir / f"{split}.csv")
+
+
+def _start_demo(folder: Path, train_rows: int, test_rows: int, seed: int = 0, latency_s: float = 0.0,
+                slow_s: float = 5.0) -> Demo:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    server = ImageServer(folder / "images", port=0, latency_s=latency_s, slow_s=slow_s).start()
+    info = write_demo(folder, server.base_url, train_rows=train_rows, test_rows=test_rows, seed=seed)
+    return Demo(folder, server, info)
+
+
+@pytest.fixture
+def make_demo(tmp_path_factory):
+    """Factory: make_demo(train_rows=20, test_rows=8, seed=0, latency_s=0, slow_s=5) -> Demo."""
+    started: list[Demo] = []
+
+    def make(train_rows: int = 20, test_rows: int = 8, **kw) -> Demo:
+        d = _start_demo(tmp_path_factory.mktemp("demo"), train_rows, test_rows, **kw)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.server.stop()
+
+
+@pytest.fixture
+def demo(make_demo) -> Demo:
+    return make_demo(20, 8)
+
+
+# --------------------------------------------------------------------------------------------- one end-to-end run
+
+@dataclass
+class DemoWork:
+    demo: Demo
+    work_dir: Path
+    stats: dict             # {"download": {split: stats}, "resize": {split: stats}, "jsonl": stats}
+    failing: dict           # split -> {sample_id: expected download status}
+    shared_url: tuple       # (url, [sample_ids sharing it])
+
+    @property
+    def data_dir(self) -> Path:
+        return self.demo.data_dir
+
+
+@pytest.fixture(scope="session")
+def small_demo_work(tmp_path_factory) -> DemoWork:
+    """Stages 1-3 on 60 train / 20 test demo rows, with failures and a shared URL put in on purpose.
+
+    Train: one 404, one HTML page, one truncated body; test: one 404 (test rows are never dropped).
+    Two train rows share one image URL (it must be fetched once). The demo's own failing row (a 500) stays.
+    """
+    d = _start_demo(tmp_path_factory.mktemp("demo_e2e"), 60, 20, seed=0)
+    base = d.server.base_url
+    train, test = d.rows("train"), d.rows("test")
+    failing = {"train": {}, "test": {}}
+    for row in train:
+        if "/fault/500/" in row["image_link"]:
+            failing["train"][row["sample_id"]] = "http_5xx"
+    for i, route, status in [(3, "404", "http_404"), (5, "notimage", "not_image"), (9, "truncated", "truncated")]:
+        sid = train[i]["sample_id"]
+        name = train[i]["image_link"].rsplit("/", 1)[1]
+        train[i]["image_link"] = f"{base}/fault/{route}/{name}"
+        failing["train"][sid] = status
+    test[2]["image_link"] = f"{base}/fault/404/{test[2]['sample_id']}.jpg"
+    failing["test"][test[2]["sample_id"]] = "http_404"
+    train[12]["image_link"] = train[11]["image_link"]
+    shared = (train[11]["image_link"], [train[11]["sample_id"], train[12]["sample_id"]])
+    write_csv_rows(d.data_dir / "train.csv", train)
+    write_csv_rows(d.data_dir / "test.csv", test)
+    work = tmp_path_factory.mktemp("work_e2e")
+    try:
+        stats = run_stages_1_to_3(d.data_dir, work)
+        hits = dict(d.server.hits)
+        yield DemoWork(d, work, {**stats, "hits": hits}, failing, shared)
+    finally:
+        d.server.stop()
