@@ -33,8 +33,8 @@ class Catalog:
     n_input: int = 0
 
 
-def _describe(line: int, sid: str) -> str:
-    return f"line {line} (sample_id {sid!r})"
+def _describe(row: int, sid: str) -> str:
+    return f"row {row} (sample_id {sid!r})"
 
 
 def _price(text: str) -> tuple[float | None, str | None]:
@@ -71,7 +71,7 @@ def read_catalog(path: Path | str, split: str, skip_bad_rows: bool = False) -> C
     if len(df) == 0:
         raise CatalogError(f"{path}: no rows")
     df = df[[c for c in REQUIRED[split]]].copy()  # extra columns are ignored
-    df["line"] = range(2, len(df) + 2)  # 1-based file line, header is line 1 (multi-line cells aside)
+    df["line"] = range(1, len(df) + 1)  # 1-based data row (a cell may span several file lines)
 
     problems: dict[str, list[str]] = {}
     bad = pd.Series(False, index=df.index)

@@ -17,8 +17,9 @@ class OptionsError(SystemExit):
     """Every problem with the options at once; exits with status 2 and a readable list."""
 
     def __init__(self, prog: str, problems: list[str]):
-        msg = f"{prog}: invalid options:\n" + "\n".join(f"  - {p}" for p in problems)
-        super().__init__(msg)
+        self.problems = problems
+        sys.stderr.write(f"{prog}: invalid options:\n" + "".join(f"  - {p}\n" for p in problems))
+        super().__init__(2)
 
 
 def opt(help: str, default=dataclasses.MISSING, choices=None, default_factory=dataclasses.MISSING):

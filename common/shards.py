@@ -109,8 +109,10 @@ def decode(raw: dict, spec: ImageSpec) -> dict:
             "sample_id": meta["sample_id"], "price": meta.get("price"), "original_index": meta["original_index"]}
 
 
-def _slot() -> tuple[int, int]:
+def _slot(split_by_rank: bool = True) -> tuple[int, int]:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not split_by_rank:
+        rank, world = 0, 1
     info = get_worker_info()
     wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
     return rank * nworkers + wid, world * nworkers
@@ -124,19 +126,21 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, folder: Path, spec: ImageSpec, shuffle: bool = False, shuffle_buffer: int = 1000,
-                 seed: int = 0, infinite: bool = False, skip_corrupt: bool = False):
+                 seed: int = 0, infinite: bool = False, skip_corrupt: bool = False, split_by_rank: bool = True):
         self.folder = Path(folder)
         self.index = load_index(self.folder)
         self.shards = [self.folder / s["name"] for s in self.index["shards"]]
         self.spec, self.shuffle, self.buffer, self.seed = spec, shuffle, shuffle_buffer, seed
-        self.infinite, self.skip_corrupt = infinite, skip_corrupt
+        self.infinite, self.skip_corrupt, self.split_by_rank = infinite, skip_corrupt, split_by_rank
         self.corrupt: list[str] = []
 
-    def __len__(self) -> int:  # the true sample count of one epoch, from the index
+    @property
+    def num_samples(self) -> int:
+        """Samples in one epoch, from the index (no `__len__`: a stream's length would be a guess)."""
         return self.index["samples"]
 
     def _epoch(self, epoch: int):
-        slot, nslots = _slot()
+        slot, nslots = _slot(self.split_by_rank)
         shards = list(self.shards)
         if self.shuffle:
             random.Random(self.seed + epoch).shuffle(shards)
@@ -160,7 +164,7 @@ class ShardStream(IterableDataset):
                 log.warning("%s (skipped: --skip-corrupt-shards)", err)
 
     def _shuffled(self, samples, epoch: int):
-        slot, _ = _slot()
+        slot, _ = _slot(self.split_by_rank)
         rng = random.Random((self.seed + 1) * 1_000_003 + epoch * 997 + slot)
         buf = []
         for s in samples:

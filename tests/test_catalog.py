@@ -110,7 +110,7 @@ def test_bad_rows_are_all_named_in_one_error(tmp_path):
     for sid in UNSAFE_IDS:
         assert repr(sid) in msg
     assert "unsafe_sample_id" in msg and "duplicate_sample_id" in msg and "empty_sample_id" in msg
-    assert "line 3 (sample_id 'dup')" in msg  # both copies of a duplicate are named
+    assert "row 2 (sample_id 'dup')" in msg  # both copies of a duplicate are named
     for good in ("good1", "good2", "good3"):
         assert good not in msg
 

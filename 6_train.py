@@ -1,0 +1,209 @@
+"""Stage 6: LoRA fine-tuning that learns only the price (Unsloth on a GPU, transformers + peft on CPU).
+
+Reads   WORK_DIR/webdataset_{train,validation}/ (or, with --source jsonl, WORK_DIR/jsonl/ encoded on the fly)
+Writes  OUTPUT_DIR (default WORK_DIR/train/): the LoRA adapter, tokenizer, image-processor config, chat
+        template, prompt.json, train_config.json (resolved options + base model), stats.json,
+        checkpoint-N/ (last --save-total-limit kept), runs/ (TensorBoard)
+
+    python 6_train.py --work-dir work --model Qwen/Qwen2.5-VL-3B-Instruct --batch-size 4 --grad-accum 4
+    torchrun --nproc_per_node 2 6_train.py --work-dir work --model Qwen/Qwen2.5-VL-3B-Instruct
+
+Only the answer tokens and the `<|im_end|>` after them are learned. A rerun resumes from the newest
+complete checkpoint (same data order, optimizer and scheduler state); a finished run is skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import layout, logs, options
+from common.fsio import read_json, write_json
+
+
+@dataclass
+class TrainOptions:
+    work_dir: Path = options.opt("folder every stage writes under", Path("work"))
+    output_dir: str = options.opt("where the adapter and checkpoints go (default WORK_DIR/train)", "")
+    model: str = options.opt("base model: tiny | LOCAL_DIR | HUB_ID", "tiny")
+    backend: str = options.opt("unsloth (GPU), hf (transformers+peft), or auto", "auto",
+                               choices=["auto", "unsloth", "hf"])
+    source: str = options.opt("shards (stage 5) or jsonl (stage 3, encoded on the fly)", "shards",
+                              choices=["shards", "jsonl"])
+    batch_size: int = options.opt("samples per device per micro-step", 4)
+    grad_accum: int = options.opt("micro-steps per optimizer step", 4)
+    epochs: float = options.opt("passes over the train split (ignored if --max-steps > 0)", 1.0)
+    max_steps: int = options.opt("optimizer steps; > 0 overrides --epochs", -1)
+    learning_rate: float = options.opt("peak learning rate", 2e-4)
+    lr_scheduler: str = options.opt("learning-rate schedule", "cosine",
+                                    choices=["cosine", "linear", "constant", "constant_with_warmup"])
+    warmup_ratio: float = options.opt("share of steps spent warming up", 0.03)
+    weight_decay: float = options.opt("AdamW weight decay", 0.0)
+    lora_r: int = options.opt("LoRA rank", 16)
+    lora_alpha: int = options.opt("LoRA alpha", 32)
+    lora_dropout: float = options.opt("LoRA dropout", 0.0)
+    tune_vision: bool = options.opt("also put LoRA on the vision tower (frozen by default)", False)
+    load_in_4bit: bool = options.opt("4-bit base weights (GPU only; bf16 compute)", True)
+    gradient_checkpointing: bool = options.opt("recompute activations to save memory", False)
+    tf32: bool = options.opt("TF32 matmuls on GPU", True)
+    workers: int = options.opt("dataloader worker processes per rank", 2)
+    pin_memory: bool = options.opt("page-locked host batches (GPU)", True)
+    persistent_workers: bool = options.opt("keep dataloader workers between epochs/evaluations", True)
+    prefetch_factor: int = options.opt("batches prefetched per worker", 4)
+    shuffle_buffer: int = options.opt("samples in the shuffle buffer", 1000)
+    eval_steps: int = options.opt("evaluate validation SMAPE every N steps (0: only at the end)", 50)
+    eval_samples: int = options.opt("validation rows used per evaluation", 200)
+    eval_batch_size: int = options.opt("batch size of the evaluation's generation", 16)
+    save_steps: int = options.opt("checkpoint every N steps", 100)
+    save_total_limit: int = options.opt("checkpoints kept", 2)
+    logging_steps: int = options.opt("log the loss every N steps", 10)
+    resume: bool = options.opt("continue from the newest complete checkpoint if there is one", True)
+    overwrite: bool = options.opt("train again even if OUTPUT_DIR holds a finished run", False)
+    text_only: bool = options.opt("ablation: drop every image (the image tokens too)", False)
+    skip_corrupt_shards: bool = options.opt("skip unreadable shards (logged) instead of failing", False)
+    seed: int = options.opt("seed for LoRA init and data order", 42)
+    min_pixels: int = options.opt("--source jsonl only: image pixel bounds as in stages 2/4", 256 * 28 * 28)
+    max_pixels: int = options.opt("--source jsonl only: image pixel bounds as in stages 2/4", 512 * 28 * 28)
+    max_length: int = options.opt("--source jsonl only: most tokens per sample", 2048)
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("batch_size", "grad_accum", "lora_r", "save_steps", "logging_steps", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                out.append(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            out.append("give --epochs > 0 or --max-steps > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append("--warmup-ratio must be in [0, 1)")
+        if self.learning_rate <= 0:
+            out.append("--learning-rate must be > 0")
+        if self.workers < 0:
+            out.append("--workers must be >= 0")
+        needed = ["train", "validation"]
+        for split in needed:
+            path = (layout.shards_dir(self.work_dir, split) / "index.json" if self.source == "shards"
+                    else layout.jsonl_path(self.work_dir, split))
+            if not path.exists():
+                out.append(f"{path} not found: run the earlier stages first")
+        return out
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else layout.train_output_dir(self.work_dir)
+
+
+def datasets(cfg: TrainOptions, model_path: str, spec):
+    """(train stream, validation stream for evaluation, samples per epoch)."""
+    if cfg.source == "jsonl":
+        from common.jsonl_source import JsonlStream
+        enc = (model_path, spec, cfg.max_length, cfg.min_pixels, cfg.max_pixels)
+        train = JsonlStream(layout.jsonl_path(cfg.work_dir, "train"), *enc, shuffle=True, seed=cfg.seed, infinite=True)
+        val = JsonlStream(layout.jsonl_path(cfg.work_dir, "validation"), *enc)
+        return train, val, train.num_samples
+    from common.shards import ShardStream
+    train = ShardStream(layout.shards_dir(cfg.work_dir, "train"), spec, shuffle=True, shuffle_buffer=cfg.shuffle_buffer,
+                        seed=cfg.seed, infinite=True, skip_corrupt=cfg.skip_corrupt_shards)
+    val = ShardStream(layout.shards_dir(cfg.work_dir, "validation"), spec, split_by_rank=False)
+    return train, val, train.num_samples
+
+
+def training_arguments(cfg: TrainOptions, max_steps: int, cuda: bool):
+    from transformers import TrainingArguments
+    return TrainingArguments(
+        output_dir=str(cfg.out), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=int(cfg.warmup_ratio * max_steps),
+        weight_decay=cfg.weight_decay, max_steps=max_steps, logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if cfg.eval_steps > 0 else "no", eval_steps=cfg.eval_steps or None,
+        bf16=cuda, tf32=cuda and cfg.tf32, use_cpu=not cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch", report_to=["tensorboard"],
+        seed=cfg.seed, remove_unused_columns=False, label_names=["labels"],
+        ddp_backend=("nccl" if cuda else "gloo") if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
+        ddp_find_unused_parameters=False,
+        accelerator_config={"dispatch_batches": False, "split_batches": False},
+        gradient_checkpointing=False,  # set up by common.modeling, with the frozen-vision fix
+        disable_tqdm=False, log_level="info", log_level_replica="warning")
+
+
+def save_final(cfg: TrainOptions, model, tokenizer, model_path: str, backend: str, stats: dict) -> None:
+    from common.prompt import SYSTEM_PROMPT, USER_TEMPLATE
+    out = cfg.out
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    for name in ("preprocessor_config.json", "chat_template.jinja", "chat_template.json"):
+        if (Path(model_path) / name).exists():
+            shutil.copy(Path(model_path) / name, out / name)
+    write_json(out / "prompt.json", {"system": SYSTEM_PROMPT, "user_template": USER_TEMPLATE, "price_format": "%.2f"})
+    encoding = {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "max_length": cfg.max_length}
+    stage4 = layout.preprocessed_dir(cfg.work_dir, "train") / "stats.json"
+    if cfg.source == "shards" and stage4.exists():
+        o = read_json(stage4)["options"]
+        encoding = {k: o[k] for k in encoding}
+    write_json(out / "train_config.json", {"base_model": model_path, "backend": backend, "encoding": encoding,
+                                           "options": options.to_jsonable(cfg)})
+    write_json(out / "stats.json", stats)
+    write_json(out / "COMPLETE", {"finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def main(cfg: TrainOptions) -> dict:
+    import torch
+
+    from common.collate import for_tokenizer
+    from common.encode import ImageSpec
+    from common.modeling import LoraSettings, load_for_training, load_tokenizer, resolve_model
+    from common.training import (CheckpointMarker, NonFiniteGuard, PriceTrainer, latest_complete_checkpoint,
+                                 plan_steps, remove_incomplete_checkpoints)
+    log = logs.setup("train")
+    if (cfg.out / "COMPLETE").exists() and not cfg.overwrite:
+        log.info("%s holds a finished run; pass --overwrite to train again", cfg.out)
+        return read_json(cfg.out / "stats.json")
+    rank0 = logs.rank() == 0
+    if rank0 and (cfg.overwrite or not cfg.resume) and cfg.out.exists():
+        shutil.rmtree(cfg.out)
+    cuda = torch.cuda.is_available()
+    model_path = resolve_model(cfg.model, cfg.work_dir)
+    tokenizer = load_tokenizer(model_path)
+    spec = ImageSpec.from_model(model_path)
+    train_ds, val_ds, num_samples = datasets(cfg, model_path, spec)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    max_steps = plan_steps(num_samples, world, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+    log.info("%d train samples, world %d x batch %d x accum %d -> %d steps", num_samples, world, cfg.batch_size,
+             cfg.grad_accum, max_steps)
+    model, backend = load_for_training(model_path, cfg.backend,
+                                       LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.tune_vision),
+                                       cfg.load_in_4bit, cfg.gradient_checkpointing, cfg.seed)
+    median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
+    eval_options = {"tokenizer": tokenizer, "dataset": val_ds, "median": median, "max_samples": cfg.eval_samples,
+                    "batch_size": cfg.eval_batch_size,
+                    "collator": for_tokenizer(tokenizer, "left", with_labels=False, drop_images=cfg.text_only)}
+    trainer = PriceTrainer(model=model, args=training_arguments(cfg, max_steps, cuda), train_dataset=train_ds,
+                           eval_dataset=val_ds, data_collator=for_tokenizer(tokenizer, drop_images=cfg.text_only),
+                           loader_options={"num_workers": cfg.workers, "pin_memory": cfg.pin_memory,
+                                           "persistent_workers": cfg.persistent_workers,
+                                           "prefetch_factor": cfg.prefetch_factor},
+                           eval_options=eval_options, callbacks=[CheckpointMarker()])
+    trainer.add_callback(NonFiniteGuard(trainer))
+    if rank0 and cfg.out.exists():
+        remove_incomplete_checkpoints(cfg.out)
+    resume_from = latest_complete_checkpoint(cfg.out) if cfg.resume else None
+    log.info("backend %s; %s", backend, f"resuming from {resume_from}" if resume_from else "starting fresh")
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.raise_if_nonfinite(trainer.state.global_step)
+    final_eval = trainer.evaluate()
+    stats = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "backend": backend,
+             "seconds": round(time.time() - started, 1), "resumed_from": str(resume_from) if resume_from else None,
+             "samples_seen": trainer.state.global_step * world * cfg.batch_size * cfg.grad_accum,
+             "final_eval": final_eval, "log_history": trainer.state.log_history, "world_size": world}
+    if trainer.is_world_process_zero():
+        save_final(cfg, trainer.accelerator.unwrap_model(trainer.model), tokenizer, model_path, backend, stats)
+        log.info("saved to %s: %s", cfg.out, json.dumps(final_eval))
+    return stats
+
+
+if __name__ == "__main__":
+    main(options.parse(TrainOptions, description=__doc__))

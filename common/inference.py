@@ -1,0 +1,117 @@
+"""Streaming batched inference that survives kills: predictions go to part files as batches finish.
+
+Batches are fixed groups of the rank's sample stream (optionally length-sorted inside a fixed window),
+so a rerun skips exactly the batches already written and computes the rest with the same padding as an
+uninterrupted run would: the final file is the same either way.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from common.fsio import write_text
+from common.predict import predict_batch
+
+log = logging.getLogger("infer")
+PART_FIELDS = ["sample_id", "price", "status"]
+
+
+def read_parts(parts_dir: Path) -> dict[str, tuple[float | None, str]]:
+    """sample_id -> (price or None, status) from every finished part file."""
+    done = {}
+    if parts_dir.is_dir():
+        for p in sorted(parts_dir.glob("part-*.csv")):
+            with open(p, newline="", encoding="utf-8") as fh:
+                for r in csv.DictReader(fh):
+                    done[r["sample_id"]] = (float(r["price"]) if r["price"] else None, r["status"])
+    return done
+
+
+def _write_part(parts_dir: Path, rank: int, seq: int, rows: list[tuple[str, float | None, str]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PART_FIELDS)
+    for sid, price, status in rows:
+        w.writerow([sid, "" if price is None else repr(float(price)), status])
+    write_text(parts_dir / f"part-r{rank:03d}-{seq:07d}-{time.time_ns()}.csv", buf.getvalue())
+
+
+def _windows(stream, batch_size: int, window_batches: int, sort_by_length: bool):
+    """Fixed batches of the stream: windows of batch_size*window_batches samples, sorted by length inside."""
+    window = []
+    for sample in stream:
+        window.append(sample)
+        if len(window) == batch_size * window_batches:
+            yield from _split(window, batch_size, sort_by_length)
+            window = []
+    if window:
+        yield from _split(window, batch_size, sort_by_length)
+
+
+def _split(window, batch_size, sort_by_length):
+    if sort_by_length:
+        window = sorted(window, key=lambda s: (len(s["input_ids"]), s["original_index"]))
+    for k in range(0, len(window), batch_size):
+        yield window[k:k + batch_size]
+
+
+def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: int, batch_size: int,
+                    workers: int, sort_by_length: bool, window_batches: int, flush_every: int,
+                    constrained: bool, expected: int | None = None) -> dict:
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    done = read_parts(parts_dir)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                        prefetch_factor=16 if workers else None, pin_memory=torch.cuda.is_available())
+    pending, seq, computed, skipped = [], len(list(parts_dir.glob(f"part-r{rank:03d}-*.csv"))), 0, 0
+    started = time.time()
+    total = math.ceil(expected / batch_size) if expected else None
+    for batch in tqdm(_windows(loader, batch_size, window_batches, sort_by_length), total=total,
+                      desc=f"infer rank {rank}", unit="batch", mininterval=2, disable=rank != 0):
+        if all(s["sample_id"] in done for s in batch):
+            skipped += len(batch)
+            continue
+        prices = predict_batch(model, tokenizer, collator(batch), constrain=constrained)
+        pending += [(s["sample_id"], p, "ok" if p is not None else "unparsable") for s, p in zip(batch, prices)]
+        computed += len(batch)
+        if len(pending) >= flush_every * batch_size:
+            _write_part(parts_dir, rank, seq, pending)
+            seq, pending = seq + 1, []
+    if pending:
+        _write_part(parts_dir, rank, seq, pending)
+    seconds = time.time() - started
+    return {"computed": computed, "skipped_done": skipped, "seconds": round(seconds, 2),
+            "samples_per_s": round(computed / seconds, 2) if seconds else None}
+
+
+def merge(expected_ids: list[str], predictions: dict[str, tuple[float | None, str]], fallback: float):
+    """One (sample_id, price, reason) per expected id, in order; anything missing or odd gets the fallback."""
+    rows, reasons = [], {}
+    for sid in expected_ids:
+        price, status = predictions.get(sid, (None, "no_sample"))
+        reason = "ok"
+        if status != "ok":
+            reason = status
+        elif price is None or not math.isfinite(price) or price <= 0:
+            reason = "non_positive_or_nan"
+        if reason != "ok":
+            price = fallback
+            reasons.setdefault(reason, []).append(sid)
+        rows.append((sid, float(price), reason))
+    return rows, reasons
+
+
+def write_predictions_csv(path: Path, rows) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["sample_id", "price"])
+    for sid, price, _ in rows:
+        w.writerow([sid, f"{price:.4f}"])
+    write_text(path, buf.getvalue())

@@ -1,0 +1,143 @@
+"""Training glue over transformers' Trainer: a streaming loader, SMAPE by generation, safe checkpoints.
+
+- Steps are planned from the shard index (epochs x samples / global batch), and the train stream is
+  endless, so every rank always has a next batch: no rank can run dry and hang the others.
+- Evaluation generates prices on the validation split on rank 0 (the others wait at a barrier) and logs
+  SMAPE beside the loss, with the training-median baseline on the same rows.
+- A checkpoint counts only once it carries a COMPLETE marker, written after all its files; a NaN or
+  infinite loss stops the run before anything is saved.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+
+from common.fsio import write_json
+from common.metrics import smape
+from common.predict import predict_batch
+
+log = logging.getLogger("train")
+COMPLETE = "COMPLETE"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def plan_steps(num_samples: int, world: int, batch: int, accum: int, epochs: float, max_steps: int) -> int:
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(num_samples * epochs / (world * batch * accum)))
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE).exists()]
+    return max(done, key=checkpoint_step) if done else None
+
+
+def remove_incomplete_checkpoints(output_dir: Path) -> list[str]:
+    """Folders a kill left mid-save; they would otherwise be overwritten piecemeal or picked up."""
+    removed = []
+    for p in Path(output_dir).glob("checkpoint-*"):
+        if not (p / COMPLETE).exists():
+            shutil.rmtree(p)
+            removed.append(p.name)
+    return removed
+
+
+class CheckpointMarker(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.exists():
+                write_json(ckpt / COMPLETE, {"step": state.global_step,
+                                             "files": sorted(p.name for p in ckpt.iterdir())})
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Checks the loss flag (no per-step GPU sync) before anything is logged, evaluated or saved."""
+
+    def __init__(self, trainer: "PriceTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_log or control.should_evaluate or \
+                state.global_step >= state.max_steps:
+            self.trainer.raise_if_nonfinite(state.global_step)
+
+
+class PriceTrainer(Trainer):
+    def __init__(self, *args, loader_options: dict, eval_options: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loader_options = loader_options
+        self.eval_options = eval_options
+        self._nonfinite = None
+
+    def get_train_dataloader(self) -> DataLoader:
+        # The stream splits itself by rank and worker; accelerate must not shard or dispatch it again.
+        workers = self.loader_options["num_workers"]
+        return DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
+                          collate_fn=self.data_collator, num_workers=workers,
+                          pin_memory=self.loader_options["pin_memory"] and torch.cuda.is_available(),
+                          persistent_workers=workers > 0 and self.loader_options["persistent_workers"],
+                          prefetch_factor=self.loader_options["prefetch_factor"] if workers > 0 else None)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else (self._nonfinite | bad)
+        return result
+
+    def raise_if_nonfinite(self, step: int) -> None:
+        if self._nonfinite is not None and bool(self._nonfinite.item()):
+            raise NonFiniteLoss(f"the loss became NaN or infinite by step {step}; stopping before saving a broken "
+                                "adapter. Lower --learning-rate, check the data, or resume from the last checkpoint.")
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        metrics = {}
+        if self.is_world_process_zero():
+            model = self.accelerator.unwrap_model(self.model)
+            was_training = model.training
+            model.eval()
+            metrics = evaluate_smape(model, **self.eval_options)
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+            model.train(was_training)
+            self.log(metrics)
+            log.info("step %d: %s", self.state.global_step, metrics)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def evaluate_smape(model, tokenizer, dataset, collator, median: float, max_samples: int,
+                   batch_size: int) -> dict:
+    """SMAPE of generated prices on up to max_samples rows, beside predicting the training median."""
+    preds, truths, fallbacks = [], [], 0
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda s: (collator(s), s))
+    for batch, samples in loader:
+        for p, s in zip(predict_batch(model, tokenizer, batch), samples):
+            if p is None:
+                fallbacks += 1
+                p = median
+            preds.append(p)
+            truths.append(s["price"])
+        if len(preds) >= max_samples:
+            break
+    preds, truths = preds[:max_samples], truths[:max_samples]
+    return {"smape": round(smape(preds, truths), 3), "median_smape": round(smape([median] * len(truths), truths), 3),
+            "fallbacks": fallbacks, "samples": len(preds),
+            "pred_median": float(np.median(preds)) if preds else None}

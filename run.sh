@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The whole pipeline, stages 1..7 in order; stops at the first failure and says which stage.
+#
+#   ./run.sh                                   the embedded demo: synthetic catalog, images served from
+#                                              127.0.0.1, the tiny Qwen2.5-VL, CPU, a few minutes
+#   ./run.sh --data-dir dataset --model Qwen/Qwen2.5-VL-3B-Instruct --ngpu 8
+#   ./run.sh --from-stage 6 --to-stage 6       rerun one stage (finished work is skipped, training resumes)
+#
+# Options: --data-dir D  --work-dir W  --model M  --from-stage N  --to-stage N  --ngpu N  --demo
+#          --demo-port P (default 8765)  --demo-train-rows N  --demo-test-rows N
+# PYTHON (default: python3) picks the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATA_DIR="" WORK_DIR="work" MODEL="tiny" FROM=1 TO=7 NGPU=1 DEMO=0 PORT=8765 TRAIN_ROWS=2000 TEST_ROWS=200
+PY="${PYTHON:-python3}"
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data-dir) DATA_DIR="$2"; shift 2 ;;
+    --work-dir) WORK_DIR="$2"; shift 2 ;;
+    --model) MODEL="$2"; shift 2 ;;
+    --from-stage) FROM="$2"; shift 2 ;;
+    --to-stage) TO="$2"; shift 2 ;;
+    --ngpu) NGPU="$2"; shift 2 ;;
+    --demo) DEMO=1; shift ;;
+    --demo-port) PORT="$2"; shift 2 ;;
+    --demo-train-rows) TRAIN_ROWS="$2"; shift 2 ;;
+    --demo-test-rows) TEST_ROWS="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+case "$FROM$TO" in *[!0-9]*) echo "run.sh: --from-stage/--to-stage take numbers 1..7" >&2; exit 2 ;; esac
+[ -z "$DATA_DIR" ] && DEMO=1
+
+# Stage-specific settings: the demo uses small images and a short schedule so that it runs on a CPU.
+PIXELS=() TRAIN=() INFER=()
+if [ "$DEMO" = 1 ]; then
+  DATA_DIR="$WORK_DIR/demo"
+  PIXELS=(--min-pixels 12544 --max-pixels 25088)
+  TRAIN=(--batch-size 8 --grad-accum 1 --epochs 3 --learning-rate 3e-3 --lora-r 64 --lora-alpha 64
+         --eval-steps 200 --eval-samples 100 --save-steps 100 --workers 1)
+  INFER=(--workers 1)
+  if [ "$FROM" -le 1 ]; then
+    if [ ! -f "$DATA_DIR/demo.json" ]; then
+      "$PY" -m common.demo --out "$DATA_DIR" --base-url "http://127.0.0.1:$PORT" \
+        --train-rows "$TRAIN_ROWS" --test-rows "$TEST_ROWS"
+    fi
+    "$PY" -m common.imageserver --root "$DATA_DIR/images" --port "$PORT" > "$WORK_DIR/imageserver.log" 2>&1 &
+    SERVER_PID=$!
+    trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
+    for _ in $(seq 50); do
+      grep -q serving "$WORK_DIR/imageserver.log" 2>/dev/null && break
+      kill -0 $SERVER_PID 2>/dev/null || { echo "run.sh: the demo image server did not start (port $PORT busy? use --demo-port):" >&2; cat "$WORK_DIR/imageserver.log" >&2; exit 1; }
+      sleep 0.2
+    done
+  fi
+fi
+mkdir -p "$WORK_DIR"
+
+stage() {  # stage N description command...
+  local n="$1" what="$2"; shift 2
+  [ "$n" -lt "$FROM" ] || [ "$n" -gt "$TO" ] && return 0
+  echo "== stage $n: $what"
+  local started=$SECONDS
+  if ! "$@"; then
+    echo "run.sh: stage $n ($what) failed; fix the error above and rerun with --from-stage $n" >&2
+    exit 1
+  fi
+  echo "== stage $n done in $((SECONDS - started)) s"
+}
+launch() {  # run a stage script, under torchrun when more than one GPU is asked for
+  if [ "$NGPU" -gt 1 ]; then "$PY" -m torch.distributed.run --nproc_per_node "$NGPU" "$@"; else "$PY" "$@"; fi
+}
+
+stage 1 "download images" "$PY" 1_download.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR"
+stage 2 "resize images" "$PY" 2_resize.py --work-dir "$WORK_DIR" "${PIXELS[@]}"
+stage 3 "chat JSONL" "$PY" 3_create_jsonl.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR"
+stage 4 "encode samples" "$PY" 4_preprocess.py --work-dir "$WORK_DIR" --model "$MODEL" "${PIXELS[@]}"
+stage 5 "pack shards" "$PY" 5_convert.py --work-dir "$WORK_DIR"
+stage 6 "train" launch 6_train.py --work-dir "$WORK_DIR" --model "$MODEL" "${TRAIN[@]}"
+stage 7 "predict validation (report)" launch 7_infer.py --work-dir "$WORK_DIR" --data-dir "$DATA_DIR" --split validation "${INFER[@]}"
+stage 7 "predict test" launch 7_infer.py --work-dir "$WORK_DIR" --data-dir "$DATA_DIR" "${INFER[@]}"
+[ "$TO" -ge 7 ] && "$PY" -m common.summary --work-dir "$WORK_DIR" --data-dir "$DATA_DIR"
+exit 0
