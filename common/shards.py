@@ -76,6 +76,20 @@ def save_index(folder: Path, index: dict) -> None:
     write_json(Path(folder) / INDEX, index)
 
 
+def size_problem(path: Path, expected: int | None) -> str | None:
+    """Why the shard at path is not the one index.json describes (missing, or another size), else None.
+
+    A tar cut at a member boundary reads back as a valid, shorter archive, so reading alone cannot tell.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"missing shard {path}: {err}"
+    if expected is not None and size != expected:
+        return f"corrupt or truncated shard {path}: {size} bytes, {INDEX} says {expected}"
+    return None
+
+
 def iter_shard(path: Path):
     """Raw WebDataset samples of one shard: dicts of member bytes with `__key__` and `__url__`."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -130,6 +144,7 @@ class ShardStream(IterableDataset):
         self.folder = Path(folder)
         self.index = load_index(self.folder)
         self.shards = [self.folder / s["name"] for s in self.index["shards"]]
+        self.sizes = {self.folder / s["name"]: s.get("bytes") for s in self.index["shards"]}
         self.spec, self.shuffle, self.buffer, self.seed = spec, shuffle, shuffle_buffer, seed
         self.infinite, self.skip_corrupt, self.split_by_rank = infinite, skip_corrupt, split_by_rank
         self.corrupt: list[str] = []
@@ -153,6 +168,9 @@ class ShardStream(IterableDataset):
                 log.warning("missing shard %s skipped", path)
                 continue
             try:
+                problem = size_problem(path, self.sizes.get(path))
+                if problem:
+                    raise ShardError(problem)
                 for raw in iter_shard(path):
                     counter += 1
                     if by_shard or (counter - 1) % nslots == slot:
@@ -197,6 +215,9 @@ class IndexableWebDataset(Dataset):
         for shard in self.index["shards"]:
             path = self.folder / shard["name"]
             members: dict[str, dict[str, tuple[int, int]]] = {}
+            problem = size_problem(path, shard.get("bytes"))
+            if problem:
+                raise ShardError(problem)
             try:
                 with tarfile.open(path, "r:") as tar:
                     for m in tar:
@@ -243,7 +264,7 @@ def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_s
         keys = [sample_key(i) for i, _ in chunk]
         ids = [sid for _, sid in chunk]
         prev = old_shards.get(name)
-        if prev and prev["sample_ids"] == ids and (out_dir / name).exists():
+        if prev and prev["sample_ids"] == ids and size_problem(out_dir / name, prev.get("bytes")) is None:
             shards.append(prev)
             reused += 1
             continue
