@@ -65,6 +65,7 @@ class TrainOptions:
     text_only: bool = options.opt("ablation: drop every image (the image tokens too)", False)
     skip_corrupt_shards: bool = options.opt("skip unreadable shards (logged) instead of failing", False)
     seed: int = options.opt("seed for LoRA init and data order", 42)
+    record_samples: str = options.opt("debug: write the sample_ids each rank/worker reads to this folder", "")
     min_pixels: int = options.opt("--source jsonl only: image pixel bounds as in stages 2/4", 256 * 28 * 28)
     max_pixels: int = options.opt("--source jsonl only: image pixel bounds as in stages 2/4", 512 * 28 * 28)
     max_length: int = options.opt("--source jsonl only: most tokens per sample", 2048)
@@ -155,8 +156,8 @@ def main(cfg: TrainOptions) -> dict:
     from common.collate import for_tokenizer
     from common.encode import ImageSpec
     from common.modeling import LoraSettings, load_for_training, load_tokenizer, resolve_model
-    from common.training import (CheckpointMarker, NonFiniteGuard, PriceTrainer, latest_complete_checkpoint,
-                                 plan_steps, remove_incomplete_checkpoints)
+    from common.training import (CheckpointMarker, NonFiniteGuard, PriceTrainer, RecordingStream,
+                                 latest_complete_checkpoint, plan_steps, remove_incomplete_checkpoints)
     log = logs.setup("train")
     if (cfg.out / "COMPLETE").exists() and not cfg.overwrite:
         log.info("%s holds a finished run; pass --overwrite to train again", cfg.out)
@@ -169,6 +170,8 @@ def main(cfg: TrainOptions) -> dict:
     tokenizer = load_tokenizer(model_path)
     spec = ImageSpec.from_model(model_path)
     train_ds, val_ds, num_samples = datasets(cfg, model_path, spec)
+    if cfg.record_samples:
+        train_ds = RecordingStream(train_ds, Path(cfg.record_samples))
     world = int(os.environ.get("WORLD_SIZE", 1))
     max_steps = plan_steps(num_samples, world, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     log.info("%d train samples, world %d x batch %d x accum %d -> %d steps", num_samples, world, cfg.batch_size,

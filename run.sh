@@ -71,7 +71,7 @@ stage() {  # stage N description command...
   echo "== stage $n done in $((SECONDS - started)) s"
 }
 launch() {  # run a stage script, under torchrun when more than one GPU is asked for
-  if [ "$NGPU" -gt 1 ]; then "$PY" -m torch.distributed.run --nproc_per_node "$NGPU" "$@"; else "$PY" "$@"; fi
+  if [ "$NGPU" -gt 1 ]; then "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" "$@"; else "$PY" "$@"; fi
 }
 
 stage 1 "download images" "$PY" 1_download.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR"

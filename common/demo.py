@@ -1,9 +1,10 @@
 """The embedded demo: a synthetic product catalog in the real data's format, with images to serve.
 
-Price = category base x size x (pack count and tier, shown only in the photo) x noise, so text alone
-explains part of it and the image the rest. The tier is the photo's background colour (basic grey,
-standard blue, premium gold) and the pack count is the number of boxes drawn. A fixed seed makes
-every file identical from run to run.
+Price = category base x size (both in the text) x tier (only in the photo), rounded to a shelf price
+(x.99, x.49): text alone explains part of it and the image the rest. The tier is the photo's background
+colour (basic grey x0.4, standard blue x1, premium gold x2.6); the boxes drawn on it are decoration.
+The price table is small (14 categories x 3 sizes x 3 tiers) so that the tiny demo model can learn it
+on a CPU in minutes. A fixed seed makes every file identical from run to run.
 """
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ BULLETS = ["Made with simple, high quality ingredients", "Resealable package kee
            "No artificial colors or flavors", "Satisfaction guaranteed – or your money back",
            "Perfect gift for friends & family", "Packed in a facility that also processes nuts"]
 # Only in the photo: background colour = tier, number of boxes = pack count.
-TIERS = [("basic", (150, 150, 150), 0.45), ("standard", (40, 90, 200), 1.0), ("premium", (212, 175, 55), 2.4)]
-PACKS = [(1, 1.0), (2, 1.8), (3, 2.5)]
+TIERS = [("basic", (150, 150, 150), 0.4), ("standard", (40, 90, 200), 1.0), ("premium", (212, 175, 55), 2.6)]
+PACKS = [1, 2, 3]
 FAILING_LINKS = ["/fault/404/{id}.jpg", "/fault/500/{id}.jpg", "/fault/notimage/{id}.jpg"]
 
 
@@ -84,17 +85,26 @@ def _catalog_text(rng: random.Random, cat, value: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shelf_price(p: float) -> float:
+    """The way shops write prices: 12.99 above ten dollars, 4.49 / 4.99 below, cents under one dollar."""
+    if p >= 10:
+        return round(p) - 0.01
+    if p >= 1:
+        return max(0.99, round(p * 2) / 2 - 0.01)
+    return round(p, 2)
+
+
 def make_rows(n: int, seed: int, id_offset: int, with_failures: bool) -> list[DemoRow]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         cat = rng.choice(CATEGORIES)
         typical, base = cat[3], cat[4]
-        value = round(typical * rng.choice([0.5, 1, 1, 1, 2, 3]), 1) if rng.random() > 0.05 else None
+        value = round(typical * rng.choice([0.5, 1, 1, 2]), 1) if rng.random() > 0.05 else None
         tier = rng.choices(range(3), weights=[3, 5, 2])[0]
         pack_index = rng.choices(range(3), weights=[6, 3, 2])[0]
-        size_factor = (value / typical) ** 0.7 if value is not None else 1.0
-        price = 1.2 * base * size_factor * TIERS[tier][2] * PACKS[pack_index][1] * math.exp(rng.gauss(0, 0.1))
+        size_factor = (value / typical) ** 0.75 if value is not None else 1.0
+        price = shelf_price(1.8 * base * size_factor * TIERS[tier][2])
         sid = str(id_offset + i)
         kind = rng.choices(["jpeg", "png_alpha", "gray"], weights=[85, 10, 5])[0]
         w, h = rng.choice([(640, 480), (480, 640), (500, 500), (1600, 1200), (1024, 300), (300, 900),
@@ -104,7 +114,7 @@ def make_rows(n: int, seed: int, id_offset: int, with_failures: bool) -> list[De
             failing = rng.choice(FAILING_LINKS).format(id=sid)
         ext = "png" if kind == "png_alpha" else "jpg"
         rows.append(DemoRow(sid, _catalog_text(rng, cat, value), None if failing else f"{sid}.{ext}",
-                            failing, round(max(price, 0.5), 2), tier, PACKS[pack_index][0], (w, h, kind)))
+                            failing, price, tier, PACKS[pack_index], (w, h, kind)))
     return rows
 
 

@@ -57,6 +57,25 @@ def remove_incomplete_checkpoints(output_dir: Path) -> list[str]:
     return removed
 
 
+class RecordingStream(torch.utils.data.IterableDataset):
+    """Writes the sample_id of every sample a rank's worker reads to FOLDER/rank{R}-worker{W}.txt
+    (for checking that ranks see disjoint data; prefetched samples are recorded too)."""
+
+    def __init__(self, inner, folder: Path):
+        self.inner, self.folder = inner, Path(folder)
+
+    def __iter__(self):
+        import os
+        info = torch.utils.data.get_worker_info()
+        name = f"rank{os.environ.get('RANK', '0')}-worker{info.id if info else 0}.txt"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / name, "a", encoding="utf-8") as fh:
+            for sample in self.inner:
+                fh.write(sample["sample_id"] + "\n")
+                fh.flush()
+                yield sample
+
+
 class CheckpointMarker(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

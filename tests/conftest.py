@@ -5,12 +5,16 @@ small end-to-end work folder (stages 1-3 run once per session) that later test f
     make_demo(train_rows=..)      a fresh demo catalog + running server, in its own temp folder
     demo                          a tiny demo (20 train / 8 test rows), one per test
     small_demo_work               stages 1-3 run on ~60 train / 20 test rows with injected failures
+    tiny_model_dir                the tiny Qwen2.5-VL, built once per session
+    encoded_demo                  stages 4-5 on small_demo_work's JSONL (tiny model, demo pixels, 5 a shard)
+    run_stage4 / run_stage5       a stage's main() in this process with test-sized options
 """
 from __future__ import annotations
 
 import csv
 import importlib.util
 import io
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,3 +186,72 @@ def small_demo_work(tmp_path_factory) -> DemoWork:
         yield DemoWork(d, work, {**stats, "hits": hits}, failing, shared)
     finally:
         d.server.stop()
+
+
+# --------------------------------------------------------------------------------------------- stages 4-5
+
+DEMO_PIXELS = {"min_pixels": 12544, "max_pixels": 25088}   # run.sh's demo sizes: tiny images, fast tests
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen2.5-VL (tokenizer, chat template, image-processor config), built once per session."""
+    from common.tiny import ensure_tiny_model
+    return ensure_tiny_model(tmp_path_factory.mktemp("tiny_model") / "tiny")
+
+
+def run_stage4(work_dir: Path, model: Path | str, **kw) -> dict:
+    """4_preprocess.main in this process (workers=1, demo pixel bounds unless kw says otherwise)."""
+    mod = load_stage("4_preprocess")
+    cfg = mod.PreprocessOptions(work_dir=Path(work_dir), model=str(model), **{"workers": 1, **DEMO_PIXELS, **kw})
+    problems = cfg.problems()
+    assert not problems, problems
+    return mod.main(cfg)
+
+
+def run_stage5(work_dir: Path, **kw) -> dict:
+    mod = load_stage("5_convert")
+    cfg = mod.ConvertOptions(work_dir=Path(work_dir), **kw)
+    problems = cfg.problems()
+    assert not problems, problems
+    return mod.main(cfg)
+
+
+@dataclass
+class EncodedDemo:
+    work_dir: Path          # jsonl/, preprocessed/{split}/, webdataset_{split}/
+    model_path: Path
+    stage4: dict            # split -> stage 4's stats
+    stage5: dict            # split -> stage 5's stats
+    samples_per_shard: int
+    demo_work: "DemoWork"
+
+    def rows(self, split: str) -> list[dict]:
+        from common.chat_jsonl import read_jsonl
+        return read_jsonl(self.work_dir / "jsonl" / f"{split}.jsonl")
+
+    def pre_dir(self, split: str) -> Path:
+        return self.work_dir / "preprocessed" / split
+
+    def shards_dir(self, split: str) -> Path:
+        return self.work_dir / f"webdataset_{split}"
+
+    def spec(self):
+        from common.encode import ImageSpec
+        return ImageSpec.from_model(str(self.model_path))
+
+    def copy(self, dest: Path) -> "EncodedDemo":
+        """A private copy of the work folder, for tests that rerun stages or damage files."""
+        shutil.copytree(self.work_dir, dest)
+        return EncodedDemo(dest, self.model_path, self.stage4, self.stage5, self.samples_per_shard, self.demo_work)
+
+
+@pytest.fixture(scope="session")
+def encoded_demo(small_demo_work, tiny_model_dir, tmp_path_factory) -> EncodedDemo:
+    """Stages 4-5 on small_demo_work's JSONL (47 train / 13 validation / 20 test rows, some text-only),
+    tiny model, demo pixel bounds, 5 samples a shard. Treat as read-only: use .copy() to change it."""
+    work = tmp_path_factory.mktemp("work_45") / "work"
+    shutil.copytree(small_demo_work.work_dir / "jsonl", work / "jsonl")  # rows name the images by absolute path
+    s4 = run_stage4(work, tiny_model_dir)
+    s5 = run_stage5(work, samples_per_shard=5)
+    return EncodedDemo(work, tiny_model_dir, s4, s5, 5, small_demo_work)

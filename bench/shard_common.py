@@ -1,0 +1,193 @@
+"""What the shard benchmarks share: realistic samples, the plain HF way, the device line, RESULTS.md.
+
+Realistic means: catalog text from ../shared/data/real_catalog_2k.csv tokenized with the real Qwen2.5
+tokenizer from ../shared/qwen2.5-vl-processor (when present; else the demo's catalog and the tiny model),
+and one 448x448 JPEG per row at the size stage 2 leaves it (min_pixels = max_pixels = 256*28*28 =
+200704, so the processor keeps it as it is: 1024 patches, 256 image tokens).
+
+The three benchmarks (bench/shard_size.py, bench/preprocess_speed.py, bench/loader_speed.py) each write
+their own part of the `<!-- shards -->` section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from common.chat_jsonl import write_jsonl  # noqa: E402
+from common.prompt import build_messages, message_parts  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+QWEN_DIR = SHARED / "qwen2.5-vl-processor"
+REAL_CSV = SHARED / "data" / "real_catalog_2k.csv"
+PIX = 256 * 28 * 28  # 200704 = 448 * 448
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "shards"
+PARTS = ("size", "preprocess", "loader")
+SECTION_TITLE = "## Shards: bytes per sample, stage-4 speed, loader speed"
+
+
+# --------------------------------------------------------------------------------------------- environment
+
+def device() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    import transformers
+    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
+
+
+def load_average() -> str:
+    try:
+        return "load average before the run: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return ""
+
+
+def model_source(scratch: Path) -> tuple[str, str]:
+    """(model folder, words for the report): the real Qwen2.5 tokenizer if ../shared has it, else tiny."""
+    if (QWEN_DIR / "tokenizer.json").exists():
+        return str(QWEN_DIR), "the real Qwen2.5 tokenizer and processor config (../shared/qwen2.5-vl-processor)"
+    from common.tiny import ensure_tiny_model
+    return str(ensure_tiny_model(scratch / "tiny")), "the tiny model's tokenizer (../shared absent)"
+
+
+def catalogs(n: int) -> tuple[list[tuple[str, float]], str]:
+    """n (catalog text, price) pairs, cycling through the real rows if ../shared has them."""
+    if REAL_CSV.exists():
+        with open(REAL_CSV, newline="", encoding="utf-8") as fh:
+            rows = [(r["catalog_content"], float(r["price"])) for r in csv.DictReader(fh)]
+        rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+        src = f"real catalog rows ({REAL_CSV.name})"
+    else:
+        from common.demo import make_rows
+        rows = [(r.catalog_content, r.price) for r in make_rows(max(n, 100), 0, 0, False)]
+        src = "demo catalog rows (../shared absent)"
+    return [rows[i % len(rows)] for i in range(n)], src
+
+
+def photo(seed: int, size: int = 448) -> Image.Image:
+    """A product-photo-like picture: light background, a shaded box, a label, sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    bg = 235 - 20 * (y / size)
+    arr = np.repeat(bg[..., None], 3, axis=2)
+    colour = rng.integers(30, 220, 3)
+    x0, y0 = rng.integers(40, 140, 2)
+    x1, y1 = size - rng.integers(40, 140, 2)
+    shade = 0.75 + 0.25 * (x[y0:y1, x0:x1] - x0) / max(1, x1 - x0)
+    arr[y0:y1, x0:x1] = colour * shade[..., None]
+    arr += rng.normal(0, 4, arr.shape)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for k in range(4):
+        yy = y0 + 20 + 18 * k
+        draw.rectangle([x0 + 15, yy, x0 + 15 + int(rng.integers(40, max(41, x1 - x0 - 30))), yy + 8],
+                       fill=tuple(int(c) for c in 255 - colour))
+    return img
+
+
+def make_rows(work: Path, n: int, split: str = "train") -> tuple[list[dict], str]:
+    """n chat rows with 448x448 JPEGs (quality 95, as stage 2 writes), JSONL at work/jsonl/{split}.jsonl."""
+    images = work / "resized" / split
+    images.mkdir(parents=True, exist_ok=True)
+    texts, src = catalogs(n)
+    rows = []
+    for i, (catalog, price) in enumerate(texts):
+        path = images / f"b{i:06d}.jpg"
+        if not path.exists():
+            photo(i).save(path, "JPEG", quality=95)
+        rows.append({"sample_id": f"b{i:06d}", "messages": build_messages(catalog, str(path), price), "price": price})
+    write_jsonl(work / "jsonl" / f"{split}.jsonl", rows)
+    return rows, src
+
+
+# --------------------------------------------------------------------------------------------- the plain HF way
+
+class PlainHF:
+    """What the usual starter does per sample: chat template on the whole text, the image processor,
+    the image pads expanded, the tokenizer on the full text; outputs as the processor returns them."""
+
+    def __init__(self, model_path: str, min_pixels: int = PIX, max_pixels: int = PIX):
+        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+        from common.modeling import load_tokenizer
+        self.tok = load_tokenizer(model_path)
+        self.proc = Qwen2VLImageProcessorPil.from_pretrained(model_path)
+        self.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+
+    def __call__(self, messages: list[dict]) -> dict[str, np.ndarray]:
+        _, image, answer = message_parts(messages)
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
+        out = {}
+        if image is not None:
+            px = self.proc(images=[Image.open(image)], size=self.size, return_tensors="np")
+            out["pixel_values"], out["image_grid_thw"] = px["pixel_values"], px["image_grid_thw"]
+            n = int(np.prod(px["image_grid_thw"])) // self.proc.merge_size ** 2
+            text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
+        enc = self.tok(text, add_special_tokens=False, return_tensors="np")
+        out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+        return out
+
+
+def seed_files(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, bytes]:
+    """The seed's sample layout: every processor output as .npy (float32 pixel_values [N, 1176])."""
+    import json
+
+    from common.sample_store import npy_bytes
+    files = {f"{k}.npy": npy_bytes(v) for k, v in arrays.items()}
+    files["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+    return files
+
+
+# --------------------------------------------------------------------------------------------- RESULTS.md
+
+def _replace(text: str, name: str, body: str) -> tuple[str, bool]:
+    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
+    block = f"<!-- {name} -->\n{body.strip()}\n<!-- /{name} -->"
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text), True
+    return text, False
+
+
+def update_results(part: str, body: str, path: Path = RESULTS) -> None:
+    """Replace this benchmark's part inside <!-- shards --> ... <!-- /shards -->, creating the section
+    (parts in a fixed order) if needed; everything outside the section stays as it is."""
+    assert part in PARTS
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if not re.search(rf"<!-- {SECTION} -->.*?<!-- /{SECTION} -->", text, re.S):
+        skeleton = "\n\n".join([SECTION_TITLE] + [f"<!-- {SECTION}:{p} -->\n(not run yet)\n<!-- /{SECTION}:{p} -->"
+                                                  for p in PARTS])
+        text = text.rstrip("\n") + f"\n\n<!-- {SECTION} -->\n{skeleton}\n<!-- /{SECTION} -->\n"
+    text, found = _replace(text, f"{SECTION}:{part}", body)
+    if not found:  # the section exists without this part: add it at the section's end
+        block = f"<!-- {SECTION}:{part} -->\n{body.strip()}\n<!-- /{SECTION}:{part} -->"
+        text = text.replace(f"<!-- /{SECTION} -->", f"{block}\n<!-- /{SECTION} -->", 1)
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

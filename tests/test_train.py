@@ -1,0 +1,104 @@
+"""Stage 6 on the tiny model: the loss falls, kill + resume ends at the same step, two ranks see
+disjoint data, a NaN loss stops the run before anything is saved."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from pipeline_fixtures import run_script, shard_work  # noqa: F401  (fixture)
+
+FAST = ["--batch-size", "4", "--grad-accum", "1", "--workers", "1", "--eval-samples", "8",
+        "--eval-batch-size", "8", "--logging-steps", "1", "--lora-r", "16", "--lora-alpha", "16"]
+
+
+def losses(output_dir: Path) -> list[float]:
+    stats = json.loads((output_dir / "stats.json").read_text())
+    return [h["loss"] for h in stats["log_history"] if "loss" in h]
+
+
+def test_training_loss_falls_and_output_is_self_describing(shard_work, tmp_path):
+    out = tmp_path / "train"
+    r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out), "--max-steps",
+                   "40", "--learning-rate", "3e-3", "--eval-steps", "20", "--save-steps", "20", *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = losses(out)
+    assert len(seen) == 40 and all(math.isfinite(x) for x in seen)
+    assert sum(seen[-10:]) / 10 < 0.7 * sum(seen[:5]) / 5, seen
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "preprocessor_config.json",
+                 "prompt.json", "train_config.json", "stats.json", "COMPLETE"):
+        assert (out / name).exists(), name
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["base_model"] == shard_work.model_path and cfg["encoding"]["max_pixels"] == 25088
+    stats = json.loads((out / "stats.json").read_text())
+    evals = [h for h in stats["log_history"] if "eval_smape" in h]
+    assert len(evals) >= 2 and all(0 <= e["eval_smape"] <= 200 for e in evals)  # logged beside the loss
+    assert list((out / "runs").rglob("events.out.tfevents.*"))  # TensorBoard
+    # a rerun of a finished stage is skipped, not retrained
+    again = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out), *FAST)
+    assert again.returncode == 0 and "holds a finished run" in again.stderr
+
+
+def test_kill_then_resume_ends_at_the_same_step(shard_work, tmp_path):
+    out = tmp_path / "train"
+    args = [sys.executable, str(ROOT / "6_train.py"), "--work-dir", str(shard_work.work_dir), "--output-dir",
+            str(out), "--max-steps", "30", "--save-steps", "5", "--save-total-limit", "2", "--eval-steps", "0", *FAST]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoint-10" / "COMPLETE").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "COMPLETE").exists()
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["steps"] == 30 and stats["resumed_from"] and "checkpoint-" in stats["resumed_from"]
+    assert math.isfinite(stats["train_loss"])
+    resumed_at = int(stats["resumed_from"].rsplit("-", 1)[1])
+    assert resumed_at >= 10
+    # the history restored from the checkpoint continues without a gap or a repeated step
+    assert [h["step"] for h in stats["log_history"] if "loss" in h] == list(range(1, 31))
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert len(kept) <= 2 and all((out / k / "COMPLETE").exists() for k in kept)
+
+
+def test_torchrun_two_ranks_see_disjoint_samples(shard_work, tmp_path):
+    out, seen = tmp_path / "train", tmp_path / "seen"
+    r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out), "--max-steps",
+                   "3", "--eval-steps", "0", "--save-steps", "100", "--record-samples", str(seen),
+                   "--prefetch-factor", "1", *FAST, torchrun=2)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    per_rank = {}
+    for f in seen.glob("rank*-worker*.txt"):
+        per_rank.setdefault(f.name.split("-")[0], []).extend(f.read_text().split())
+    assert set(per_rank) == {"rank0", "rank1"}
+    a, b = set(per_rank["rank0"]), set(per_rank["rank1"])
+    assert a and b and not (a & b)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["steps"] == 3 and stats["world_size"] == 2
+
+
+def test_nan_loss_stops_before_saving(shard_work, tmp_path):
+    out = tmp_path / "train"
+    r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out), "--max-steps",
+                   "20", "--learning-rate", "1e30", "--lr-scheduler", "constant", "--warmup-ratio", "0",
+                   "--eval-steps", "0", "--save-steps", "100", *FAST)
+    assert r.returncode != 0
+    assert "NaN or infinite" in r.stderr
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "COMPLETE").exists()
+
+
+def test_bad_options_are_all_reported_at_once(tmp_path):
+    r = run_script("6_train.py", "--work-dir", str(tmp_path), "--batch-size", "0", "--learning-rate", "-1")
+    assert r.returncode == 2
+    for text in ("--batch-size must be >= 1", "--learning-rate must be > 0", "run the earlier stages first"):
+        assert text in r.stderr
