@@ -72,4 +72,4 @@ def main(cfg: DownloadOptions) -> dict:
 
 
 if __name__ == "__main__":
-    main(options.parse(DownloadOptions, description=__doc__))
+    options.run_stage(main, DownloadOptions, __doc__)

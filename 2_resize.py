@@ -69,4 +69,4 @@ def main(cfg: ResizeOptions) -> dict:
 
 
 if __name__ == "__main__":
-    main(options.parse(ResizeOptions, description=__doc__))
+    options.run_stage(main, ResizeOptions, __doc__)

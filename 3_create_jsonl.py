@@ -75,4 +75,4 @@ def main(cfg: JsonlOptions) -> dict:
 
 
 if __name__ == "__main__":
-    main(options.parse(JsonlOptions, description=__doc__))
+    options.run_stage(main, JsonlOptions, __doc__)

@@ -73,4 +73,4 @@ def main(cfg: PreprocessOptions) -> dict:
 
 
 if __name__ == "__main__":
-    main(options.parse(PreprocessOptions, description=__doc__))
+    options.run_stage(main, PreprocessOptions, __doc__)

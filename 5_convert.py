@@ -60,4 +60,4 @@ def main(cfg: ConvertOptions) -> dict:
 
 
 if __name__ == "__main__":
-    main(options.parse(ConvertOptions, description=__doc__))
+    options.run_stage(main, ConvertOptions, __doc__)

@@ -209,4 +209,4 @@ def main(cfg: TrainOptions) -> dict:
 
 
 if __name__ == "__main__":
-    main(options.parse(TrainOptions, description=__doc__))
+    options.run_stage(main, TrainOptions, __doc__)

@@ -136,4 +136,4 @@ def main(cfg: InferOptions) -> dict:
 
 
 if __name__ == "__main__":
-    main(options.parse(InferOptions, description=__doc__))
+    options.run_stage(main, InferOptions, __doc__)

@@ -35,12 +35,13 @@ case "$FROM$TO" in *[!0-9]*) echo "run.sh: --from-stage/--to-stage take numbers 
 [ -z "$DATA_DIR" ] && DEMO=1
 
 # Stage-specific settings: the demo uses small images and a short schedule so that it runs on a CPU.
-PIXELS=() TRAIN=() INFER=()
+PIXELS=() JSONL=() TRAIN=() INFER=()
 if [ "$DEMO" = 1 ]; then
   DATA_DIR="$WORK_DIR/demo"
   PIXELS=(--min-pixels 12544 --max-pixels 25088)
-  TRAIN=(--batch-size 8 --grad-accum 1 --epochs 3 --learning-rate 3e-3 --lora-r 64 --lora-alpha 64
-         --eval-steps 200 --eval-samples 100 --save-steps 100 --workers 1)
+  JSONL=(--validation-split-ratio 0.1)
+  TRAIN=(--batch-size 8 --grad-accum 1 --epochs 4 --learning-rate 3e-3 --lora-r 32 --lora-alpha 32
+         --eval-steps 250 --eval-samples 100 --save-steps 250 --workers 1)
   INFER=(--workers 1)
   if [ "$FROM" -le 1 ]; then
     if [ ! -f "$DATA_DIR/demo.json" ]; then
@@ -76,7 +77,7 @@ launch() {  # run a stage script, under torchrun when more than one GPU is asked
 
 stage 1 "download images" "$PY" 1_download.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR"
 stage 2 "resize images" "$PY" 2_resize.py --work-dir "$WORK_DIR" "${PIXELS[@]}"
-stage 3 "chat JSONL" "$PY" 3_create_jsonl.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR"
+stage 3 "chat JSONL" "$PY" 3_create_jsonl.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR" "${JSONL[@]}"
 stage 4 "encode samples" "$PY" 4_preprocess.py --work-dir "$WORK_DIR" --model "$MODEL" "${PIXELS[@]}"
 stage 5 "pack shards" "$PY" 5_convert.py --work-dir "$WORK_DIR"
 stage 6 "train" launch 6_train.py --work-dir "$WORK_DIR" --model "$MODEL" "${TRAIN[@]}"

@@ -7,7 +7,7 @@ torch DataLoader with the training collator (common.collate.for_tokenizer), 0, 1
 
 Each configuration reads one epoch in batches of --batch-size; "start-up" is the time to the first batch
 (worker start, tokenizer load for the lean path, first samples), "samples/s" the rate after it. Best of
---repeats passes. Both paths give the same batches (checked on the first batch).
+--repeats alternating passes, medians reported. Both paths give the same batches (checked on the first).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from shard_common import PIX, device, load_average, make_rows, model_source, table, update_results  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -49,7 +50,7 @@ def one_epoch(dataset, collate, workers: int, batch_size: int) -> tuple[float, f
     return t1 - t0, n_rest / (t2 - t1), first["input_ids"].shape[0] + n_rest, first
 
 
-def run(n: int, per_shard: int, batch_size: int, repeats: int, scratch: Path) -> dict:
+def run(n: int, per_shard: int, batch_size: int, repeats: int, scratch: Path, worker_counts: list[int]) -> dict:
     model, model_words = model_source(scratch)
     work = scratch / "work"
     rows, text_words = make_rows(work, n)
@@ -61,32 +62,34 @@ def run(n: int, per_shard: int, batch_size: int, repeats: int, scratch: Path) ->
               "lean": lambda: JsonlStream(work / "jsonl" / "train.jsonl", model, spec, 4096, PIX, PIX)}
     firsts, results = {}, {}
     for _ in range(repeats):
-        for workers in (0, 1, 2):
+        for workers in worker_counts:
             for name, make in makers.items():
                 startup, rate, seen, first = one_epoch(make(), collate, workers, batch_size)
                 assert seen == n, (name, workers, seen)
                 firsts.setdefault(name, first)
-                key = (name, workers)
-                old = results.get(key)
-                results[key] = {"startup": min(startup, old["startup"]) if old else startup,
-                                "rate": max(rate, old["rate"]) if old else rate}
+                results.setdefault((name, workers), []).append((startup, rate))
     a, b = firsts["shards"], firsts["lean"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "shards and lean batches differ"
+    summary = {key: {"startup": float(np.median([s for s, _ in runs])), "rate": float(np.median([r for _, r in runs])),
+                     "low": min(r for _, r in runs), "high": max(r for _, r in runs)} for key, runs in results.items()}
     return {"n": n, "per_shard": per_shard, "batch_size": batch_size, "repeats": repeats, "model": model_words,
-            "text": text_words, "results": results}
+            "text": text_words, "results": summary, "workers": worker_counts}
 
 
 def report(r: dict, dev: str, load: str) -> str:
     res = r["results"]
     rows = []
-    for workers in (0, 1, 2):
+    for workers in r["workers"]:
         lean, ours = res[("lean", workers)], res[("shards", workers)]
-        rows.append([workers, f"{lean['startup']:.2f}", f"{lean['rate']:.1f}", f"{ours['startup']:.2f}",
-                     f"{ours['rate']:.1f}", f"{ours['rate'] / lean['rate']:.1f}x"])
-    best = max(res[("shards", w)]["rate"] for w in (0, 1, 2))
+        rows.append([workers, f"{lean['startup']:.2f}", f"{lean['rate']:.0f} ({lean['low']:.0f}-{lean['high']:.0f})",
+                     f"{ours['startup']:.2f}", f"{ours['rate']:.0f} ({ours['low']:.0f}-{ours['high']:.0f})",
+                     f"{ours['rate'] / lean['rate']:.1f}x"])
+    best = max(res[("shards", w)]["rate"] for w in r["workers"])
     per_worker = res[("shards", 1)]["rate"]
-    lean_best = max(res[("lean", w)]["rate"] for w in (0, 1, 2))
+    lean_best = max(res[("lean", w)]["rate"] for w in r["workers"])
     lean_per_worker = res[("lean", 1)]["rate"]
+
+    cpu_words = f"this {os.cpu_count()}-core machine"
 
     def verdict(rate: float) -> str:
         parts = []
@@ -108,21 +111,23 @@ def report(r: dict, dev: str, load: str) -> str:
         f"Device: {dev}; {load}. {r['n']} samples of {r['text']}, 448x448 images, {r['model']}; "
         f"{r['per_shard']} samples a shard; torch DataLoader, batch {r['batch_size']}, the training collator "
         f"(`common.collate.for_tokenizer`: padding, label mask, mm_token_type_ids, float32 pixel_values "
-        f"[1024, 1176] a sample); best of {r['repeats']} passes. Start-up = seconds to the first batch.",
+        f"[1024, 1176] a sample); {r['repeats']} passes, alternating: median samples/s after the first batch "
+        "(range in brackets), median start-up = seconds to the first batch.",
         "",
         table(["DataLoader workers", "lean: start-up s", "lean: samples/s", "shards: start-up s",
-               "shards: samples/s", "shards vs lean"], rows),
+               "shards: samples/s", "shards vs lean (median)"], rows),
         "",
         f"Against one H100 (training ~{H100['training'][0]} samples/s today, aimed {H100['training'][1]}+; "
         f"inference {H100['inference'][0]}, aimed {H100['inference'][1]}+): the shard loader on this 2-core "
-        f"machine gives {best:.0f} samples/s at best: {verdict(best)}. The lean path gives {lean_best:.0f}: "
+        f"{cpu_words} gives {best:.0f} samples/s (median, best worker count): {verdict(best)}. "
+        f"The lean path gives {lean_best:.0f}: "
         f"{verdict(lean_best)}.",
         f"Per worker the shard loader gives ~{per_worker:.0f} samples/s, so "
         f"{workers_for(per_worker, H100['training'][1]):.0f} worker(s) cover the training aim and "
-        f"{workers_for(per_worker, H100['inference'][1]):.0f} the inference aim, if cores allow (the GPU machine "
-        f"has 16); the lean path needs {workers_for(lean_per_worker, H100['training'][1]):.0f} and "
-        f"{workers_for(lean_per_worker, H100['inference'][1]):.0f}. With 2 cores, 2 workers compete with the "
-        "main process, which here only counts batches (a training step would also need the cores).",
+        f"{workers_for(per_worker, H100['inference'][1]):.0f} the inference aim, cores allowing; the lean path "
+        f"needs {workers_for(lean_per_worker, H100['training'][1]):.0f} and "
+        f"{workers_for(lean_per_worker, H100['inference'][1]):.0f}. Workers share the machine's "
+        f"{os.cpu_count()} cores with the main process, which here only counts batches.",
     ])
 
 
@@ -131,14 +136,16 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--samples-per-shard", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts (1 needed)")
     ap.add_argument("--scratch", type=Path, default=None, help="work folder (default: a temp folder, removed)")
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = ap.parse_args()
     load = load_average()
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="loader_speed."))
     try:
-        result = run(args.samples, args.samples_per_shard, args.batch_size, args.repeats, scratch)
+        result = run(args.samples, args.samples_per_shard, args.batch_size, args.repeats, scratch,
+                     sorted(set(args.workers) | {1}))
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from common.chat_jsonl import write_jsonl  # noqa: E402
 from common.prompt import build_messages, message_parts  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("PROJECT_SHARED", ROOT.parent / "shared"))  # a copy elsewhere, e.g. on the GPU machine
 QWEN_DIR = SHARED / "qwen2.5-vl-processor"
 REAL_CSV = SHARED / "data" / "real_catalog_2k.csv"
 PIX = 256 * 28 * 28  # 200704 = 448 * 448

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.errors import PipelineError
 from common.fsio import is_safe_id
 
 REQUIRED = {"train": ["sample_id", "catalog_content", "image_link", "price"],
@@ -20,7 +21,7 @@ MAX_PRICE = 1_000_000.0  # above this a "price" is a data error (e.g. 1e308), no
 MAX_LISTED = 20
 
 
-class CatalogError(ValueError):
+class CatalogError(PipelineError, ValueError):
     """Input that cannot be used; the message names the file and the offending rows."""
 
 

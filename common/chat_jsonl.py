@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.errors import PipelineError
 from common.fsio import write_text
 from common.prompt import build_messages
 
@@ -34,7 +35,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-class JsonlError(ValueError):
+class JsonlError(PipelineError, ValueError):
     pass
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.errors import PipelineError
 from common.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, load_resized
 from common.prompt import SYSTEM_PROMPT, catalog_from_user_text, message_parts, user_text
 
 SENTINEL = "\u2063CATALOG\u2063"
 
 
-class SampleError(ValueError):
+class SampleError(PipelineError, ValueError):
     """A sample that cannot be encoded; `reason` is what stats.json counts."""
 
     def __init__(self, reason: str, detail: str = ""):

@@ -81,3 +81,14 @@ def to_jsonable(cfg) -> dict:
 
 def dumps(cfg) -> str:
     return json.dumps(to_jsonable(cfg), indent=2, sort_keys=True)
+
+
+def run_stage(main, cls, description: str | None = None) -> None:
+    """Parse the options, run main(cfg); a PipelineError is printed as one clear line, exit status 1."""
+    from common.errors import PipelineError
+    cfg = parse(cls, description=description)
+    try:
+        main(cfg)
+    except PipelineError as err:
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {err}\n")
+        raise SystemExit(1) from None

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from common.encode import ImageSpec, normalize_patches
+from common.errors import PipelineError
 from common.fsio import atomic_path, read_json, write_json
 
 log = logging.getLogger("shards")
@@ -32,7 +33,7 @@ MEMBER_MAP = {"input_ids.npy": "input_ids.npy", "attention_mask.npy": "attention
               "pixel_values.npy": "pixel_values.npy", "meta.json": "metadata.json"}
 
 
-class ShardError(RuntimeError):
+class ShardError(PipelineError, RuntimeError):
     """A shard that cannot be read; the message names it."""
 
 

@@ -1,8 +1,8 @@
 """The demo's and the tests' model: a tiny Qwen2.5-VL built offline from a config, no download.
 
 Same architecture as Qwen2.5-VL-3B (vision tower with windowed attention and 2x2 patch merger,
-multimodal rotary positions, Qwen's special tokens above the base vocabulary), a few hundred
-thousand parameters, and a byte-level BPE tokenizer trained here on the demo's vocabulary with Qwen's
+multimodal rotary positions, Qwen's special tokens above the base vocabulary), about a million
+parameters, and a byte-level BPE tokenizer trained here on the demo's vocabulary with Qwen's
 pre-tokenizer (digits one by one). Built once and cached; the same seed gives the same weights.
 """
 from __future__ import annotations
@@ -32,7 +32,14 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 BASE_VOCAB = 1024
-VERSION = 2  # bump when the recipe changes, so cached copies are rebuilt
+VERSION = 3  # bump when the recipe changes, so cached copies are rebuilt
+# A random model is only a useful base for LoRA if signals neither vanish nor explode through it:
+# linear layers at 1/sqrt(hidden), and embeddings (tied to the output head) wide enough that the
+# frozen head can give peaked next-token distributions. With the usual 0.02 everywhere the demo
+# model learned the price format but not the prices (measured: validation SMAPE 46 vs 79 with this
+# recipe, at the median baseline without it, same 1000 LoRA steps).
+LINEAR_STD = 0.088
+EMBEDDING_STD = 0.25
 
 
 def _train_tokenizer():
@@ -61,14 +68,14 @@ def _train_tokenizer():
 def _config(tokenizer):
     from transformers import Qwen2_5_VLConfig
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+                layer_types=["full_attention"] * 4,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
-                # With the default 0.02 the frozen, tied embeddings give logits too flat for LoRA to sharpen.
-                initializer_range=0.25)
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                initializer_range=LINEAR_STD)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   fullatt_block_indexes=[1])
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
@@ -91,6 +98,7 @@ def ensure_tiny_model(folder: Path | str, seed: int = 0) -> Path:
     tokenizer = _train_tokenizer()
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(_config(tokenizer))
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=EMBEDDING_STD)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(tmp)

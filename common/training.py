@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
+from common.errors import PipelineError
 from common.fsio import write_json
 from common.metrics import smape
 from common.predict import predict_batch
@@ -28,7 +29,7 @@ log = logging.getLogger("train")
 COMPLETE = "COMPLETE"
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(PipelineError, RuntimeError):
     pass
 
 
