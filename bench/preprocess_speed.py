@@ -12,13 +12,14 @@ plain  per sample: tokenizer.apply_chat_template on the chat, Qwen2VLImageProces
        each output saved as .npy in the sample's folder (the seed's layout).
 Both in one process, tokenizer/processor loaded beforehand; "encode" leaves the files out. Each side runs
 --repeats times, alternating, and the best pass counts. The last row is 4_preprocess's own pool
-(--workers 2): its start-up (spawn, imports, tokenizer load) is timed on a one-sample run and taken
-out; the report gives both.
+(--pool-workers, default 2), built as preprocess_split builds it: its start-up (spawn, imports, tokenizer
+load in every worker) and its rate afterwards are reported apart.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -45,7 +46,36 @@ def timed(fn, rows: list[dict]) -> float:
     return time.perf_counter() - t0
 
 
-def run(n: int, repeats: int, scratch: Path, pool_samples: int) -> dict:
+def _pid_once_ready(_) -> int:
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def pool_run(rows: list[dict], out: Path, model: str, workers: int) -> tuple[float, float]:
+    """4_preprocess's pool as preprocess_split builds it (spawn, common.preprocess._init / _work,
+    imap_unordered, chunks of 32): (seconds until every worker has initialised, seconds for the rows)."""
+    from multiprocessing import get_context
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    pool = get_context("spawn").Pool(workers, initializer=preprocess._init,
+                                      initargs=(model, 4096, PIX, PIX, str(out), "train"))
+    try:
+        ready: set[int] = set()
+        while len(ready) < workers:  # a task runs only after its worker's initializer: all loaded now
+            ready |= set(pool.map(_pid_once_ready, range(workers * 2), chunksize=1))
+        t1 = time.perf_counter()
+        results = list(pool.imap_unordered(preprocess._work, list(enumerate(rows)), chunksize=32))
+        t2 = time.perf_counter()
+    finally:
+        pool.close()
+        pool.join()
+    assert all(status == "ok" for _, status, _, _ in results) and len(results) == len(rows)
+    shutil.rmtree(out, ignore_errors=True)
+    return t1 - t0, t2 - t1
+
+
+def run(n: int, repeats: int, scratch: Path, pool_samples: int, pool_workers: int) -> dict:
     model, model_words = model_source(scratch)
     work = scratch / "work"
     rows, text_words = make_rows(work, max(n, pool_samples))
@@ -90,25 +120,16 @@ def run(n: int, repeats: int, scratch: Path, pool_samples: int) -> dict:
     plain_bytes = sum(p.stat().st_size for p in (out / "plain").rglob("*") if p.is_file())
     shutil.rmtree(out, ignore_errors=True)
 
-    # 4_preprocess's own pool: start-up alone (one sample), then the whole run; the difference is the rate.
-    pool = {}
-    for k in (1, pool_samples):
-        shutil.rmtree(work / "pool", ignore_errors=True)
-        t0 = time.perf_counter()
-        result = preprocess.preprocess_split(rows[:k], work / "pool", "train", model, 4096, PIX, PIX, workers=2)
-        pool[k] = time.perf_counter() - t0
-        assert result["counts"].get("ok") == k, result["counts"]
-    shutil.rmtree(work / "pool", ignore_errors=True)
-    pool_s, startup_s = pool[pool_samples], pool[1]
+    startup_s, pool_s = pool_run(rows[:pool_samples], work / "pool", model, pool_workers)
     return {"n": n, "repeats": repeats, "model": model_words, "text": text_words, "best": best,
-            "pool_samples": pool_samples, "pool_s": pool_s, "startup_s": startup_s,
+            "pool_samples": pool_samples, "pool_s": pool_s, "startup_s": startup_s, "pool_workers": pool_workers,
             "ours_bytes": ours_bytes / n, "plain_bytes": plain_bytes / n}
 
 
 def report(r: dict, dev: str, load: str) -> str:
     n, b = r["n"], r["best"]
     rate = {k: n / v for k, v in b.items()}
-    pool_rate = (r["pool_samples"] - 1) / (r["pool_s"] - r["startup_s"])
+    pool_rate = r["pool_samples"] / r["pool_s"]
     rows = [
         ["plain: apply_chat_template + Qwen2VLImageProcessorPil + tokenizer", "encode only", 1,
          f"{b['plain_encode']:.2f}", f"{rate['plain_encode']:.1f}", "1.00x"],
@@ -118,8 +139,8 @@ def report(r: dict, dev: str, load: str) -> str:
          f"{rate['plain_full']:.1f}", "1.00x"],
         ["ours, + sample folder (uint8 patches)", "encode + write", 1, f"{b['ours_full']:.2f}",
          f"{rate['ours_full']:.1f}", f"{rate['ours_full'] / rate['plain_full']:.2f}x"],
-        [f"ours: 4_preprocess's pool (`preprocess_split`, workers=2), {r['pool_samples']} samples",
-         "encode + write, after start-up", 2, f"{r['pool_s'] - r['startup_s']:.2f}", f"{pool_rate:.1f}",
+        [f"ours: 4_preprocess's pool (`preprocess_split`, workers={r['pool_workers']}), {r['pool_samples']} samples",
+         "encode + write, after start-up", r["pool_workers"], f"{r['pool_s']:.2f}", f"{pool_rate:.1f}",
          f"{pool_rate / rate['plain_full']:.2f}x"],
     ]
     return "\n".join([
@@ -130,8 +151,8 @@ def report(r: dict, dev: str, load: str) -> str:
         "",
         table(["path", "what is timed", "processes", "seconds", "samples/s", "vs plain"], rows, align="llrrrr"),
         "",
-        f"4_preprocess's pool needs {r['startup_s']:.1f} s to start its 2 workers (spawn, imports, tokenizer), "
-        f"then runs at the rate above ({r['pool_samples']} samples in {r['pool_s']:.1f} s in all). "
+        f"4_preprocess's pool needs {r['startup_s']:.1f} s to start its {r['pool_workers']} workers (spawn, imports, tokenizer), "
+        "then runs at the rate above. "
         f"Same input_ids both ways on every sample. Written per sample: ours {r['ours_bytes'] / 1e6:.2f} MB, "
         f"plain {r['plain_bytes'] / 1e6:.2f} MB. The plain loop's time goes mostly to the image processor "
         "(resize check, rescale, normalize and patchify in float32, per image); ours cuts uint8 patches "
@@ -144,20 +165,29 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--pool-samples", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pool-workers", type=int, default=2, help="workers of the 4_preprocess pool row")
+    ap.add_argument("--part", default="preprocess", choices=["preprocess", "preprocess_gpu"],
+                    help="which part of the shards section --write fills (preprocess_gpu: a run on the GPU machine)")
+    ap.add_argument("--body-out", type=Path, default=None, help="also write the markdown to this file")
+    ap.add_argument("--device-note", default="", help="words added after the device line (which machine)")
     ap.add_argument("--scratch", type=Path, default=None, help="work folder (default: a temp folder, removed)")
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = ap.parse_args()
     load = load_average()
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="preprocess_speed."))
     try:
-        result = run(args.samples, args.repeats, scratch, args.pool_samples)
+        result = run(args.samples, args.repeats, scratch, args.pool_samples, args.pool_workers)
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    body = report(result, device(), load)
+    body = report(result, device() + (f" ({args.device_note})" if args.device_note else ""), load)
+    if args.part == "preprocess_gpu":
+        body = body.replace("### Stage-4 preprocessing speed", "### Stage-4 preprocessing speed on the GPU machine's CPUs", 1)
     print(body)
+    if args.body_out:
+        args.body_out.write_text(body + "\n", encoding="utf-8")
     if args.write:
-        update_results("preprocess", body)
+        update_results(args.part, body)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ and one 448x448 JPEG per row at the size stage 2 leaves it (min_pixels = max_pix
 200704, so the processor keeps it as it is: 1024 patches, 256 image tokens).
 
 The three benchmarks (bench/shard_size.py, bench/preprocess_speed.py, bench/loader_speed.py) each write
-their own part of the `<!-- shards -->` section of bench/RESULTS.md.
+their own part of the `<!-- shards -->` section of bench/RESULTS.md. A part measured elsewhere (the
+loader on the GPU machine, `loader_speed.py --part loader_gpu --body-out FILE`) is put in with
+
+    python bench/shard_common.py loader_gpu FILE
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ REAL_CSV = SHARED / "data" / "real_catalog_2k.csv"
 PIX = 256 * 28 * 28  # 200704 = 448 * 448
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "shards"
-PARTS = ("size", "preprocess", "loader")
+PARTS = ("size", "preprocess", "loader", "preprocess_gpu", "loader_gpu")
 SECTION_TITLE = "## Shards: bytes per sample, stage-4 speed, loader speed"
 
 
@@ -159,27 +162,24 @@ def seed_files(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, bytes]:
 
 # --------------------------------------------------------------------------------------------- RESULTS.md
 
-def _replace(text: str, name: str, body: str) -> tuple[str, bool]:
-    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
-    block = f"<!-- {name} -->\n{body.strip()}\n<!-- /{name} -->"
-    if pattern.search(text):
-        return pattern.sub(lambda _: block, text), True
-    return text, False
-
-
 def update_results(part: str, body: str, path: Path = RESULTS) -> None:
-    """Replace this benchmark's part inside <!-- shards --> ... <!-- /shards -->, creating the section
-    (parts in a fixed order) if needed; everything outside the section stays as it is."""
+    """Set this benchmark's part of the <!-- shards --> ... <!-- /shards --> section (parts kept in PARTS
+    order, each between <!-- shards:PART --> markers); everything outside the section stays as it is."""
     assert part in PARTS
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if not re.search(rf"<!-- {SECTION} -->.*?<!-- /{SECTION} -->", text, re.S):
-        skeleton = "\n\n".join([SECTION_TITLE] + [f"<!-- {SECTION}:{p} -->\n(not run yet)\n<!-- /{SECTION}:{p} -->"
-                                                  for p in PARTS])
-        text = text.rstrip("\n") + f"\n\n<!-- {SECTION} -->\n{skeleton}\n<!-- /{SECTION} -->\n"
-    text, found = _replace(text, f"{SECTION}:{part}", body)
-    if not found:  # the section exists without this part: add it at the section's end
-        block = f"<!-- {SECTION}:{part} -->\n{body.strip()}\n<!-- /{SECTION}:{part} -->"
-        text = text.replace(f"<!-- /{SECTION} -->", f"{block}\n<!-- /{SECTION} -->", 1)
+    section = re.compile(rf"<!-- {SECTION} -->.*?<!-- /{SECTION} -->", re.S)
+    found = section.search(text)
+    old = found.group(0) if found else ""
+    bodies = {}
+    for p in PARTS:
+        m = re.search(rf"<!-- {SECTION}:{re.escape(p)} -->\n(.*?)\n?<!-- /{SECTION}:{re.escape(p)} -->", old, re.S)
+        if m:
+            bodies[p] = m.group(1).strip()
+    bodies[part] = body.strip()
+    blocks = [f"<!-- {SECTION}:{p} -->\n{bodies.get(p, '(not run yet)')}\n<!-- /{SECTION}:{p} -->"
+              for p in PARTS if p in bodies or p in ("size", "preprocess", "loader")]
+    block = f"<!-- {SECTION} -->\n" + "\n\n".join([SECTION_TITLE] + blocks) + f"\n<!-- /{SECTION} -->"
+    text = section.sub(lambda _: block, text) if found else text.rstrip("\n") + "\n\n" + block + "\n"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -191,3 +191,12 @@ def table(header: list[str], rows: list[list], align: str | None = None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="put a markdown body into one part of the shards section")
+    ap.add_argument("part", choices=PARTS)
+    ap.add_argument("body", type=Path)
+    a = ap.parse_args()
+    update_results(a.part, a.body.read_text(encoding="utf-8"))
