@@ -40,7 +40,7 @@ if [ "$DEMO" = 1 ]; then
   DATA_DIR="$WORK_DIR/demo"
   PIXELS=(--min-pixels 12544 --max-pixels 25088)
   JSONL=(--validation-split-ratio 0.1)
-  TRAIN=(--batch-size 8 --grad-accum 1 --epochs 4 --learning-rate 3e-3 --lora-r 32 --lora-alpha 32
+  TRAIN=(--batch-size 8 --grad-accum 1 --epochs 6 --learning-rate 3e-3 --lora-r 32 --lora-alpha 32
          --eval-steps 250 --eval-samples 100 --save-steps 250 --workers 1)
   INFER=(--workers 1)
   if [ "$FROM" -le 1 ]; then

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 import typing
@@ -91,4 +92,12 @@ def run_stage(main, cls, description: str | None = None) -> None:
         main(cfg)
     except PipelineError as err:
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {err}\n")
+        raise SystemExit(1) from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        # Outputs are written under temporary names, so what was finished before stays whole.
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: out of disk space writing "
+                         f"{err.filename or 'an output'} ({err.strerror}); free space and rerun: "
+                         "finished work is kept\n")
         raise SystemExit(1) from None

@@ -44,8 +44,18 @@ def checkpoint_step(path: Path) -> int:
 
 
 def latest_complete_checkpoint(output_dir: Path) -> Path | None:
-    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE).exists()]
-    return max(done, key=checkpoint_step) if done else None
+    """The newest checkpoint whose COMPLETE marker is there and whose files all still are."""
+    import json
+    for ckpt in sorted(Path(output_dir).glob("checkpoint-*"), key=checkpoint_step, reverse=True):
+        marker = ckpt / COMPLETE
+        if not marker.exists():
+            continue
+        missing = [f for f in json.loads(marker.read_text())["files"] if not (ckpt / f).exists()]
+        if missing:
+            log.warning("%s is missing %s; resuming from an older checkpoint", ckpt, ", ".join(missing))
+            continue
+        return ckpt
+    return None
 
 
 def remove_incomplete_checkpoints(output_dir: Path) -> list[str]:

@@ -159,15 +159,18 @@ def small_demo_work(tmp_path_factory) -> DemoWork:
     """Stages 1-3 on 60 train / 20 test demo rows, with failures and a shared URL put in on purpose.
 
     Train: one 404, one HTML page, one truncated body; test: one 404 (test rows are never dropped).
-    Two train rows share one image URL (it must be fetched once). The demo's own failing row (a 500) stays.
+    Two train rows share one image URL (it must be fetched once). The demo's own failing links stay.
     """
     d = _start_demo(tmp_path_factory.mktemp("demo_e2e"), 60, 20, seed=0)
     base = d.server.base_url
     train, test = d.rows("train"), d.rows("test")
     failing = {"train": {}, "test": {}}
-    for row in train:
-        if "/fault/500/" in row["image_link"]:
-            failing["train"][row["sample_id"]] = "http_5xx"
+    demo_faults = {"/fault/500/": "http_5xx", "/fault/404/": "http_404", "/fault/notimage/": "not_image"}
+    for split, rows in (("train", train), ("test", test)):
+        for row in rows:  # the demo's own failing links stay
+            for route, status in demo_faults.items():
+                if route in row["image_link"]:
+                    failing[split][row["sample_id"]] = status
     for i, route, status in [(3, "404", "http_404"), (5, "notimage", "not_image"), (9, "truncated", "truncated")]:
         sid = train[i]["sample_id"]
         name = train[i]["image_link"].rsplit("/", 1)[1]

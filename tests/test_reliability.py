@@ -1,0 +1,127 @@
+"""Kill it anywhere, feed it garbage: nothing is lost, nothing is silently wrong."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, load_stage
+from pipeline_fixtures import run_script, shard_work  # noqa: F401  (fixture)
+from test_end_to_end import free_port
+
+SMALL_DEMO = ["--demo-train-rows", "32", "--demo-test-rows", "10"]
+
+
+def run_sh(work: Path, port: int) -> list[str]:
+    return ["bash", str(ROOT / "run.sh"), "--work-dir", str(work), "--demo-port", str(port), *SMALL_DEMO]
+
+
+def digest(work: Path) -> dict[str, str]:
+    """Content hashes of what the pipeline promises to reproduce (JSONL with the work dir taken out)."""
+    out = {}
+    for split in ("train", "validation", "test"):
+        text = (work / "jsonl" / f"{split}.jsonl").read_text().replace(str(work.resolve()), "WORK")
+        out[f"jsonl/{split}"] = hashlib.sha256(text.encode()).hexdigest()
+        for tar in sorted((work / f"webdataset_{split}").glob("*.tar")):
+            out[f"{split}/{tar.name}"] = hashlib.sha256(tar.read_bytes()).hexdigest()
+    out["test_out.csv"] = hashlib.sha256((work / "test_out.csv").read_bytes()).hexdigest()
+    return out
+
+
+def test_kill_minus_9_in_every_stage_then_rerun_gives_the_same_outputs(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    clean = tmp_path / "clean"
+    r = subprocess.run(run_sh(clean, free_port()), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+    killed, port, rng = tmp_path / "killed", free_port(), random.Random(7)
+    hit = []
+    for stage in range(1, 8):
+        proc = subprocess.Popen(run_sh(killed, port), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        for line in proc.stdout:
+            if line.startswith(f"== stage {stage}:"):
+                time.sleep(rng.uniform(0.0, 1.5))  # somewhere inside the stage (or just after it)
+                break
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            hit.append(stage)
+        proc.wait()
+    assert len(hit) >= 5  # most kills landed while the pipeline was still running
+    leftovers = [p for p in killed.rglob("*") if p.name.startswith(".") and ".tmp" in p.name]
+    r = subprocess.run(run_sh(killed, port), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert not [p for p in killed.rglob("*") if p.name.startswith(".") and ".tmp" in p.name and p.exists()
+                and p not in leftovers and "models" not in str(p)]
+    assert digest(killed) == digest(clean)
+
+
+def test_broken_jsonl_line_is_named(shard_work, tmp_path):
+    w = shard_work.copy(tmp_path / "work")
+    path = w.work_dir / "jsonl" / "validation.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][: len(lines[1]) // 2]
+    path.write_text("\n".join(lines) + "\n")
+    r = run_script("4_preprocess.py", "--work-dir", str(w.work_dir), "--split", "validation", "--workers", "1")
+    assert r.returncode == 1
+    assert f"{path}:2: broken JSONL row" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_truncated_jpeg_in_resized_is_detected_and_counted(shard_work, tmp_path):
+    w = shard_work.copy(tmp_path / "work")
+    rows = [json.loads(l) for l in open(w.work_dir / "jsonl" / "test.jsonl")]
+    victim = next(r for r in rows if len(r["messages"][1]["content"]) == 2)
+    img = Path(victim["messages"][1]["content"][0]["image"].replace(str(shard_work.work_dir), str(w.work_dir)))
+    img.write_bytes(img.read_bytes()[: img.stat().st_size // 3])
+    for r in rows:  # the JSONL names absolute paths of the original work dir
+        r["messages"][1]["content"] = [dict(c, image=c["image"].replace(str(shard_work.work_dir), str(w.work_dir)))
+                                       if c["type"] == "image" else c for c in r["messages"][1]["content"]]
+    (w.work_dir / "jsonl" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.rmtree(w.work_dir / "preprocessed" / "test")
+    pre = load_stage("4_preprocess")
+    stats = pre.main(pre.PreprocessOptions(work_dir=w.work_dir, split="test", workers=1, max_length=512,
+                                           min_pixels=12544, max_pixels=25088))["test"]
+    assert stats["problem_ids"]["image_dropped:corrupt_image"] == [victim["sample_id"]]
+    assert stats["counts"]["ok"] == len(rows)  # the row itself is kept, as text only
+    meta = json.loads((w.work_dir / "preprocessed" / "test" / victim["sample_id"] / "meta.json").read_text())
+    assert meta["pixel_values_shape"] is None
+
+
+def test_checkpoint_with_a_missing_file_is_not_resumed_from(shard_work, tmp_path):
+    from common.training import latest_complete_checkpoint
+    out = tmp_path / "train"
+    r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out), "--max-steps", "6",
+                   "--save-steps", "3", "--eval-steps", "0", "--batch-size", "2", "--grad-accum", "1", "--workers", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert latest_complete_checkpoint(out).name == "checkpoint-6"
+    (out / "checkpoint-6" / "optimizer.pt").unlink()
+    assert latest_complete_checkpoint(out).name == "checkpoint-3"
+    (out / "checkpoint-3" / "COMPLETE").unlink()
+    assert latest_complete_checkpoint(out) is None
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_full_disk_fails_cleanly_and_keeps_finished_outputs(shard_work, tmp_path):
+    w = shard_work.copy(tmp_path / "work")
+    before = {p: p.read_bytes() for p in (w.work_dir / "jsonl").glob("*.jsonl")}
+    cmd = [sys.executable, str(ROOT / "3_create_jsonl.py"), "--data-dir", str(w.data_dir), "--work-dir",
+           str(w.work_dir), "--validation-split-ratio", "0.5"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=_limit_file_size, timeout=120)
+    assert r.returncode == 1
+    assert "out of disk space" in r.stderr and "Traceback" not in r.stderr
+    assert {p: p.read_bytes() for p in (w.work_dir / "jsonl").glob("*.jsonl")} == before
+    assert not [p for p in (w.work_dir / "jsonl").iterdir() if ".tmp" in p.name]
