@@ -18,8 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from bench.bench_results import cpu_device, update_section  # noqa: E402
+from bench_results import cpu_device, update_section  # noqa: E402
 
 
 def run(*args: str) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
-import platform
 import re
 import shutil
 import statistics
@@ -33,32 +31,8 @@ from common.catalog import read_catalog  # noqa: E402
 from common.demo import write_demo  # noqa: E402
 from common.download import FetchPolicy  # noqa: E402
 from common.image_store import download_split, read_manifest  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from bench_results import RESULTS, cpu_device, update_section  # noqa: E402
 SECTION = "download"
-
-
-def device() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
-def update_results(section: str, body: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the text between <!-- section --> and <!-- /section --> in RESULTS.md."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"<!-- {section} -->\n{body.strip()}\n<!-- /{section} -->"
-    pattern = re.compile(rf"<!-- {re.escape(section)} -->.*?<!-- /{re.escape(section)} -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ the starter downloader
@@ -193,7 +167,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     lines = ["## Download speed (`bench/download_speed.py`)", "",
-             f"Device: {device()}. Loopback `common.imageserver` in its own process, {args.latency_ms:g} ms "
+             f"Device: {cpu_device()}. Loopback `common.imageserver` in its own process, {args.latency_ms:g} ms "
              f"added to every answer; the same URLs and server for both; median of {args.repeats} run(s). "
              "\"valid images\" decode with PIL; the starter counts any 200 answer as a success.", ""]
     for name, res in measured.items():
@@ -209,7 +183,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        update_results(SECTION, body)
+        update_section(RESULTS, SECTION, body)
         print(f"\nwritten to {RESULTS}", file=sys.stderr)
 
 

@@ -17,9 +17,6 @@ cost to decode).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -34,32 +31,8 @@ from PIL import Image  # noqa: E402
 
 from common.demo import write_demo  # noqa: E402
 from common.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR, jpeg_bytes, load_resized, smart_resize  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from bench_results import RESULTS, cpu_device, update_section  # noqa: E402
 SECTION = "resize"
-
-
-def device() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
-def update_results(section: str, body: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the text between <!-- section --> and <!-- /section --> in RESULTS.md."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"<!-- {section} -->\n{body.strip()}\n<!-- /{section} -->"
-    pattern = re.compile(rf"<!-- {re.escape(section)} -->.*?<!-- /{re.escape(section)} -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def ours(src: Path, dst: Path, min_pixels: int, max_pixels: int) -> None:
@@ -157,7 +130,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     lines = ["## Resize speed (`bench/resize_speed.py`)", "",
-             f"Device: {device()}. One process each; target = Qwen2-VL smart_resize with "
+             f"Device: {cpu_device()}. One process each; target = Qwen2-VL smart_resize with "
              f"min_pixels={args.min_pixels}, max_pixels={args.max_pixels}; best of {args.repeats} passes. "
              "Source megapixels/s counts the input images' full size, whatever each side actually decodes.", "",
              "| image set | resize | images | seconds | images/s per core | source megapixels/s |",
@@ -178,7 +151,7 @@ def main() -> None:
     body = "\n".join(lines + [""] + notes)
     print(body)
     if args.write:
-        update_results(SECTION, body)
+        update_section(RESULTS, SECTION, body)
         print(f"\nwritten to {RESULTS}", file=sys.stderr)
 
 

@@ -12,7 +12,7 @@ def rank() -> int:
 def setup(name: str) -> logging.Logger:
     level = logging.INFO if rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s {name} %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+                        datefmt="%H:%M:%S", force=True)  # force: several stages may run in one process
     for noisy in ("urllib3", "PIL", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return logging.getLogger(name)
