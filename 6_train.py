@@ -151,6 +151,8 @@ def save_final(cfg: TrainOptions, model, tokenizer, model_path: str, backend: st
 
 
 def main(cfg: TrainOptions) -> dict:
+    from common.modeling import import_backend
+    import_backend(cfg.backend)  # Unsloth, if chosen, must be imported before transformers
     import torch
 
     from common.collate import for_tokenizer
@@ -176,6 +178,8 @@ def main(cfg: TrainOptions) -> dict:
     max_steps = plan_steps(num_samples, world, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     log.info("%d train samples, world %d x batch %d x accum %d -> %d steps", num_samples, world, cfg.batch_size,
              cfg.grad_accum, max_steps)
+    from transformers import set_seed
+    set_seed(cfg.seed)  # before the LoRA weights are drawn: the Trainer seeds only after the model exists
     model, backend = load_for_training(model_path, cfg.backend,
                                        LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.tune_vision),
                                        cfg.load_in_4bit, cfg.gradient_checkpointing, cfg.seed)

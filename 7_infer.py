@@ -90,6 +90,8 @@ def build_stream(cfg: InferOptions, model_path: str, spec, encoding: dict):
 
 
 def main(cfg: InferOptions) -> dict:
+    from common.modeling import import_backend
+    import_backend(cfg.backend)  # Unsloth, if chosen, must be imported before transformers
     import torch.distributed as dist
 
     from common.collate import for_tokenizer
