@@ -6,6 +6,7 @@ dropped and returned with their reasons so that the stage can count them in its 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,12 @@ def read_catalog(path: Path | str, split: str, skip_bad_rows: bool = False) -> C
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"{path}: file not found (expected the {split} catalog)")
+    raw = path.read_bytes()
+    if b"\x00" in raw:  # the CSV parser would silently cut a field at a NUL byte
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise CatalogError(f"{path}: NUL byte at line {line}; the file is binary or corrupt")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8",
+        df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, encoding="utf-8",
                          quoting=csv.QUOTE_MINIMAL)
     except UnicodeDecodeError as err:
         raise CatalogError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None

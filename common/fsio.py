@@ -15,7 +15,7 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
 def is_safe_id(sample_id: str) -> bool:
-    return bool(SAFE_ID.match(sample_id)) and ".." not in sample_id
+    return bool(SAFE_ID.fullmatch(sample_id)) and ".." not in sample_id  # fullmatch: "$" would let "x\n" in
 
 
 @contextlib.contextmanager

@@ -125,3 +125,27 @@ def test_full_disk_fails_cleanly_and_keeps_finished_outputs(shard_work, tmp_path
     assert "out of disk space" in r.stderr and "Traceback" not in r.stderr
     assert {p: p.read_bytes() for p in (w.work_dir / "jsonl").glob("*.jsonl")} == before
     assert not [p for p in (w.work_dir / "jsonl").iterdir() if ".tmp" in p.name]
+
+
+def test_hostile_ids_and_catalog_text(tmp_path, shard_work):
+    from common.catalog import CatalogError, read_catalog
+    from common.encode import Encoder, ImageSpec
+    from common.modeling import load_tokenizer
+    from common.prompt import build_messages
+    path = tmp_path / "test.csv"
+    path.write_bytes(b'sample_id,catalog_content,image_link\nok,x,\n"x\ny",x,\n"../y",x,\n"a/b",x,\n')
+    with pytest.raises(CatalogError) as err:
+        read_catalog(path, "test")
+    msg = str(err.value)
+    assert "unsafe_sample_id" in msg and "'x\\ny'" in msg and "'../y'" in msg and "'a/b'" in msg
+    path.write_bytes(b'sample_id,catalog_content,image_link\nok,x,\n"a\x00b",x,\n')
+    with pytest.raises(CatalogError, match="NUL byte at line 3"):
+        read_catalog(path, "test")
+    assert not list(tmp_path.glob("*/")), "nothing may be written for such ids"
+    tok = load_tokenizer(shard_work.model_path)
+    enc = Encoder(tok, ImageSpec.from_model(shard_work.model_path), max_length=256)
+    empty = enc.encode(build_messages("", None, 4.99))
+    assert tok.decode(empty["input_ids"][empty["answer_start"]:]) == "4.99<|im_end|>"
+    huge = enc.encode(build_messages("Item Name: " + "very long text " * 3400, None, 12.5))  # 50k characters
+    assert len(huge["input_ids"]) == 256 and huge["catalog_tokens_dropped"] > 1000
+    assert tok.decode(huge["input_ids"][huge["answer_start"]:]) == "12.50<|im_end|>"
