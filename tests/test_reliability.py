@@ -38,13 +38,14 @@ def digest(work: Path) -> dict[str, str]:
     return out
 
 
-def test_kill_minus_9_in_every_stage_then_rerun_gives_the_same_outputs(tmp_path):
+@pytest.mark.parametrize("seed", [7, 2026])
+def test_kill_minus_9_in_every_stage_then_rerun_gives_the_same_outputs(tmp_path, seed):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
     clean = tmp_path / "clean"
     r = subprocess.run(run_sh(clean, free_port()), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
 
-    killed, port, rng = tmp_path / "killed", free_port(), random.Random(7)
+    killed, port, rng = tmp_path / "killed", free_port(), random.Random(seed)
     hit = []
     for stage in range(1, 8):
         proc = subprocess.Popen(run_sh(killed, port), cwd=ROOT, env=env, stdout=subprocess.PIPE,
