@@ -16,7 +16,6 @@ gets the training median and is counted.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path

@@ -86,7 +86,7 @@ def write_report(out_dir: Path, rows, truth: dict[str, float], median: float) ->
     scatter_png(out_dir / "pred_vs_true.png", pred, true)
     histogram_png(out_dir / "error_hist.png", np.log10(pred / true))
     lines = ["# Validation report", "",
-             f"| metric | value |", "|---|---|",
+             "| metric | value |", "|---|---|",
              f"| rows | {result['rows']} |", f"| SMAPE | {result['smape']:.2f} |",
              f"| SMAPE of predicting the training median ({median:.2f}) | {result['median_baseline_smape']:.2f} |",
              f"| MAE of log price | {result['mae_log_price']:.4f} |", f"| fallbacks to the median | {fallbacks} |", "",

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
-from pipeline_fixtures import run_script, shard_work  # noqa: F401  (fixture)
+from conftest import ROOT, run_script
 
 BASE = ["--adapter", "none", "--model", "tiny", "--batch-size", "2", "--workers", "1", "--flush-every", "1"]
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_stage
-from pipeline_fixtures import run_script, shard_work  # noqa: F401  (fixture)
+from conftest import ROOT, load_stage, run_script
 from test_end_to_end import free_port
 
 SMALL_DEMO = ["--demo-train-rows", "32", "--demo-test-rows", "10"]
@@ -82,11 +81,12 @@ def test_truncated_jpeg_in_resized_is_detected_and_counted(shard_work, tmp_path)
     w = shard_work.copy(tmp_path / "work")
     rows = [json.loads(l) for l in open(w.work_dir / "jsonl" / "test.jsonl")]
     victim = next(r for r in rows if len(r["messages"][1]["content"]) == 2)
-    img = Path(victim["messages"][1]["content"][0]["image"].replace(str(shard_work.work_dir), str(w.work_dir)))
-    img.write_bytes(img.read_bytes()[: img.stat().st_size // 3])
-    for r in rows:  # the JSONL names absolute paths of the original work dir
-        r["messages"][1]["content"] = [dict(c, image=c["image"].replace(str(shard_work.work_dir), str(w.work_dir)))
-                                       if c["type"] == "image" else c for c in r["messages"][1]["content"]]
+    image_part = victim["messages"][1]["content"][0]
+    original = Path(image_part["image"])  # shared with other tests: damage a copy, never the original
+    damaged = w.work_dir / "damaged" / original.name
+    damaged.parent.mkdir()
+    damaged.write_bytes(original.read_bytes()[: original.stat().st_size // 3])
+    image_part["image"] = str(damaged)
     (w.work_dir / "jsonl" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     shutil.rmtree(w.work_dir / "preprocessed" / "test")
     pre = load_stage("4_preprocess")

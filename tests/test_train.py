@@ -10,10 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
-from conftest import ROOT
-from pipeline_fixtures import run_script, shard_work  # noqa: F401  (fixture)
+from conftest import ROOT, run_script
 
 FAST = ["--batch-size", "4", "--grad-accum", "1", "--workers", "1", "--eval-samples", "8",
         "--eval-batch-size", "8", "--logging-steps", "1", "--lora-r", "16", "--lora-alpha", "16"]
