@@ -48,6 +48,14 @@ class TrainOptions:
     tune_vision: bool = options.opt("also put LoRA on the vision tower (frozen by default)", False)
     load_in_4bit: bool = options.opt("4-bit base weights (GPU only; bf16 compute)", True)
     gradient_checkpointing: bool = options.opt("recompute activations to save memory", False)
+    loss_positions: str = options.opt("answer: run the LM head only where a token is learned (same loss, far "
+                                      "less memory; hf backend, Unsloth fuses its own); all: at every position",
+                                      "answer", choices=["answer", "all"])
+    vision_attention: str = options.opt("bucketed: one attention call per window length in the vision tower; "
+                                        "sdpa: the library's one call per window", "bucketed",
+                                        choices=["bucketed", "sdpa"])
+    group_by_length: bool = options.opt("batch samples of similar length together (less padding)", True)
+    group_window: int = options.opt("batches per length-grouping window", 16)
     tf32: bool = options.opt("TF32 matmuls on GPU", True)
     workers: int = options.opt("dataloader worker processes per rank", 2)
     pin_memory: bool = options.opt("page-locked host batches (GPU)", True)
@@ -72,7 +80,8 @@ class TrainOptions:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("batch_size", "grad_accum", "lora_r", "save_steps", "logging_steps", "eval_batch_size"):
+        for name in ("batch_size", "grad_accum", "lora_r", "save_steps", "logging_steps", "eval_batch_size",
+                     "group_window"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -106,8 +115,9 @@ def datasets(cfg: TrainOptions, model_path: str, spec):
         return train, val, train.num_samples
     from common.shards import ShardStream
     train = ShardStream(layout.shards_dir(cfg.work_dir, "train"), spec, shuffle=True, shuffle_buffer=cfg.shuffle_buffer,
-                        seed=cfg.seed, infinite=True, skip_corrupt=cfg.skip_corrupt_shards)
-    val = ShardStream(layout.shards_dir(cfg.work_dir, "validation"), spec, split_by_rank=False)
+                        seed=cfg.seed, infinite=True, skip_corrupt=cfg.skip_corrupt_shards,
+                        normalize=False)
+    val = ShardStream(layout.shards_dir(cfg.work_dir, "validation"), spec, split_by_rank=False, normalize=False)
     return train, val, train.num_samples
 
 
@@ -158,8 +168,10 @@ def main(cfg: TrainOptions) -> dict:
     from common.collate import for_tokenizer
     from common.encode import ImageSpec
     from common.modeling import LoraSettings, load_for_training, load_tokenizer, resolve_model
-    from common.training import (CheckpointMarker, NonFiniteGuard, PriceTrainer, RecordingStream,
-                                 latest_complete_checkpoint, plan_steps, remove_incomplete_checkpoints)
+    from common.training import (CheckpointMarker, LengthGroupedStream, NonFiniteGuard, PriceTrainer,
+                                 RecordingStream, latest_complete_checkpoint, plan_steps,
+                                 remove_incomplete_checkpoints)
+    from common.vision_attention import use_bucketed_vision_attention
     log = logs.setup("train")
     if (cfg.out / "COMPLETE").exists() and not cfg.overwrite:
         log.info("%s holds a finished run; pass --overwrite to train again", cfg.out)
@@ -174,6 +186,8 @@ def main(cfg: TrainOptions) -> dict:
     train_ds, val_ds, num_samples = datasets(cfg, model_path, spec)
     if cfg.record_samples:
         train_ds = RecordingStream(train_ds, Path(cfg.record_samples))
+    if cfg.group_by_length:
+        train_ds = LengthGroupedStream(train_ds, cfg.batch_size, cfg.group_window, cfg.seed)
     world = int(os.environ.get("WORLD_SIZE", 1))
     max_steps = plan_steps(num_samples, world, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     log.info("%d train samples, world %d x batch %d x accum %d -> %d steps", num_samples, world, cfg.batch_size,
@@ -183,21 +197,26 @@ def main(cfg: TrainOptions) -> dict:
     model, backend = load_for_training(model_path, cfg.backend,
                                        LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.tune_vision),
                                        cfg.load_in_4bit, cfg.gradient_checkpointing, cfg.seed)
+    if cfg.vision_attention == "bucketed":
+        use_bucketed_vision_attention(model)
+    answer_only = cfg.loss_positions == "answer" and backend == "hf"
     median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
     eval_options = {"tokenizer": tokenizer, "dataset": val_ds, "median": median, "max_samples": cfg.eval_samples,
-                    "batch_size": cfg.eval_batch_size,
+                    "batch_size": cfg.eval_batch_size, "spec": spec,
                     "collator": for_tokenizer(tokenizer, "left", with_labels=False, drop_images=cfg.text_only)}
     trainer = PriceTrainer(model=model, args=training_arguments(cfg, max_steps, cuda), train_dataset=train_ds,
                            eval_dataset=val_ds, data_collator=for_tokenizer(tokenizer, drop_images=cfg.text_only),
                            loader_options={"num_workers": cfg.workers, "pin_memory": cfg.pin_memory,
                                            "persistent_workers": cfg.persistent_workers,
                                            "prefetch_factor": cfg.prefetch_factor},
-                           eval_options=eval_options, callbacks=[CheckpointMarker()])
+                           eval_options=eval_options, answer_only=answer_only, pixel_spec=spec,
+                           callbacks=[CheckpointMarker()])
     trainer.add_callback(NonFiniteGuard(trainer))
     if rank0 and cfg.out.exists():
         remove_incomplete_checkpoints(cfg.out)
     resume_from = latest_complete_checkpoint(cfg.out) if cfg.resume else None
-    log.info("backend %s; %s", backend, f"resuming from {resume_from}" if resume_from else "starting fresh")
+    log.info("backend %s, loss at %s positions, %s vision attention; %s", backend, "answer" if answer_only else "all",
+             cfg.vision_attention, f"resuming from {resume_from}" if resume_from else "starting fresh")
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.raise_if_nonfinite(trainer.state.global_step)

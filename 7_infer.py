@@ -42,6 +42,9 @@ class InferOptions:
     sort_window: int = options.opt("batches per length-sorting window", 16)
     flush_every: int = options.opt("write a part file every N batches", 4)
     constrained: bool = options.opt("constrain decoding to a number", True)
+    vision_attention: str = options.opt("bucketed: one attention call per window length in the vision tower; "
+                                        "sdpa: the library's one call per window", "bucketed",
+                                        choices=["bucketed", "sdpa"])
     skip_corrupt_shards: bool = options.opt("answer rows of unreadable shards with the fallback", True)
 
     def problems(self) -> list[str]:
@@ -85,7 +88,8 @@ def build_stream(cfg: InferOptions, model_path: str, spec, encoding: dict):
         return JsonlStream(layout.jsonl_path(cfg.work_dir, cfg.split), model_path, spec, encoding["max_length"],
                            encoding["min_pixels"], encoding["max_pixels"])
     from common.shards import ShardStream
-    return ShardStream(layout.shards_dir(cfg.work_dir, cfg.split), spec, skip_corrupt=cfg.skip_corrupt_shards)
+    return ShardStream(layout.shards_dir(cfg.work_dir, cfg.split), spec, skip_corrupt=cfg.skip_corrupt_shards,
+                       normalize=False)
 
 
 def main(cfg: InferOptions) -> dict:
@@ -97,6 +101,7 @@ def main(cfg: InferOptions) -> dict:
     from common.encode import ImageSpec
     from common.inference import merge, read_parts, run_predictions, write_predictions_csv
     from common.modeling import load_for_inference, load_tokenizer, resolve_model
+    from common.vision_attention import use_bucketed_vision_attention
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
@@ -112,11 +117,13 @@ def main(cfg: InferOptions) -> dict:
     median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
     out_dir = cfg.work_dir / f"infer_{cfg.split}"
     model, backend = load_for_inference(base, adapter, cfg.backend)
+    if cfg.vision_attention == "bucketed":
+        use_bucketed_vision_attention(model)
     log.info("%s: %d rows to answer; base %s, adapter %s, backend %s", cfg.split, len(ids), base, adapter, backend)
     run = run_predictions(model, tokenizer, build_stream(cfg, base, spec, encoding),
                           for_tokenizer(tokenizer, "left", with_labels=False), out_dir / "parts", rank,
                           cfg.batch_size, cfg.workers, cfg.sort_by_length, cfg.sort_window, cfg.flush_every,
-                          cfg.constrained, expected=len(ids) // world)
+                          cfg.constrained, expected=len(ids) // world, spec=spec)
     if world > 1:
         dist.barrier()
     if rank != 0:

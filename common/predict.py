@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from common.encode import normalize_patches_torch
 from common.prompt import parse_price
 
 MAX_INT_DIGITS = 6
@@ -58,11 +59,21 @@ def max_new_tokens() -> int:
     return MAX_INT_DIGITS + 1 + MAX_DECIMALS + 1
 
 
+def with_normalized_pixels(inputs: dict, spec) -> dict:
+    """uint8 patches (already on their device) -> the processor's float32 pixel_values; float ones pass."""
+    pixels = inputs.get("pixel_values")
+    if pixels is None or pixels.dtype != torch.uint8:
+        return inputs
+    if spec is None:
+        raise ValueError("uint8 pixel patches need the model's ImageSpec to be normalized")
+    return {**inputs, "pixel_values": normalize_patches_torch(pixels, spec)}
+
+
 @torch.no_grad()
-def predict_batch(model, tokenizer, batch: dict, constrain: bool = True) -> list[float | None]:
+def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=None) -> list[float | None]:
     """Greedy prices for one left-padded batch (collator with padding_side='left', no labels)."""
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items()}
+    inputs = with_normalized_pixels({k: v.to(device, non_blocking=True) for k, v in batch.items()}, spec)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
     prompt_length = inputs["input_ids"].shape[1]

@@ -101,8 +101,9 @@ def iter_shard(path: Path):
         raise ShardError(f"corrupt or truncated shard {path}: {err}") from None
 
 
-def decode(raw: dict, spec: ImageSpec) -> dict:
-    """Shard sample -> model-ready sample (np.load from bytes, pixels normalized, grid checked)."""
+def decode(raw: dict, spec: ImageSpec, normalize: bool = True) -> dict:
+    """Shard sample -> model-ready sample (np.load from bytes, grid checked). pixel_values are the processor's
+    float32 values, or with normalize=False the stored uint8 patches for normalize_patches_torch."""
     where = f"{raw.get('__url__')} sample {raw.get('__key__')}"
     try:
         meta = json.loads(raw["metadata.json"])
@@ -115,7 +116,7 @@ def decode(raw: dict, spec: ImageSpec) -> dict:
                 raise ValueError(f"{patches.shape[0]} patches but grid {grid.tolist()}")
             if int((ids == meta["image_token_id"]).sum()) * spec.merge_size ** 2 != patches.shape[0]:
                 raise ValueError("image token count does not match the patches")
-            pixels = torch.from_numpy(normalize_patches(patches, spec))
+            pixels = torch.from_numpy(normalize_patches(patches, spec) if normalize else patches)
             grid = torch.from_numpy(grid)
     except (KeyError, ValueError, json.JSONDecodeError) as err:
         raise ShardError(f"bad sample in {where}: {err}") from None
@@ -138,10 +139,12 @@ class ShardStream(IterableDataset):
 
     shuffle: shard order and a buffer of `shuffle_buffer` samples, reseeded per epoch.
     infinite: epochs follow each other forever (training plans its steps from the index instead).
+    normalize: False keeps the uint8 patches (stages 6 and 7 normalize them on the device).
     """
 
     def __init__(self, folder: Path, spec: ImageSpec, shuffle: bool = False, shuffle_buffer: int = 1000,
-                 seed: int = 0, infinite: bool = False, skip_corrupt: bool = False, split_by_rank: bool = True):
+                 seed: int = 0, infinite: bool = False, skip_corrupt: bool = False, split_by_rank: bool = True,
+                 normalize: bool = True):
         self.folder = Path(folder)
         self.index = load_index(self.folder)
         self.shards = [self.folder / s["name"] for s in self.index["shards"]]
@@ -149,6 +152,7 @@ class ShardStream(IterableDataset):
         self.spec, self.shuffle, self.buffer, self.seed = spec, shuffle, shuffle_buffer, seed
         self.infinite, self.skip_corrupt, self.split_by_rank = infinite, skip_corrupt, split_by_rank
         self.corrupt: list[str] = []
+        self.normalize = normalize
 
     @property
     def num_samples(self) -> int:
@@ -175,7 +179,7 @@ class ShardStream(IterableDataset):
                 for raw in iter_shard(path):
                     counter += 1
                     if by_shard or (counter - 1) % nslots == slot:
-                        yield decode(raw, self.spec)
+                        yield decode(raw, self.spec, self.normalize)
             except ShardError as err:
                 if not self.skip_corrupt:
                     raise

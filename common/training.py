@@ -6,6 +6,10 @@
   SMAPE beside the loss, with the training-median baseline on the same rows.
 - A checkpoint counts only once it carries a COMPLETE marker, written after all its files; a NaN or
   infinite loss stops the run before anything is saved.
+- With `answer_only_loss` the language-model head runs only where the loss needs it: at positions whose
+  next token is learned (the answer and its `<|im_end|>`, a handful per sample) instead of at every one
+  of ~600 positions x 151,936 words. The loss is the same sum over the same (position, target) pairs,
+  divided by the same token count, so it matches the full-logits loss (tested to float rounding).
 """
 from __future__ import annotations
 
@@ -17,13 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
+from transformers.loss.loss_utils import ForCausalLMLoss
 
+from common.collate import IGNORE
 from common.errors import PipelineError
 from common.fsio import write_json
 from common.metrics import smape
-from common.predict import predict_batch
+from common.predict import predict_batch, with_normalized_pixels
 
 log = logging.getLogger("train")
 COMPLETE = "COMPLETE"
@@ -68,6 +75,47 @@ def remove_incomplete_checkpoints(output_dir: Path) -> list[str]:
     return removed
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions (over the whole batch) whose next token carries a label: the logits the loss needs."""
+    return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
+
+
+def answer_only_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss (mean over learned tokens) for logits kept at `positions` only
+    (logits[:, j] predicts the token after positions[j])."""
+    targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:][:, positions]
+    return ForCausalLMLoss(logits, None, logits.shape[-1], shift_labels=targets)
+
+
+class LengthGroupedStream(torch.utils.data.IterableDataset):
+    """Batches of similar length from a sample stream, to cut padding: each window of batch_size x
+    window_batches samples is sorted by length, cut into batches, and the batches are yielded in a seeded
+    random order, sample by sample, so that a DataLoader with the same batch_size takes them whole (each
+    worker's stream is grouped on its own). Every sample still comes exactly once per pass; the order is a
+    function of the seed, so a resumed run sees the same batches."""
+
+    def __init__(self, inner, batch_size: int, window_batches: int, seed: int):
+        self.inner, self.batch_size, self.window_batches, self.seed = inner, batch_size, window_batches, seed
+
+    def __iter__(self):
+        import random
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed * 1000 + (info.id if info else 0))
+        window, size = [], self.batch_size * self.window_batches
+        for sample in self.inner:
+            window.append(sample)
+            if len(window) == size:
+                yield from self._grouped(window, rng)
+                window = []
+        yield from self._grouped(window, rng)
+
+    def _grouped(self, window: list, rng) -> list:
+        window = sorted(window, key=lambda s: len(s["input_ids"]))
+        batches = [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        rng.shuffle(batches)
+        return [s for b in batches for s in b]
+
+
 class RecordingStream(torch.utils.data.IterableDataset):
     """Writes the sample_id of every sample a rank's worker reads to FOLDER/rank{R}-worker{W}.txt
     (for checking that ranks see disjoint data; prefetched samples are recorded too)."""
@@ -109,11 +157,14 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class PriceTrainer(Trainer):
-    def __init__(self, *args, loader_options: dict, eval_options: dict, **kwargs):
+    def __init__(self, *args, loader_options: dict, eval_options: dict, answer_only: bool = False,
+                 pixel_spec=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loader_options = loader_options
         self.eval_options = eval_options
         self._nonfinite = None
+        self.answer_only = answer_only
+        self.pixel_spec = pixel_spec
 
     def get_train_dataloader(self) -> DataLoader:
         # The stream splits itself by rank and worker; accelerate must not shard or dispatch it again.
@@ -125,7 +176,16 @@ class PriceTrainer(Trainer):
                           prefetch_factor=self.loader_options["prefetch_factor"] if workers > 0 else None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = with_normalized_pixels(inputs, self.pixel_spec)
+        if self.answer_only and "labels" in inputs:
+            # The model's own loss, reduced the same way (a mean per micro-batch: Qwen2.5-VL takes no loss
+            # kwargs, so the Trainer then divides by the accumulation steps as it does for that loss).
+            positions = answer_positions(inputs["labels"])
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=positions)
+            loss = answer_only_loss(outputs.logits, inputs["labels"], positions)
+            result = (loss, outputs) if return_outputs else loss
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         bad = ~torch.isfinite(loss.detach())
         self._nonfinite = bad if self._nonfinite is None else (self._nonfinite | bad)
@@ -154,12 +214,12 @@ class PriceTrainer(Trainer):
 
 
 def evaluate_smape(model, tokenizer, dataset, collator, median: float, max_samples: int,
-                   batch_size: int) -> dict:
+                   batch_size: int, spec=None) -> dict:
     """SMAPE of generated prices on up to max_samples rows, beside predicting the training median."""
     preds, truths, fallbacks = [], [], 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda s: (collator(s), s))
     for batch, samples in loader:
-        for p, s in zip(predict_batch(model, tokenizer, batch), samples):
+        for p, s in zip(predict_batch(model, tokenizer, batch, spec=spec), samples):
             if p is None:
                 fallbacks += 1
                 p = median

@@ -1,0 +1,160 @@
+"""The fast paths give the same numbers as the plain ones: bucketed vision attention (same logits),
+answer-only logits (same loss and gradients, also through the Trainer with gradient accumulation),
+uint8 pixels normalized on the device (same pixel_values), length-grouped batches (every sample once,
+less padding)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import run_script
+
+
+def tiny(model_dir, lora: bool = False):
+    from common.modeling import LoraSettings, load_for_training
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(0)
+    if lora:
+        model, _ = load_for_training(str(model_dir), "hf", LoraSettings(r=8, alpha=16), False, False, 0)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model
+
+
+def shard_batch(encoded_demo, n: int = 6, **collator_kw):
+    from common.collate import for_tokenizer
+    from common.encode import ImageSpec
+    from common.modeling import load_tokenizer
+    from common.shards import ShardStream
+    spec = ImageSpec.from_model(str(encoded_demo.model_path))
+    samples = [s for s in ShardStream(encoded_demo.work_dir / "webdataset_train", spec, split_by_rank=False)][:n]
+    assert sum(s.get("pixel_values") is not None for s in samples) >= 2
+    return for_tokenizer(load_tokenizer(str(encoded_demo.model_path)), **collator_kw)(samples)
+
+
+def test_bucketed_vision_attention_matches_the_per_window_path(tiny_model_dir, encoded_demo):
+    import common.vision_attention as va
+    from transformers import AttentionInterface
+    model = tiny(tiny_model_dir).eval()
+    tower = model.model.visual
+    calls = []
+
+    def counting(*a, **kw):
+        calls.append(kw["cu_seq_lens_q"].numel() - 1)
+        return va.bucketed_sdpa(*a, **kw)
+
+    torch.manual_seed(1)
+    # 448 px images (all windows 64 patches: the reshape path) and uneven sizes (edge windows: the grouped path)
+    for grid in ([[1, 32, 32], [1, 32, 32]], [[1, 18, 10], [1, 32, 32], [1, 8, 12]]):
+        grid = torch.tensor(grid)
+        pixels = torch.randn(int(grid.prod(-1).sum()), 1176)
+        with torch.no_grad():
+            tower.config._attn_implementation = "sdpa"
+            plain = tower(pixels, grid_thw=grid).pooler_output
+            assert va.use_bucketed_vision_attention(model)
+            AttentionInterface.register(va.NAME, counting)
+            calls.clear()
+            fast = tower(pixels, grid_thw=grid).pooler_output
+        assert torch.allclose(plain, fast, atol=1e-6, rtol=0), (plain - fast).abs().max()
+        assert len(calls) == len(tower.blocks)  # one call per layer, not one per window
+        assert max(calls) > len(grid)            # ... and the window layers' call held every window
+    AttentionInterface.register(va.NAME, va.bucketed_sdpa)
+    # the whole model on real shard samples, text-only rows included
+    batch = shard_batch(encoded_demo)
+    with torch.no_grad():
+        model.model.visual.config._attn_implementation = "sdpa"
+        plain = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        va.use_bucketed_vision_attention(model)
+        fast = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert model.config.text_config._attn_implementation == "sdpa"  # the language model is left alone
+    assert torch.allclose(plain, fast, atol=1e-5, rtol=0), (plain - fast).abs().max()
+
+
+def test_answer_only_logits_give_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
+    from common.training import answer_only_loss, answer_positions
+    batch = shard_batch(encoded_demo)
+    model = tiny(tiny_model_dir, lora=True).train()
+    full = model(**batch)
+    full.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    positions = answer_positions(batch["labels"])
+    out = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=positions)
+    assert out.logits.shape[1] == len(positions) < batch["input_ids"].shape[1] // 4
+    loss = answer_only_loss(out.logits, batch["labels"], positions)
+    loss.backward()
+    assert math.isclose(loss.item(), full.loss.item(), rel_tol=1e-6), (loss.item(), full.loss.item())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, grads[name], atol=1e-7, rtol=1e-4), name
+
+
+def test_answer_only_training_matches_full_logits_through_the_trainer(shard_work, tmp_path):
+    """Two optimizer steps of 2 micro-batches each: the Trainer scales a custom loss differently from the
+    model's own, so this checks the logged losses and the adapter after the steps, not only one forward."""
+    def train(positions: str):
+        out = tmp_path / positions
+        r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out),
+                       "--max-steps", "2", "--grad-accum", "2", "--batch-size", "4", "--workers", "0",
+                       "--eval-steps", "0", "--eval-samples", "4", "--logging-steps", "1", "--learning-rate", "3e-3",
+                       "--loss-positions", positions)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"loss at {positions} positions" in r.stderr
+        stats = json.loads((out / "stats.json").read_text())
+        from safetensors.torch import load_file
+        return [h["loss"] for h in stats["log_history"] if "loss" in h], load_file(out / "adapter_model.safetensors")
+
+    (loss_answer, weights_answer), (loss_all, weights_all) = train("answer"), train("all")
+    assert len(loss_answer) == 2 and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(loss_answer, loss_all)), \
+        (loss_answer, loss_all)
+    for name, w in weights_all.items():
+        assert torch.allclose(weights_answer[name], w, atol=1e-6, rtol=1e-4), name
+
+
+def test_length_grouped_batches_keep_every_sample_and_cut_padding():
+    from common.training import LengthGroupedStream
+    rng = random.Random(0)
+    samples = [{"sample_id": str(i), "input_ids": torch.zeros(rng.randint(300, 1200), dtype=torch.long)}
+               for i in range(200)]
+
+    def padding(stream, batch=8):
+        seq = list(stream)
+        chunks = [seq[i:i + batch] for i in range(0, len(seq), batch)]
+        return seq, sum(max(len(s["input_ids"]) for s in c) * len(c) - sum(len(s["input_ids"]) for s in c)
+                        for c in chunks)
+
+    grouped, pad_grouped = padding(LengthGroupedStream(samples, 8, 5, seed=3))
+    _, pad_plain = padding(samples)
+    assert sorted(s["sample_id"] for s in grouped) == sorted(s["sample_id"] for s in samples)
+    assert pad_grouped < pad_plain / 3, (pad_grouped, pad_plain)
+    again, _ = padding(LengthGroupedStream(samples, 8, 5, seed=3))
+    other, _ = padding(LengthGroupedStream(samples, 8, 5, seed=4))
+    assert [s["sample_id"] for s in again] == [s["sample_id"] for s in grouped]  # resumable: same order
+    assert [s["sample_id"] for s in other] != [s["sample_id"] for s in grouped]
+
+
+def test_uint8_patches_normalized_on_the_device_equal_the_float_stream(encoded_demo):
+    from common.encode import ImageSpec
+    from common.predict import with_normalized_pixels
+    from common.shards import ShardStream
+    spec = ImageSpec.from_model(str(encoded_demo.model_path))
+    folder = encoded_demo.work_dir / "webdataset_train"
+    floats = list(ShardStream(folder, spec, split_by_rank=False))
+    raw = list(ShardStream(folder, spec, split_by_rank=False, normalize=False))
+    compared = 0
+    for f, r in zip(floats, raw):
+        assert f["sample_id"] == r["sample_id"]
+        if f["pixel_values"] is None:
+            continue
+        assert r["pixel_values"].dtype == torch.uint8 and r["pixel_values"].shape[1] * 2 == f["pixel_values"].shape[1]
+        got = with_normalized_pixels({"pixel_values": r["pixel_values"]}, spec)["pixel_values"]
+        assert torch.equal(got, f["pixel_values"])
+        compared += 1
+    assert compared >= 5
+    with pytest.raises(ValueError, match="ImageSpec"):
+        with_normalized_pixels({"pixel_values": next(r["pixel_values"] for r in raw if r["pixel_values"] is not None)},
+                               None)
