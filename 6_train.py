@@ -167,7 +167,7 @@ def main(cfg: TrainOptions) -> dict:
 
     from common.collate import for_tokenizer
     from common.encode import ImageSpec
-    from common.modeling import LoraSettings, load_for_training, load_tokenizer, resolve_model
+    from common.modeling import LoraSettings, bind_local_gpu, load_for_training, load_tokenizer, resolve_model
     from common.training import (CheckpointMarker, LengthGroupedStream, NonFiniteGuard, PriceTrainer,
                                  RecordingStream, latest_complete_checkpoint, plan_steps,
                                  remove_incomplete_checkpoints)
@@ -177,6 +177,7 @@ def main(cfg: TrainOptions) -> dict:
         log.info("%s holds a finished run; pass --overwrite to train again", cfg.out)
         return read_json(cfg.out / "stats.json")
     rank0 = logs.rank() == 0
+    bind_local_gpu()
     if rank0 and (cfg.overwrite or not cfg.resume) and cfg.out.exists():
         shutil.rmtree(cfg.out)
     cuda = torch.cuda.is_available()

@@ -100,10 +100,11 @@ def main(cfg: InferOptions) -> dict:
     from common.collate import for_tokenizer
     from common.encode import ImageSpec
     from common.inference import merge, read_parts, run_predictions, write_predictions_csv
-    from common.modeling import load_for_inference, load_tokenizer, resolve_model
+    from common.modeling import bind_local_gpu, load_for_inference, load_tokenizer, resolve_model
     from common.vision_attention import use_bucketed_vision_attention
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
+    bind_local_gpu()
     if world > 1 and not dist.is_initialized():
         import torch
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

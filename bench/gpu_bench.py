@@ -1,22 +1,33 @@
-"""One device call: build the random 3B model and a realistic work folder, then time training and inference.
+"""One device call: build the random 3B model and a realistic work folder, then time training and inference,
+each baseline beside ours in the same call.
 
 Phases (each its own process, each with a time limit inside one overall deadline, so that one failure or
 hang does not cost the others; results go to OUT/results.json as each phase ends):
 
-  build          bench/gpu_build_model.py: Qwen2.5-VL-3B's shape, random weights, bf16, real tokenizer
-  data           bench/gpu_make_data.py: real catalog text, drawn 448 px images, stages 3-5
-  train_unsloth  6_train.py --backend unsloth (4-bit), batch --unsloth-batch       } bench/gpu_train_speed.py
-  train_hf       6_train.py --backend hf --no-load-in-4bit (bf16), batch --hf-batch }
-  infer_seven_hf       7_infer.py --backend hf, the hf adapter, batch 64, constrained   } bench/gpu_infer_speed.py
-  infer_plain          plain transformers generate loop, same model + adapter, batch 64 }
-  infer_seven_hf_free  7_infer.py --backend hf --no-constrained (for prediction equality with the plain loop)
-  infer_seven_unsloth  7_infer.py --backend unsloth, the unsloth adapter, batch 64
+  build            bench/gpu_build_model.py: Qwen2.5-VL-3B's shape, random weights, bf16, real tokenizer
+  data             bench/gpu_make_data.py: real catalog text, drawn 448 px images, stages 3-5
+  train_hf         baseline: 6_train.py --backend hf, bf16, batch --hf-batch, per-window vision attention,   } bench/
+                   logits at every position, no length grouping (transformers+peft as the library gives it)  } gpu_
+  train_fast       ours: 6_train.py --backend hf, bf16, batch --fast-batch, its defaults (bucketed vision       } train_
+                   attention, answer-only logits, length-grouped batches, uint8 pixels)                      } speed
+  train_fast_2gpu  ours under torchrun --nproc_per_node 2 (same per-GPU batch)                               } .py
+  train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
+  vision           bench/gpu_vision_speed.py: vision tower and prefill, per-window against bucketed
+  infer_plain      baseline: a plain transformers generate loop, batch 64, train_hf's adapter  } bench/gpu_
+  infer_fast       ours: 7_infer.py, its defaults, batch --infer-batch, same adapter           } infer_speed
+  infer_fast_2gpu  ours under torchrun --nproc_per_node 2                                      } .py
+  infer_free       7_infer.py --no-constrained (prediction equality with the plain loop)
 
-    python bench/gpu_bench.py --out $OUT --deadline 560
+GPU busy: nvidia-smi samples utilization.gpu every 200 ms through the whole call; each phase's mean over its
+steady window (after warm-up, until its end) is reported per GPU.
+
+    python bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,train_hf,train_fast
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime as dt
 import json
 import os
 import signal
@@ -27,8 +38,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ALL = ["build", "data", "train_unsloth", "train_hf", "infer_seven_hf", "infer_plain", "infer_seven_hf_free",
-       "infer_seven_unsloth"]
+ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_unsloth", "vision", "infer_plain",
+       "infer_fast", "infer_fast_2gpu", "infer_free"]
+# the baseline: what transformers + peft do out of the box
+LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length"]
 
 
 class Bench:
@@ -48,7 +61,7 @@ class Bench:
     def save(self):
         self.results_path.write_text(json.dumps(self.results, indent=1, default=str))
 
-    def run(self, name: str, cmd: list[str], log_name: str, limit: float, result_file: Path | None = None,
+    def run(self, name: str, cmd: list, log_name: str, limit: float, result_file: Path | None = None,
             min_needed: float = 30) -> dict | None:
         budget = min(limit, self.left() - 10)
         entry = {"cmd": " ".join(str(c) for c in cmd), "limit_s": round(budget)}
@@ -75,6 +88,9 @@ class Bench:
         entry["seconds"] = round(time.time() - t0, 1)
         if result_file is not None and result_file.exists():
             entry["result"] = json.loads(result_file.read_text())
+            ranks = sorted(result_file.parent.glob(result_file.stem + ".rank*.json"))
+            if ranks:
+                entry["other_ranks"] = [json.loads(p.read_text()) for p in ranks]
         if entry["status"] != "ok":
             entry["log_tail"] = (self.out / log_name).read_text()[-3000:]
         self.results[name] = entry
@@ -87,20 +103,53 @@ class Bench:
         return d if (d / "COMPLETE").exists() else None
 
 
-def train_args(b: Bench, name: str, backend: str, batch: int) -> list[str]:
+class UtilSampler:
+    """nvidia-smi's utilization.gpu (share of time a kernel ran) every 200 ms, to a CSV in OUT."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.proc = None
+        if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0:
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,index,utilization.gpu",
+                                          "--format=csv,noheader,nounits", "-lms", "200"],
+                                         stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+
+    def mean(self, start: float | None, end: float | None) -> dict | None:
+        if self.proc is None or not start or not end or not self.path.exists():
+            return None
+        per_gpu: dict[str, list[float]] = {}
+        for row in csv.reader(open(self.path)):
+            try:
+                when = dt.datetime.strptime(row[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                if start <= when <= end:
+                    per_gpu.setdefault(row[1].strip(), []).append(float(row[2]))
+            except (ValueError, IndexError):
+                continue
+        return {f"gpu{k}": {"mean_util_pct": round(sum(v) / len(v), 1), "samples": len(v)}
+                for k, v in sorted(per_gpu.items()) if v}
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+
+
+def torchrun(gpus: int) -> list:
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", gpus] if gpus > 1 else [PY]
+
+
+def train_args(b: Bench, name: str, backend: str, batch: int, extra: list) -> list:
     a = b.a
-    extra = ["--no-load-in-4bit"] if backend == "hf" else []
     return ["--work-dir", b.work, "--model", a.model_dir, "--backend", backend, "--batch-size", batch,
-            "--grad-accum", 1, "--max-steps", a.steps, "--eval-steps", a.eval_steps, "--eval-samples", 16,
+            "--grad-accum", 1, "--max-steps", a.steps, "--eval-steps", 0, "--eval-samples", 16,
             "--eval-batch-size", 16, "--save-steps", 100000, "--logging-steps", 1, "--workers", 4,
-            "--output-dir", b.work / f"train_{name}", "--overwrite", *extra]
+            "--output-dir", b.work / f"train_{name}", "--overwrite",
+            *(["--no-load-in-4bit"] if backend == "hf" else []), *extra]
 
 
-def infer_seven_args(b: Bench, name: str, backend: str, adapter: Path | None, constrained: bool) -> list[str]:
-    args = ["--work-dir", b.work, "--data-dir", b.a.root / "dataset", "--split", "test", "--backend", backend,
-            "--batch-size", 64, "--workers", 4, "--output", b.a.root / f"{name}.csv"]
-    args += ["--train-dir", adapter] if adapter else ["--adapter", "none", "--model", b.a.model_dir]
-    return args + ([] if constrained else ["--no-constrained"])
+def infer_seven_args(b: Bench, name: str, adapter: Path | None, batch: int, extra: list) -> list:
+    args = ["--work-dir", b.work, "--data-dir", b.a.root / "dataset", "--split", "test", "--backend", "hf",
+            "--batch-size", batch, "--workers", 4, "--output", b.a.root / f"{name}.csv", *extra]
+    return args + (["--train-dir", adapter] if adapter else ["--adapter", "none", "--model", b.a.model_dir])
 
 
 def same(p, q) -> bool:
@@ -108,10 +157,14 @@ def same(p, q) -> bool:
 
 
 def compare(b: Bench) -> None:
-    got = {k: v.get("result") or {} for k, v in b.results.items() if k.startswith("infer_") and isinstance(v, dict)}
+    got = {}
+    for k, v in b.results.items():
+        if k.startswith("infer_") and isinstance(v, dict) and v.get("result"):
+            ranks = [v["result"], *v.get("other_ranks", [])]
+            got[k] = {"predictions": v["result"].get("predictions"),
+                      "texts": {i: t for r in ranks for i, t in (r.get("texts") or {}).items()}}
     out = {}
-    for x, y in [("infer_plain", "infer_seven_hf_free"), ("infer_plain", "infer_seven_hf"),
-                 ("infer_seven_hf", "infer_seven_unsloth")]:
+    for x, y in [("infer_plain", "infer_free"), ("infer_plain", "infer_fast"), ("infer_fast", "infer_fast_2gpu")]:
         px, py = got.get(x, {}).get("predictions"), got.get(y, {}).get("predictions")
         if not px or not py:
             continue
@@ -120,42 +173,9 @@ def compare(b: Bench) -> None:
         out[f"{x} vs {y}"] = {"rows": len(ids), "equal_price": sum(same(px[i], py[i]) for i in ids),
                               "parsed_x": sum(px[i] is not None for i in ids),
                               "parsed_y": sum(py[i] is not None for i in ids),
-                              "equal_text": sum(tx.get(i) is not None and tx.get(i) == ty.get(i) for i in ids),
-                              "distinct_texts_x": len(set(tx.values())), "examples": {
-                                  i: [tx.get(i), ty.get(i)] for i in ids[:3]}}
+                              "equal_text": sum(tx.get(i) is not None and tx.get(i) == ty.get(i) for i in ids)}
     b.results["equality"] = out
     b.save()
-
-
-def table(b: Bench) -> str:
-    r = b.results
-    lines = []
-    dev = next((v["result"].get("device") for v in r.values() if isinstance(v, dict) and "result" in v
-                and isinstance(v["result"], dict) and v["result"].get("device")), "?")
-    lines.append(f"device: {dev}")
-    lines.append("| training run | backend | batch | samples/s | median step s | peak GiB | first step s | "
-                 "loss first -> last | finite |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---|---|")
-    for name in ("train_hf", "train_unsloth"):
-        e = r.get(name, {})
-        x = e.get("result") or {}
-        lines.append(f"| {name} ({e.get('status', 'not run')}) | {x.get('backend')} | {x.get('samples_per_step')} | "
-                     f"{x.get('samples_per_s')} | {x.get('median_interval_s')} | {x.get('train_peak_gib')} | "
-                     f"{x.get('first_step_s')} | {x.get('loss_first')} -> {x.get('loss_last')} | "
-                     f"{x.get('all_losses_finite')} |")
-    lines.append("")
-    lines.append("| inference run | samples/s (end to end) | generate-only samples/s | median batch s | "
-                 "first batch s | rows | peak GiB |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|")
-    for name in ("infer_plain", "infer_seven_hf", "infer_seven_hf_free", "infer_seven_unsloth"):
-        e = r.get(name, {})
-        x = e.get("result") or {}
-        lines.append(f"| {name} ({e.get('status', 'not run')}) | {x.get('samples_per_s')} | "
-                     f"{x.get('generate_samples_per_s')} | {x.get('median_generate_s')} | {x.get('first_batch_s')} | "
-                     f"{x.get('samples')} | {x.get('peak_gib')} |")
-    lines.append("")
-    lines.append(f"equality: {json.dumps(r.get('equality'))}")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -167,21 +187,26 @@ def main() -> None:
     ap.add_argument("--phases", default=",".join(ALL))
     ap.add_argument("--deadline", type=float, default=560, help="seconds for everything")
     ap.add_argument("--train-rows", type=int, default=640)
-    ap.add_argument("--test-rows", type=int, default=640)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--test-rows", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--hf-batch", type=int, default=4)
+    ap.add_argument("--fast-batch", type=int, default=16)
     ap.add_argument("--unsloth-batch", type=int, default=16)
-    ap.add_argument("--limits", default="build=120,data=120,train_unsloth=260,train_hf=120,infer=100,"
-                                        "infer_seven_unsloth=200")
+    ap.add_argument("--infer-batch", type=int, default=64)
+    ap.add_argument("--limits", default="build=120,data=120,train=150,train_unsloth=260,vision=120,infer=110")
     a = ap.parse_args()
     limits = {k: float(v) for k, v in (x.split("=") for x in a.limits.split(","))}
     b = Bench(a)
     phases = a.phases.split(",")
+    unknown = sorted(set(phases) - set(ALL))
+    if unknown:
+        raise SystemExit(f"unknown phases {unknown}; known: {ALL}")
+    sampler = UtilSampler(b.out / "gpu_util.csv")
     env = {"device_info": subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                                           "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-           if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0 else "no nvidia-smi",
-           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "phases": phases, "cpus": os.cpu_count()}
+           if sampler.proc else "no nvidia-smi",
+           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "phases": phases, "cpus": os.cpu_count(),
+           "argv": sys.argv[1:]}
     b.results["env"] = env
     b.save()
     print(json.dumps(env), flush=True)
@@ -199,33 +224,56 @@ def main() -> None:
         if summary.exists():
             b.results["data"]["result"] = json.loads(summary.read_text())
             b.save()
-    for name, backend, batch in (("unsloth", "unsloth", a.unsloth_batch), ("hf", "hf", a.hf_batch)):
-        if f"train_{name}" in phases:
-            res = b.a.root / f"train_{name}.json"
-            res.unlink(missing_ok=True)
-            b.run(f"train_{name}", [PY, "bench/gpu_train_speed.py", "--result", res, "--name", name, "--",
-                                    *train_args(b, name, backend, batch)], f"train_{name}.log",
-                  limits[f"train_{name}"], res, min_needed=60)
-    jobs = {
-        "infer_seven_hf": lambda: ["seven", "--", *infer_seven_args(b, "seven_hf", "hf", b.adapter("hf"), True)],
-        "infer_plain": lambda: ["plain", "--model", a.model_dir, "--adapter", b.adapter("hf") or "",
-                                "--jsonl", b.work / "jsonl" / "test.jsonl", "--batch-size", 64],
-        "infer_seven_hf_free": lambda: ["seven", "--", *infer_seven_args(b, "seven_hf_free", "hf", b.adapter("hf"),
-                                                                         False)],
-        "infer_seven_unsloth": lambda: ["seven", "--", *infer_seven_args(b, "seven_unsloth", "unsloth",
-                                                                         b.adapter("unsloth"), True)],
-    }
-    for name, make in jobs.items():
+    trains = {"train_hf": ("hf", a.hf_batch, LIBRARY_DEFAULTS, 1), "train_fast": ("hf", a.fast_batch, [], 1),
+              "train_fast_2gpu": ("hf", a.fast_batch, [], 2), "train_unsloth": ("unsloth", a.unsloth_batch, [], 1)}
+    for name, (backend, batch, extra, gpus) in trains.items():
         if name in phases:
-            res = b.a.root / f"{name}.json"
+            res = a.root / f"{name}.json"
             res.unlink(missing_ok=True)
-            argv = make()
-            cmd = [PY, "bench/gpu_infer_speed.py", argv[0], "--result", res, "--name", name, *argv[1:]]
-            b.run(name, cmd, "infer.log", limits.get(name, limits["infer"]), res, min_needed=45)
+            cmd = [*torchrun(gpus), "bench/gpu_train_speed.py", "--result", res, "--name", name, "--",
+                   *train_args(b, name.removeprefix("train_"), backend, batch, extra)]
+            got = b.run(name, cmd, f"{name}.log", limits.get(name, limits["train"]), res, min_needed=60)
+            if got:
+                b.results[name]["gpu_busy"] = sampler.mean(got.get("steady_start_epoch"), got.get("steady_end_epoch"))
+                b.save()
+    if "vision" in phases:
+        res = a.root / "vision.json"
+        b.run("vision", [PY, "bench/gpu_vision_speed.py", "--model", a.model_dir, "--result", res], "vision.log",
+              limits["vision"], res, min_needed=45)
+    adapter = b.adapter("hf")
+    infers = {
+        "infer_plain": (1, ["plain", "--model", a.model_dir, "--adapter", adapter or "",
+                            "--jsonl", b.work / "jsonl" / "test.jsonl", "--batch-size", 64]),
+        "infer_fast": (1, ["seven", "--", *infer_seven_args(b, "fast", adapter, a.infer_batch, [])]),
+        "infer_fast_2gpu": (2, ["seven", "--", *infer_seven_args(b, "fast_2gpu", adapter, a.infer_batch, [])]),
+        "infer_free": (1, ["seven", "--", *infer_seven_args(b, "free", adapter, 64, ["--no-constrained"])]),
+    }
+    for name, (gpus, argv) in infers.items():
+        if name in phases:
+            res = a.root / f"{name}.json"
+            for old in [res, *res.parent.glob(res.stem + ".rank*.json")]:
+                old.unlink(missing_ok=True)
+            cmd = [*torchrun(gpus), "bench/gpu_infer_speed.py", argv[0], "--result", res, "--name", name, *argv[1:]]
+            got = b.run(name, cmd, "infer.log", limits.get(name, limits["infer"]), res, min_needed=45)
+            if got:
+                ranks = [got, *b.results[name].get("other_ranks", [])]
+                b.results[name]["gpu_busy"] = sampler.mean(min(r.get("steady_start_epoch") or 0 for r in ranks) or None,
+                                                           max(r.get("steady_end_epoch") or 0 for r in ranks) or None)
+                b.results[name]["samples_per_s_all_ranks"] = round(sum(r.get("samples_per_s") or 0 for r in ranks), 2)
+                b.save()
+    sampler.stop()
     compare(b)
-    text = table(b)
-    (b.out / "summary.md").write_text(text + "\n")
-    print(text, flush=True)
+    print(json.dumps({k: {x: y for x, y in v.items() if x in ("status", "seconds", "gpu_busy")}
+                      for k, v in b.results.items() if isinstance(v, dict) and "status" in v}, indent=1), flush=True)
+    for k, v in b.results.items():
+        x = (v.get("result") if isinstance(v, dict) else None) or {}
+        if isinstance(x, dict) and ("samples_per_s" in x or "tower_speedup" in x):
+            keys = ("samples_per_s", "samples_per_s_compute", "median_interval_s", "train_peak_gib", "loss_first",
+                    "loss_last", "generate_samples_per_s", "peak_gib", "tower_speedup", "prefill_samples_per_s_sdpa",
+                    "prefill_samples_per_s_bucketed", "tower_share_of_prefill_bucketed")
+            print("SUMMARY", k, json.dumps({key: x.get(key) for key in keys if key in x}),
+                  v.get("samples_per_s_all_ranks", ""), flush=True)
+    print("equality", json.dumps(b.results.get("equality")), flush=True)
 
 
 if __name__ == "__main__":

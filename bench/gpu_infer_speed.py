@@ -79,14 +79,14 @@ def run_seven(args, argv: list[str]) -> dict:
 
     cc.Collator.__call__ = recording_collate
 
-    def timed_predict(model, tokenizer, batch, constrain=True):
+    def timed_predict(model, tokenizer, batch, constrain=True, spec=None):
         decoded = []
         decode = tokenizer.batch_decode
         tokenizer.batch_decode = lambda *a, **kw: decoded.extend(decode(*a, **kw)) or decoded
         sync()
         t0 = time.perf_counter()
         try:
-            out = inner(model, tokenizer, batch, constrain=constrain)
+            out = inner(model, tokenizer, batch, constrain=constrain, spec=spec)
         finally:
             del tokenizer.batch_decode
         sync()
@@ -94,6 +94,7 @@ def run_seven(args, argv: list[str]) -> dict:
         texts.update(zip(last_ids, decoded))
         if not batches:
             marks["first_end"] = t1
+            marks["first_end_epoch"] = time.time()
         batches.append({"n": len(out), "prompt_len": int(batch["input_ids"].shape[1]), "generate_s": t1 - t0})
         return out
 
@@ -103,6 +104,8 @@ def run_seven(args, argv: list[str]) -> dict:
     sync()
     ended = time.perf_counter()
     result = {"kind": "seven", "argv": argv, "backend": stats.get("backend"), "total_s": round(ended - started, 1),
+              "steady_start_epoch": marks.get("first_end_epoch"), "steady_end_epoch": time.time(),
+              "rank": int(os.environ.get("RANK", 0)), "world_size": int(os.environ.get("WORLD_SIZE", 1)),
               "run": stats.get("rank0_run"), "fallbacks": stats.get("fallback_counts")}
     summarize(result, batches, ended - marks["first_end"] if "first_end" in marks else None)
     preds = ci.read_parts(cfg.work_dir / f"infer_{cfg.split}" / "parts")
@@ -219,7 +222,9 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     result = run_seven(args, sys.argv[cut + 1:]) if args.kind == "seven" else run_plain(args)
     result = {**meta, **result}
-    args.result.write_text(json.dumps(result, indent=1, default=str))
+    rank = int(os.environ.get("RANK", 0))
+    path = args.result if rank == 0 else args.result.with_suffix(f".rank{rank}.json")
+    path.write_text(json.dumps(result, indent=1, default=str))
     print("RESULT", json.dumps({k: result.get(k) for k in ("name", "kind", "backend", "samples_per_s",
                                                            "generate_samples_per_s", "median_generate_s",
                                                            "first_batch_s", "samples", "peak_gib")}), flush=True)

@@ -4,13 +4,16 @@ One run = one process (importing Unsloth patches transformers process-wide, so b
 
     python bench/gpu_train_speed.py --result R.json -- --work-dir W --model M --backend unsloth --batch-size 16 ...
 
+    torchrun --standalone --nproc_per_node 2 bench/gpu_train_speed.py --result R.json -- ...   (rank 0 writes)
+
 The arguments after `--` go to 6_train.py unchanged. A callback added to its PriceTrainer times every
 optimizer step with the GPU synchronized: `step` = on_step_begin -> on_step_end, `interval` = from one step's
 end to the next (data wait included; an interval that holds an evaluation is left out). The first
 --warmup steps (Unsloth compiles in its first) are left out of the medians. Peak GPU memory is
 torch.cuda.max_memory_allocated() over the training steps, the weights included; an evaluation's
 generation is measured apart. The result JSON is written when training ends, before 6_train's final
-evaluation, and again with that evaluation once main() returns.
+evaluation, and again with that evaluation once main() returns. `steady_epoch_s` is the wall-clock window
+of the timed steps (time.time()), for matching against GPU-utilization samples taken outside.
 """
 from __future__ import annotations
 
@@ -76,6 +79,8 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
         def on_step_end(self, args, state, control, **kw):
             sync()
             now = time.perf_counter()
+            if len(self.steps) == warmup:
+                self.result["steady_start_epoch"] = time.time()
             self.steps.append({"step": state.global_step, "step_s": now - self.t_begin,
                                "interval_s": None if self.t_prev_end is None or self.after_eval
                                else now - self.t_prev_end})
@@ -106,6 +111,7 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
         def on_train_end(self, args, state, control, **kw):
             sync()
             self.t_end = time.perf_counter()
+            self.result["steady_end_epoch"] = time.time()
             self.summarize(args, state, self.t_end)
             self.result["train_finished"] = True
             self.write()
@@ -137,7 +143,8 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
                 r["train_peak_gib"] = gib(self.train_peak)
 
         def write(self):
-            result_path.write_text(json.dumps(self.result, indent=1, default=str))
+            if int(os.environ.get("RANK", 0)) == 0:
+                result_path.write_text(json.dumps(self.result, indent=1, default=str))
 
     return StepTimer()
 
@@ -197,6 +204,8 @@ def main() -> None:
               "stats_seconds": stats.get("seconds"), "total_s": round(time.time() - started, 1),
               "adapter_dir": str(cfg.out), "saved": (cfg.out / "COMPLETE").exists()})
     timer.write()
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     print("RESULT", json.dumps({k: r.get(k) for k in ("name", "backend", "samples_per_s", "median_interval_s",
                                                       "median_step_s", "train_peak_gib", "loss_first", "loss_last",
                                                       "all_losses_finite", "first_step_s")}), flush=True)

@@ -46,6 +46,16 @@ def load_tokenizer(path: str):
     return tok
 
 
+def bind_local_gpu() -> None:
+    """Under torchrun, make this rank's GPU (LOCAL_RANK) the current one, so that `.to("cuda")` and NCCL
+    use it rather than every rank piling onto GPU 0."""
+    import os
+
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def pick_backend(requested: str) -> str:
     import torch
     if requested != "auto":
