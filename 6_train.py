@@ -54,6 +54,8 @@ class TrainOptions:
     vision_attention: str = options.opt("bucketed: one attention call per window length in the vision tower; "
                                         "sdpa: the library's one call per window", "bucketed",
                                         choices=["bucketed", "sdpa"])
+    compile: str = options.opt("torch.compile each block: auto (GPU: all, or vision under Unsloth; CPU: none), "
+                               "none, vision, all", "auto", choices=["auto", "none", "vision", "all"])
     group_by_length: bool = options.opt("batch samples of similar length together (less padding)", True)
     group_window: int = options.opt("batches per length-grouping window", 16)
     tf32: bool = options.opt("TF32 matmuls on GPU", True)
@@ -167,7 +169,8 @@ def main(cfg: TrainOptions) -> dict:
 
     from common.collate import for_tokenizer
     from common.encode import ImageSpec
-    from common.modeling import LoraSettings, bind_local_gpu, load_for_training, load_tokenizer, resolve_model
+    from common.modeling import (LoraSettings, bind_local_gpu, compile_blocks, load_for_training, load_tokenizer,
+                                 resolve_model)
     from common.training import (CheckpointMarker, LengthGroupedStream, NonFiniteGuard, PriceTrainer,
                                  RecordingStream, latest_complete_checkpoint, plan_steps,
                                  remove_incomplete_checkpoints)
@@ -200,6 +203,7 @@ def main(cfg: TrainOptions) -> dict:
                                        cfg.load_in_4bit, cfg.gradient_checkpointing, cfg.seed)
     if cfg.vision_attention == "bucketed":
         use_bucketed_vision_attention(model)
+    compile_blocks(model, cfg.compile, backend)
     answer_only = cfg.loss_positions == "answer" and backend == "hf"
     median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
     eval_options = {"tokenizer": tokenizer, "dataset": val_ds, "median": median, "max_samples": cfg.eval_samples,

@@ -42,6 +42,8 @@ class InferOptions:
     sort_window: int = options.opt("batches per length-sorting window", 16)
     flush_every: int = options.opt("write a part file every N batches", 4)
     constrained: bool = options.opt("constrain decoding to a number", True)
+    compile: str = options.opt("torch.compile the vision blocks: auto (on a GPU), none, vision", "auto",
+                               choices=["auto", "none", "vision"])
     vision_attention: str = options.opt("bucketed: one attention call per window length in the vision tower; "
                                         "sdpa: the library's one call per window", "bucketed",
                                         choices=["bucketed", "sdpa"])
@@ -95,18 +97,18 @@ def build_stream(cfg: InferOptions, model_path: str, spec, encoding: dict):
 def main(cfg: InferOptions) -> dict:
     from common.modeling import import_backend
     import_backend(cfg.backend)  # Unsloth, if chosen, must be imported before transformers
+    import torch
     import torch.distributed as dist
 
     from common.collate import for_tokenizer
     from common.encode import ImageSpec
     from common.inference import merge, read_parts, run_predictions, write_predictions_csv
-    from common.modeling import bind_local_gpu, load_for_inference, load_tokenizer, resolve_model
+    from common.modeling import bind_local_gpu, compile_blocks, load_for_inference, load_tokenizer, resolve_model
     from common.vision_attention import use_bucketed_vision_attention
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
     bind_local_gpu()
     if world > 1 and not dist.is_initialized():
-        import torch
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     train_cfg = read_json(cfg.tdir / "train_config.json") if (cfg.tdir / "train_config.json").exists() else {}
     base = resolve_model(cfg.model, cfg.work_dir) if cfg.model else train_cfg["base_model"]
@@ -120,6 +122,9 @@ def main(cfg: InferOptions) -> dict:
     model, backend = load_for_inference(base, adapter, cfg.backend)
     if cfg.vision_attention == "bucketed":
         use_bucketed_vision_attention(model)
+    # the language model decodes token by token with a growing cache: only the vision blocks are compiled
+    compile_blocks(model, ("vision" if torch.cuda.is_available() else "none") if cfg.compile == "auto" else cfg.compile,
+                   backend)
     log.info("%s: %d rows to answer; base %s, adapter %s, backend %s", cfg.split, len(ids), base, adapter, backend)
     run = run_predictions(model, tokenizer, build_stream(cfg, base, spec, encoding),
                           for_tokenizer(tokenizer, "left", with_labels=False), out_dir / "parts", rank,

@@ -12,6 +12,7 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
                    attention, answer-only logits, length-grouped batches, uint8 pixels)                      } speed
   train_fast_2gpu  ours under torchrun --nproc_per_node 2 (same per-GPU batch)                               } .py
   train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
+  train_unsloth16  6_train.py --backend unsloth --no-load-in-4bit (bf16 base), batch --unsloth-batch
   vision           bench/gpu_vision_speed.py: vision tower and prefill, per-window against bucketed
   infer_plain      baseline: a plain transformers generate loop, batch 64, train_hf's adapter  } bench/gpu_
   infer_fast       ours: 7_infer.py, its defaults, batch --infer-batch, same adapter           } infer_speed
@@ -38,7 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_unsloth", "vision", "infer_plain",
+ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_unsloth", "train_unsloth16", "vision",
+       "infer_plain",
        "infer_fast", "infer_fast_2gpu", "infer_free"]
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length"]
@@ -225,7 +227,8 @@ def main() -> None:
             b.results["data"]["result"] = json.loads(summary.read_text())
             b.save()
     trains = {"train_hf": ("hf", a.hf_batch, LIBRARY_DEFAULTS, 1), "train_fast": ("hf", a.fast_batch, [], 1),
-              "train_fast_2gpu": ("hf", a.fast_batch, [], 2), "train_unsloth": ("unsloth", a.unsloth_batch, [], 1)}
+              "train_fast_2gpu": ("hf", a.fast_batch, [], 2), "train_unsloth": ("unsloth", a.unsloth_batch, [], 1),
+              "train_unsloth16": ("unsloth", a.unsloth_batch, ["--no-load-in-4bit"], 1)}
     for name, (backend, batch, extra, gpus) in trains.items():
         if name in phases:
             res = a.root / f"{name}.json"
@@ -270,7 +273,9 @@ def main() -> None:
         if isinstance(x, dict) and ("samples_per_s" in x or "tower_speedup" in x):
             keys = ("samples_per_s", "samples_per_s_compute", "median_interval_s", "train_peak_gib", "loss_first",
                     "loss_last", "generate_samples_per_s", "peak_gib", "tower_speedup", "prefill_samples_per_s_sdpa",
-                    "prefill_samples_per_s_bucketed", "tower_share_of_prefill_bucketed")
+                    "prefill_samples_per_s_bucketed", "tower_share_of_prefill_bucketed", "tower_speedup_compiled",
+                    "prefill_samples_per_s_compiled", "tower_share_of_prefill_compiled",
+                    "compiled_tower_max_abs_diff")
             print("SUMMARY", k, json.dumps({key: x.get(key) for key in keys if key in x}),
                   v.get("samples_per_s_all_ranks", ""), flush=True)
     print("equality", json.dumps(b.results.get("equality")), flush=True)

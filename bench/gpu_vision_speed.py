@@ -1,5 +1,6 @@
-"""Where a forward's time goes, and what bucketed vision attention changes: the vision tower alone and the
-whole prefill (vision + language model), per-window `sdpa` against `common.vision_attention`, same inputs.
+"""Where a forward's time goes, and what bucketed vision attention and compiled vision blocks change: the
+vision tower alone and the whole prefill (vision + language model), per-window `sdpa`, then
+`common.vision_attention`, then that plus torch.compile of each vision block, same inputs.
 
     python bench/gpu_vision_speed.py --model /tmp/qwen25vl3b-random --result R.json [--images 64]
 
@@ -78,15 +79,24 @@ def main() -> None:
     run_all("sdpa")
     use_bucketed_vision_attention(model)
     run_all("bucketed")
+    from common.modeling import compile_blocks
+    t0 = time.perf_counter()
+    compile_blocks(model, "vision", "hf")
+    run_all("compiled")
+    r["compiled_variant_total_s"] = round(time.perf_counter() - t0, 1)
+    dc = (r.pop("tower_out_compiled").float() - r["tower_out_bucketed"].float()).abs()
+    r["compiled_tower_max_abs_diff"] = round(dc.max().item(), 5)
+    r["compiled_generate_rows_equal_bucketed"] = int((r.pop("tokens_compiled") == r["tokens_bucketed"]).all(1).sum())
     diff = (r.pop("tower_out_sdpa").float() - r.pop("tower_out_bucketed").float()).abs()
     ta, tb = r.pop("tokens_sdpa"), r.pop("tokens_bucketed")
     r.update({"tower_max_abs_diff": round(diff.max().item(), 5), "tower_mean_abs_diff": round(diff.mean().item(), 6),
               "generate_rows_equal": int((ta == tb).all(1).sum()), "generate_rows": int(ta.shape[0])})
-    for tag in ("sdpa", "bucketed"):
+    for tag in ("sdpa", "bucketed", "compiled"):
         r[f"tower_ms_per_image_{tag}"] = round(1000 * r[f"tower_s_{tag}"] / a.images, 2)
         r[f"prefill_samples_per_s_{tag}"] = round(a.images / r[f"prefill_s_{tag}"], 1)
         r[f"tower_share_of_prefill_{tag}"] = round(r[f"tower_s_{tag}"] / r[f"prefill_s_{tag}"], 3)
     r["tower_speedup"] = round(r["tower_s_sdpa"] / r["tower_s_bucketed"], 2)
+    r["tower_speedup_compiled"] = round(r["tower_s_sdpa"] / r["tower_s_compiled"], 2)
     r["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     a.result.write_text(json.dumps(r, indent=1, default=str))
     print("RESULT", json.dumps(r), flush=True)

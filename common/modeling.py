@@ -46,6 +46,26 @@ def load_tokenizer(path: str):
     return tok
 
 
+def compile_blocks(model, which: str, backend: str) -> int:
+    """torch.compile every vision block and/or language-model decoder layer as its own region (dynamic shapes),
+    so norms, rotary, SwiGLU and the LoRA adds fuse; one compile per block type, reused by every layer.
+    which: none | vision | all | auto (all on CUDA with the hf backend; vision with Unsloth, which compiles
+    its decoder layers itself; none on CPU, where compiling costs more than the demo's whole run).
+    Returns the number of blocks compiled."""
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+    if which == "auto":
+        which = "none" if not torch.cuda.is_available() else ("vision" if backend == "unsloth" else "all")
+    kinds = {"none": (), "vision": (Qwen2_5_VLVisionBlock,),
+             "all": (Qwen2_5_VLVisionBlock, Qwen2_5_VLDecoderLayer)}[which]
+    blocks = [m for m in model.modules() if kinds and isinstance(m, kinds)]
+    for block in blocks:
+        block.compile(dynamic=True)
+    if blocks:
+        log.info("torch.compile: %d blocks (%s); the first steps include compiling", len(blocks), which)
+    return len(blocks)
+
+
 def bind_local_gpu() -> None:
     """Under torchrun, make this rank's GPU (LOCAL_RANK) the current one, so that `.to("cuda")` and NCCL
     use it rather than every rank piling onto GPU 0."""
