@@ -215,6 +215,7 @@ def main(cfg: TrainOptions) -> dict:
                                            "persistent_workers": cfg.persistent_workers,
                                            "prefetch_factor": cfg.prefetch_factor},
                            eval_options=eval_options, answer_only=answer_only, pixel_spec=spec,
+                           no_cache=backend == "hf",
                            callbacks=[CheckpointMarker()])
     trainer.add_callback(NonFiniteGuard(trainer))
     if rank0 and cfg.out.exists():

@@ -43,7 +43,7 @@ ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_unsl
        "infer_plain",
        "infer_fast", "infer_fast_2gpu", "infer_free"]
 # the baseline: what transformers + peft do out of the box
-LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length"]
+LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none"]
 
 
 class Bench:
@@ -229,41 +229,51 @@ def main() -> None:
     trains = {"train_hf": ("hf", a.hf_batch, LIBRARY_DEFAULTS, 1), "train_fast": ("hf", a.fast_batch, [], 1),
               "train_fast_2gpu": ("hf", a.fast_batch, [], 2), "train_unsloth": ("unsloth", a.unsloth_batch, [], 1),
               "train_unsloth16": ("unsloth", a.unsloth_batch, ["--no-load-in-4bit"], 1)}
-    for name, (backend, batch, extra, gpus) in trains.items():
-        if name in phases:
-            res = a.root / f"{name}.json"
-            res.unlink(missing_ok=True)
-            cmd = [*torchrun(gpus), "bench/gpu_train_speed.py", "--result", res, "--name", name, "--",
-                   *train_args(b, name.removeprefix("train_"), backend, batch, extra)]
-            got = b.run(name, cmd, f"{name}.log", limits.get(name, limits["train"]), res, min_needed=60)
-            if got:
-                b.results[name]["gpu_busy"] = sampler.mean(got.get("steady_start_epoch"), got.get("steady_end_epoch"))
-                b.save()
-    if "vision" in phases:
+
+    def train(name: str) -> None:
+        backend, batch, extra, gpus = trains[name]
+        res = a.root / f"{name}.json"
+        res.unlink(missing_ok=True)
+        cmd = [*torchrun(gpus), "bench/gpu_train_speed.py", "--result", res, "--name", name, "--",
+               *train_args(b, name.removeprefix("train_"), backend, batch, extra)]
+        got = b.run(name, cmd, f"{name}.log", limits.get(name, limits["train"]), res, min_needed=60)
+        if got:
+            b.results[name]["gpu_busy"] = sampler.mean(got.get("steady_start_epoch"), got.get("steady_end_epoch"))
+            b.save()
+
+    def vision(name: str) -> None:
         res = a.root / "vision.json"
         b.run("vision", [PY, "bench/gpu_vision_speed.py", "--model", a.model_dir, "--result", res], "vision.log",
               limits["vision"], res, min_needed=45)
-    adapter = b.adapter("hf")
-    infers = {
-        "infer_plain": (1, ["plain", "--model", a.model_dir, "--adapter", adapter or "",
-                            "--jsonl", b.work / "jsonl" / "test.jsonl", "--batch-size", 64]),
-        "infer_fast": (1, ["seven", "--", *infer_seven_args(b, "fast", adapter, a.infer_batch, [])]),
-        "infer_fast_2gpu": (2, ["seven", "--", *infer_seven_args(b, "fast_2gpu", adapter, a.infer_batch, [])]),
-        "infer_free": (1, ["seven", "--", *infer_seven_args(b, "free", adapter, 64, ["--no-constrained"])]),
-    }
-    for name, (gpus, argv) in infers.items():
-        if name in phases:
-            res = a.root / f"{name}.json"
-            for old in [res, *res.parent.glob(res.stem + ".rank*.json")]:
-                old.unlink(missing_ok=True)
-            cmd = [*torchrun(gpus), "bench/gpu_infer_speed.py", argv[0], "--result", res, "--name", name, *argv[1:]]
-            got = b.run(name, cmd, "infer.log", limits.get(name, limits["infer"]), res, min_needed=45)
-            if got:
-                ranks = [got, *b.results[name].get("other_ranks", [])]
-                b.results[name]["gpu_busy"] = sampler.mean(min(r.get("steady_start_epoch") or 0 for r in ranks) or None,
-                                                           max(r.get("steady_end_epoch") or 0 for r in ranks) or None)
-                b.results[name]["samples_per_s_all_ranks"] = round(sum(r.get("samples_per_s") or 0 for r in ranks), 2)
-                b.save()
+
+    def infer(name: str) -> None:
+        adapter = b.adapter("hf")
+        gpus, argv = {
+            "infer_plain": (1, ["plain", "--model", a.model_dir, "--adapter", adapter or "",
+                                "--jsonl", b.work / "jsonl" / "test.jsonl", "--batch-size", 64]),
+            "infer_fast": (1, ["seven", "--", *infer_seven_args(b, "fast", adapter, a.infer_batch, [])]),
+            "infer_fast_2gpu": (2, ["seven", "--", *infer_seven_args(b, "fast_2gpu", adapter, a.infer_batch, [])]),
+            "infer_free": (1, ["seven", "--", *infer_seven_args(b, "free", adapter, 64, ["--no-constrained"])]),
+        }[name]
+        res = a.root / f"{name}.json"
+        for old in [res, *res.parent.glob(res.stem + ".rank*.json")]:
+            old.unlink(missing_ok=True)
+        cmd = [*torchrun(gpus), "bench/gpu_infer_speed.py", argv[0], "--result", res, "--name", name, *argv[1:]]
+        got = b.run(name, cmd, "infer.log", limits.get(name, limits["infer"]), res, min_needed=45)
+        if got:
+            ranks = [got, *b.results[name].get("other_ranks", [])]
+            b.results[name]["gpu_busy"] = sampler.mean(min(r.get("steady_start_epoch") or 0 for r in ranks) or None,
+                                                       max(r.get("steady_end_epoch") or 0 for r in ranks) or None)
+            b.results[name]["samples_per_s_all_ranks"] = round(sum(r.get("samples_per_s") or 0 for r in ranks), 2)
+            b.save()
+
+    for name in phases:  # in the order given
+        if name in trains:
+            train(name)
+        elif name == "vision":
+            vision(name)
+        elif name.startswith("infer_"):
+            infer(name)
     sampler.stop()
     compare(b)
     print(json.dumps({k: {x: y for x, y in v.items() if x in ("status", "seconds", "gpu_busy")}

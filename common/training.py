@@ -158,13 +158,16 @@ class NonFiniteGuard(TrainerCallback):
 
 class PriceTrainer(Trainer):
     def __init__(self, *args, loader_options: dict, eval_options: dict, answer_only: bool = False,
-                 pixel_spec=None, **kwargs):
+                 pixel_spec=None, no_cache: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.loader_options = loader_options
         self.eval_options = eval_options
         self._nonfinite = None
         self.answer_only = answer_only
         self.pixel_spec = pixel_spec
+        # transformers builds a KV cache in every training forward unless told not to: wasted copies, and with
+        # compiled decoder layers one recompilation per layer (each guards on its own cache slot)
+        self.forward_kwargs = {"use_cache": False} if no_cache else {}
 
     def get_train_dataloader(self) -> DataLoader:
         # The stream splits itself by rank and worker; accelerate must not shard or dispatch it again.
@@ -176,7 +179,7 @@ class PriceTrainer(Trainer):
                           prefetch_factor=self.loader_options["prefetch_factor"] if workers > 0 else None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = with_normalized_pixels(inputs, self.pixel_spec)
+        inputs = {**with_normalized_pixels(inputs, self.pixel_spec), **self.forward_kwargs}
         if self.answer_only and "labels" in inputs:
             # The model's own loss, reduced the same way (a mean per micro-batch: Qwen2.5-VL takes no loss
             # kwargs, so the Trainer then divides by the accumulation steps as it does for that loss).
@@ -202,7 +205,9 @@ class PriceTrainer(Trainer):
             model = self.accelerator.unwrap_model(self.model)
             was_training = model.training
             model.eval()
-            metrics = evaluate_smape(model, **self.eval_options)
+            # generation runs eager: compiled blocks would recompile for the cache, once per layer
+            with torch.compiler.set_stance("force_eager"):
+                metrics = evaluate_smape(model, **self.eval_options)
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
             model.train(was_training)
             self.log(metrics)

@@ -35,6 +35,12 @@ def bucketed_sdpa(module, query, key, value, attention_mask=None, scaling=None, 
         q, k, v = (t.view(heads, segments, length, dim).transpose(0, 1) for t in (query, key, value))
         out = _attend(q, k, v, scaling)                       # [segments, heads, L, d]
         return out.transpose(1, 2).reshape(1, total, heads, dim), None
+    return _grouped_sdpa(query, key, value, cu, scaling), None
+
+
+@torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled blocks, never re-traced per layout
+def _grouped_sdpa(query, key, value, cu, scaling):
+    _, heads, total, dim = query.shape
     starts = cu[:-1].tolist()
     lengths = (cu[1:] - cu[:-1]).tolist()
     out = query.new_empty(heads, total, dim)
@@ -47,7 +53,7 @@ def bucketed_sdpa(module, query, key, value, attention_mask=None, scaling=None, 
                  + torch.arange(length, device=query.device)[None, :]).reshape(-1)
         q, k, v = (t[0][:, index].view(heads, len(group), length, dim).transpose(0, 1) for t in (query, key, value))
         out[:, index] = _attend(q, k, v, scaling).transpose(0, 1).reshape(heads, -1, dim)
-    return out.transpose(0, 1).unsqueeze(0), None
+    return out.transpose(0, 1).unsqueeze(0)
 
 
 def use_bucketed_vision_attention(model) -> bool:
