@@ -14,6 +14,7 @@ complete checkpoint (same data order, optimizer and scheduler state); a finished
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -125,7 +126,7 @@ def datasets(cfg: TrainOptions, model_path: str, spec):
 
 def training_arguments(cfg: TrainOptions, max_steps: int, cuda: bool):
     from transformers import TrainingArguments
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(cfg.out), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=int(cfg.warmup_ratio * max_steps),
@@ -140,6 +141,14 @@ def training_arguments(cfg: TrainOptions, max_steps: int, cuda: bool):
         accelerator_config={"dispatch_batches": False, "split_batches": False},
         gradient_checkpointing=False,  # set up by common.modeling, with the frozen-vision fix
         disable_tqdm=False, log_level="info", log_level_replica="warning")
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 and args.n_gpu > 1:
+        # without torchrun the Trainer would wrap the model in nn.DataParallel, which breaks on Qwen2.5-VL's
+        # vision tower (StopIteration in a replica) and the stream's batch plan; one process, one GPU
+        logging.getLogger("train").warning("%d GPUs visible but not launched with torchrun: training on GPU 0 only "
+                                           "(torchrun --nproc_per_node %d 6_train.py ... uses them all)",
+                                           args.n_gpu, args.n_gpu)
+        args._n_gpu = 1
+    return args
 
 
 def save_final(cfg: TrainOptions, model, tokenizer, model_path: str, backend: str, stats: dict) -> None:
