@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--fast-batch", type=int, default=16)
     ap.add_argument("--unsloth-batch", type=int, default=16)
     ap.add_argument("--infer-batch", type=int, default=64)
+    ap.add_argument("--fast-extra", default="", help="extra 6_train.py options for train_fast*, e.g. '--compile none'")
     ap.add_argument("--limits", default="build=120,data=120,train=150,train_unsloth=260,vision=120,infer=110")
     a = ap.parse_args()
     limits = {k: float(v) for k, v in (x.split("=") for x in a.limits.split(","))}
@@ -226,8 +227,9 @@ def main() -> None:
         if summary.exists():
             b.results["data"]["result"] = json.loads(summary.read_text())
             b.save()
-    trains = {"train_hf": ("hf", a.hf_batch, LIBRARY_DEFAULTS, 1), "train_fast": ("hf", a.fast_batch, [], 1),
-              "train_fast_2gpu": ("hf", a.fast_batch, [], 2), "train_unsloth": ("unsloth", a.unsloth_batch, [], 1),
+    fast = a.fast_extra.split()
+    trains = {"train_hf": ("hf", a.hf_batch, LIBRARY_DEFAULTS, 1), "train_fast": ("hf", a.fast_batch, fast, 1),
+              "train_fast_2gpu": ("hf", a.fast_batch, fast, 2), "train_unsloth": ("unsloth", a.unsloth_batch, [], 1),
               "train_unsloth16": ("unsloth", a.unsloth_batch, ["--no-load-in-4bit"], 1)}
 
     def train(name: str) -> None:
