@@ -1,0 +1,254 @@
+"""The performance section of bench/RESULTS.md and its headline rows, from gpu_bench.py runs kept in bench/gpu_runs/.
+
+    python bench/perf_report.py --add h100-c:4d2b9e7:OUT/results.json   # keep a run (figures only, no per-row text)
+    python bench/perf_report.py --write                                   # render RESULTS.md from bench/gpu_runs/
+
+A run is one device call: every ratio below compares phases of the same run (same machine, same data).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_results import RESULTS, update_section  # noqa: E402
+
+RUNS = Path(__file__).resolve().parent / "gpu_runs"
+HEAVY = ("predictions", "texts", "batch_log", "losses", "argv", "evals", "log_history")
+
+
+def add(spec: str) -> None:
+    label, commit, path = spec.split(":", 2)
+    r = json.loads(Path(path).read_text())
+    for v in r.values():
+        if isinstance(v, dict):
+            v.pop("log_tail", None)
+            for x in [v.get("result"), *v.get("other_ranks", [])]:
+                for key in HEAVY:
+                    if isinstance(x, dict) and key != "argv":
+                        x.pop(key, None)
+    r["label"], r["commit"] = label, commit
+    RUNS.mkdir(exist_ok=True)
+    (RUNS / f"{label}.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+
+
+def load() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))}
+
+
+def res(run: dict, phase: str) -> dict:
+    return ((run.get(phase) or {}).get("result")) or {}
+
+
+def card(run: dict) -> str:
+    names = run["env"]["device_info"].splitlines()
+    name = names[0].split(",")[0]
+    return f"{len(names)}x {name}" if len(names) > 1 else name
+
+
+def busy(run: dict, phase: str) -> str:
+    b = (run.get(phase) or {}).get("gpu_busy") or {}
+    return " / ".join(f"{v['mean_util_pct']}%" for v in b.values() if v.get("mean_util_pct")) or "-"
+
+
+def train_rows(label: str, run: dict) -> list[str]:
+    out = []
+    for phase in ("train_hf", "train_fast", "train_unsloth", "train_unsloth16", "train_fast_2gpu"):
+        x = res(run, phase)
+        if not x.get("samples_per_s"):
+            continue
+        wait = (1 - x["samples_per_s"] / x["samples_per_s_compute"]) * 100 if x.get("samples_per_s_compute") else None
+        out.append(f"| {label} | {phase} | {x.get('backend')} | {x.get('samples_per_step')} | **{x['samples_per_s']}** | "
+                   f"{x.get('median_interval_s')} | {x.get('train_peak_gib')} | {busy(run, phase)} | "
+                   f"{'-' if wait is None else f'{wait:.1f}%'} | {x.get('loss_first', 0):.2f} -> {x.get('loss_last', 0):.2f} |")
+    return out
+
+
+def infer_rows(label: str, run: dict) -> list[str]:
+    out = []
+    for phase in ("infer_plain", "infer_fast", "infer_fast_2gpu"):
+        e = run.get(phase) or {}
+        ranks = [x for x in [e.get("result"), *e.get("other_ranks", [])] if x]
+        if not ranks:
+            continue
+        gen = sum(x.get("generate_samples_per_s") or 0 for x in ranks)
+        out.append(f"| {label} | {phase} | {len(ranks)} | **{e.get('samples_per_s_all_ranks') or ranks[0].get('samples_per_s')}** | "
+                   f"{round(gen, 2)} | {ranks[0].get('median_generate_s')} | {ranks[0].get('prompt_tokens_mean')} | "
+                   f"{sum(x.get('samples') or 0 for x in ranks)} | {ranks[0].get('peak_gib')} | {busy(run, phase)} |")
+    return out
+
+
+def render(runs: dict[str, dict]) -> tuple[str, list[str]]:
+    L = ["## Performance on the GPU: baseline and ours in the same call (`bench/gpu_bench.py`)", "",
+         "Qwen2.5-VL-3B's architecture with random weights (speed does not depend on them), LoRA r16 on the language "
+         "model's 7 projections, bf16, 448 px images (256 image tokens). Training and inference read the pipeline's own "
+         "shards of real catalog text (`bench/gpu_make_data.py`: real lengths, train cut at 768 tokens), so a run is "
+         "`6_train.py` / `7_infer.py` as a user runs them. Runs (one device call each, code at the commit named):", ""]
+    for label, r in runs.items():
+        L.append(f"- **{label}**: {card(r)}, {r['env']['started']}, commit `{r['commit']}`, phases "
+                 f"{', '.join(k for k in r['env']['phases'])}.")
+    L += ["", "- baseline `train_hf`: `6_train.py --backend hf --no-load-in-4bit --batch-size 4 --vision-attention sdpa "
+          "--loss-positions all --no-group-by-length --compile none` (transformers + peft as the libraries give them; "
+          "batch 16 does not fit with logits at every position).",
+          "- ours `train_fast`: `6_train.py --backend hf --no-load-in-4bit --batch-size 16` (defaults: bucketed vision "
+          "attention, answer-only logits, length-grouped batches, uint8 pixels normalized on the GPU, no KV cache in "
+          "training, and from commit 469df67 `--compile auto` = every vision block and decoder layer compiled).",
+          "- `train_unsloth`: the default GPU backend (Unsloth, 4-bit base); `train_unsloth16`: Unsloth, bf16 base.",
+          "", "### Training", "",
+          "| run | phase | backend | samples/step | samples/s | median step s | peak GiB | GPU busy (nvidia-smi) | "
+          "data wait | loss first -> last |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for label, r in runs.items():
+        L += train_rows(label, r)
+    L += ["", "samples/s = samples per optimizer step / median step-to-step interval (steps 6-20; the first steps "
+          "compile). Data wait = 1 - interval-based / compute-only rate: the loader keeps up (under 2%). GPU busy = mean "
+          "of nvidia-smi's utilization.gpu, sampled every 200 ms over the timed steps: about 40% of each step the GPU "
+          "has no kernel running although the next batch is ready, so the gap is host time inside the step (Python, "
+          "launches, synchronizations); a profile to attribute it is the next step.", ""]
+    v = next((res(r, "vision") for r in runs.values() if res(r, "vision").get("tower_s_compiled")), {})
+    if v:
+        L += ["### Where a prefill's time goes (`bench/gpu_vision_speed.py`, fixed shape 608 tokens, batch 64)", "",
+              "| vision attention | tower ms / image | prefill samples/s | tower share of prefill |", "|---|---:|---:|---:|"]
+        for tag, name in (("sdpa", "library sdpa, one call per window"), ("bucketed", "bucketed (`common/vision_attention.py`)"),
+                          ("compiled", "bucketed + compiled vision blocks")):
+            L.append(f"| {name} | {v[f'tower_ms_per_image_{tag}']} | {v[f'prefill_samples_per_s_{tag}']} | "
+                     f"{v[f'tower_share_of_prefill_{tag}']} |")
+        L += ["", f"Device {v['device']}. Bucketed against sdpa: tower output max difference {v['tower_max_abs_diff']} (the "
+              f"same numbers), greedy 8-token generations equal on {v['generate_rows_equal']}/{v['generate_rows']} rows "
+              "(the random-weight model has near-ties; a second eager pass can flip them). Compiled against eager: max "
+              f"difference {v['compiled_tower_max_abs_diff']} in bf16 (fused kernels round differently), generations "
+              f"equal on {v['compiled_generate_rows_equal_bucketed']}/{v['generate_rows']}. On the CPU in fp32 the "
+              "bucketed tower equals the per-window one exactly and the compiled blocks give the same loss "
+              "(tests/test_speed_paths.py).", ""]
+        lm_only = v["images"] / (v["prefill_s_compiled"] - v["tower_s_compiled"])
+        L += ["### Levers: predicted, measured, kept", "",
+              "| lever | predicted | measured (same run unless said) | kept |", "|---|---|---|---|",
+              f"| vision windows as one SDPA call per window length | ~3x on the tower (1,024 tiny calls per image) | "
+              f"tower {v['tower_speedup']}x, prefill {v['prefill_samples_per_s_sdpa']} -> "
+              f"{v['prefill_samples_per_s_bucketed']} samples/s | yes, default |",
+              "| logits and loss at the answer positions only | memory: ~1 GiB per sample less, so batch 16 fits | "
+              "batch 16 trains at 52-70 GiB; loss and adapter equal to the full-logits path (CPU test) | yes, default |",
+              "| uint8 pixels through the loader, normalized on the GPU | 8x fewer bytes per batch | data wait under 2% "
+              "of the step | yes, default |",
+              "| length-grouped batches (train), length-sorted (infer) | less padding on real lengths | padded prompt "
+              "length 1,114 (plain, file order) -> 635 tokens (7_infer); not isolated in training | yes, default |",
+              f"| torch.compile per block (fused norms, rotary, SwiGLU, LoRA adds) | ~1.3x | vision tower "
+              f"{v['tower_ms_per_image_bucketed']} -> {v['tower_ms_per_image_compiled']} ms/image; training 20.99 "
+              "(h100-a, no compile, KV cache still built) -> 35.09 samples/s (h100-c), two runs | yes, default on GPU |",
+              "| Unsloth (its compiled decoder layers, fused LoRA) instead of transformers+peft | faster | 4-bit 27.45 "
+              "(h100-a), bf16 29.05 against ours 35.09 (h100-c, same run) | default backend stays Unsloth 4-bit (the "
+              "design card); `--backend hf --no-load-in-4bit` is the fastest |",
+              f"| vision features precomputed in stage 4 | after compile the tower is ~3.3 ms/image, 53 ms of a 456 ms "
+              f"batch-16 step: at most ~13% (~40 samples/s) | not built | no (next) |",
+              f"| static-cache / CUDA-graph decode | decode is ~10 small steps per batch | not built; the language "
+              f"model's eager prefill alone runs {lm_only:.0f} samples/s at 608 tokens (prefill minus tower), so 120 "
+              "end to end needs a compiled or graph-captured language model, not just decode | no (next) |", ""]
+    L += ["### Inference", "",
+          "| run | phase | GPUs | samples/s end to end | generate-only samples/s | median batch s | prompt tokens (mean) "
+          "| rows | peak GiB | GPU busy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, r in runs.items():
+        L += infer_rows(label, r)
+    L += ["", "Baseline `infer_plain`: AutoProcessor + `Qwen2_5_VLForConditionalGeneration` (bf16, sdpa) + "
+          "`model.generate(max_new_tokens=10)` over the rows in file order, batch 64. Ours `infer_fast`: `7_infer.py "
+          "--batch-size 64` (shards, length-sorted batches, bucketed + compiled vision, number-constrained greedy "
+          "decoding). Random weights and no adapter here, so the plain loop rarely emits a number and the texts cannot be "
+          "compared row by row; the CPU tests show the same logits for the same inputs. 2 GPUs: `torchrun "
+          "--nproc_per_node 2 7_infer.py`; end to end, rank 0 waited for rank 1's later start on a 6-batch run, so "
+          "the generate-only rate shows the steady state.", "",
+          "Before these levers (commit ed482a8, H200, an adapter trained 25 steps, in git history): the plain loop and "
+          "`7_infer.py --no-constrained` gave the same price on 475 of 512 rows; the rest diverged where batch "
+          "composition moved near-tied bf16 logits.", ""]
+    return "\n".join(L), []
+
+
+def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
+    """(metric, row) for the perf rows of the headline table."""
+    rows = []
+    c = runs.get("h100-c", {})
+    hf, fast = res(c, "train_hf"), res(c, "train_fast")
+    if hf and fast:
+        rows.append(("train samples/s", f"| train samples/s | {hf['samples_per_s']} (transformers+peft, batch 4; "
+                     f"3B, real lengths) | {fast['samples_per_s']} ({fast['samples_per_s'] / hf['samples_per_s']:.2f}x; goal 40) "
+                     f"| {card(c)} | 2026-11-26 |"))
+    a = runs.get("h100-a", {})
+    hf_a, uns = res(a, "train_hf"), res(a, "train_unsloth")
+    if hf_a and uns:
+        rows.append(("Unsloth 4-bit train samples/s", f"| Unsloth 4-bit train samples/s (the default GPU backend) | "
+                     f"{hf_a['samples_per_s']} (transformers+peft bf16, batch 4, {hf_a['train_peak_gib']} GiB) | "
+                     f"{uns['samples_per_s']} (batch 16, {uns['train_peak_gib']} GiB) | {card(a)} | 2026-11-26 |"))
+    e = runs.get("h100-e", {})
+    plain, seven = res(e, "infer_plain"), res(e, "infer_fast")
+    if plain and seven:
+        rows.append(("infer samples/s", f"| infer samples/s | {plain['samples_per_s']} (plain generate loop; "
+                     f"3B, real lengths) | {seven['samples_per_s']} ({seven['samples_per_s'] / plain['samples_per_s']:.2f}x; goal 120) "
+                     f"| {card(e)} | 2026-11-26 |"))
+    d = runs.get("h200x2-d", {})
+    one, two = d.get("infer_fast") or {}, d.get("infer_fast_2gpu") or {}
+    if one.get("result") and two.get("result"):
+        g1 = one["result"]["generate_samples_per_s"]
+        g2 = sum(x.get("generate_samples_per_s") or 0 for x in [two["result"], *two.get("other_ranks", [])])
+        rows.append(("infer 2-GPU scaling", f"| infer 2-GPU scaling | {g1} samples/s (7_infer, 1 GPU, generate-only) | "
+                     f"{round(g2, 2)} (torchrun, 2 GPUs: {g2 / g1:.2f}x; end to end {two['samples_per_s_all_ranks']} vs "
+                     f"{one['result']['samples_per_s']}, {two['samples_per_s_all_ranks'] / one['result']['samples_per_s']:.2f}x) "
+                     f"| {card(d)} (not H100) | 2026-11-26 |"))
+    t2 = res(d, "train_fast_2gpu")
+    if t2:
+        rows.append(("train 2-GPU scaling", f"| train 2-GPU scaling | not measured in that run (its 1-GPU phase hit a bug, "
+                     f"fixed in 1794cdf) | {t2['samples_per_s']} samples/s (6_train, torchrun, 2 GPUs) | {card(d)} "
+                     "(not H100) | 2026-11-26 |"))
+    return rows
+
+
+COMMANDS = """Commands (one device call each; wheels from `../shared/device/wheels.sh` in `.whl/`, `bench/assets/` = copies of
+`../shared/qwen2.5-vl-processor` and `../shared/data/real_catalog_2k.csv`, both carried):
+
+```
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# train samples/s (h100-c, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 555 --phases build,data,train_hf,train_fast,vision,train_unsloth16 --train-rows 384 --test-rows 64 --steps 20
+# infer samples/s (h100-e, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 260 --phases build,data,infer_plain,infer_fast --train-rows 40 --test-rows 768
+# 2-GPU scaling (h200x2-d, nvidia-h100-x2, which gave 2 H200s)
+python3 bench/gpu_bench.py --out $OUT --deadline 565 --phases build,data,infer_plain,infer_fast,infer_fast_2gpu,train_fast,train_fast_2gpu --train-rows 384 --test-rows 768 --steps 20
+# here, from what came back
+python3 bench/perf_report.py --add LABEL:COMMIT:OUT/results.json --write
+```"""
+
+
+def write_headline(rows: list[tuple[str, str]]) -> None:
+    text = RESULTS.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| metric | baseline | ours | device | date |"))
+    end = start + 2
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    names = [m for m, _ in rows]
+    kept = [line for line in lines[start + 2:end] if not any(line.startswith(f"| {m}") for m in names)]
+    table = lines[start:start + 2] + [r for _, r in rows] + kept
+    after = lines[end:]
+    if "<!-- perf-commands -->" in text:
+        after = re.sub(r"<!-- perf-commands -->.*?<!-- /perf-commands -->\n?", "", "\n".join(after), flags=re.S).split("\n")
+    block = ["", "<!-- perf-commands -->", COMMANDS, "<!-- /perf-commands -->"]
+    RESULTS.write_text("\n".join(lines[:start] + table + block + after).rstrip("\n") + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--add", action="append", default=[], metavar="LABEL:COMMIT:RESULTS_JSON")
+    ap.add_argument("--write", action="store_true")
+    a = ap.parse_args()
+    for spec in a.add:
+        add(spec)
+    runs = load()
+    body, _ = render(runs)
+    if a.write:
+        update_section(RESULTS, "perf", body)
+        write_headline(headline(runs))
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
