@@ -171,19 +171,58 @@ def save_final(cfg: TrainOptions, model, tokenizer, model_path: str, backend: st
     write_json(out / "COMPLETE", {"finished": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
-def main(cfg: TrainOptions) -> dict:
-    from common.modeling import import_backend
-    import_backend(cfg.backend)  # Unsloth, if chosen, must be imported before transformers
+def training_stream(cfg: TrainOptions, train_ds):
+    from common.training import LengthGroupedStream, RecordingStream
+    if cfg.record_samples:
+        train_ds = RecordingStream(train_ds, Path(cfg.record_samples))
+    if cfg.group_by_length:
+        train_ds = LengthGroupedStream(train_ds, cfg.batch_size, cfg.group_window, cfg.seed)
+    return train_ds
+
+
+def load_model(cfg: TrainOptions, model_path: str):
+    """(LoRA model with the speed options applied, backend actually used)."""
+    from transformers import set_seed
+
+    from common.modeling import LoraSettings, compile_blocks, load_for_training
+    from common.vision_attention import use_bucketed_vision_attention
+    set_seed(cfg.seed)  # before the LoRA weights are drawn: the Trainer seeds only after the model exists
+    model, backend = load_for_training(model_path, cfg.backend,
+                                       LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.tune_vision),
+                                       cfg.load_in_4bit, cfg.gradient_checkpointing, cfg.seed)
+    if cfg.vision_attention == "bucketed":
+        use_bucketed_vision_attention(model)
+    compile_blocks(model, cfg.compile, backend)
+    return model, backend
+
+
+def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_ds, val_ds, max_steps: int):
     import torch
 
     from common.collate import for_tokenizer
+    from common.training import CheckpointMarker, NonFiniteGuard, PriceTrainer
+    median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
+    eval_options = {"tokenizer": tokenizer, "dataset": val_ds, "median": median, "max_samples": cfg.eval_samples,
+                    "batch_size": cfg.eval_batch_size, "spec": spec,
+                    "collator": for_tokenizer(tokenizer, "left", with_labels=False, drop_images=cfg.text_only)}
+    trainer = PriceTrainer(model=model, args=training_arguments(cfg, max_steps, torch.cuda.is_available()),
+                           train_dataset=train_ds, eval_dataset=val_ds,
+                           data_collator=for_tokenizer(tokenizer, drop_images=cfg.text_only),
+                           loader_options={"num_workers": cfg.workers, "pin_memory": cfg.pin_memory,
+                                           "persistent_workers": cfg.persistent_workers,
+                                           "prefetch_factor": cfg.prefetch_factor},
+                           eval_options=eval_options, answer_only=cfg.loss_positions == "answer" and backend == "hf",
+                           pixel_spec=spec, no_cache=backend == "hf", callbacks=[CheckpointMarker()])
+    trainer.add_callback(NonFiniteGuard(trainer))
+    return trainer
+
+
+def main(cfg: TrainOptions) -> dict:
+    from common.modeling import import_backend
+    import_backend(cfg.backend)  # Unsloth, if chosen, must be imported before transformers
     from common.encode import ImageSpec
-    from common.modeling import (LoraSettings, bind_local_gpu, compile_blocks, load_for_training, load_tokenizer,
-                                 resolve_model)
-    from common.training import (CheckpointMarker, LengthGroupedStream, NonFiniteGuard, PriceTrainer,
-                                 RecordingStream, latest_complete_checkpoint, plan_steps,
-                                 remove_incomplete_checkpoints)
-    from common.vision_attention import use_bucketed_vision_attention
+    from common.modeling import bind_local_gpu, load_tokenizer, resolve_model
+    from common.training import latest_complete_checkpoint, plan_steps, remove_incomplete_checkpoints
     log = logs.setup("train")
     if (cfg.out / "COMPLETE").exists() and not cfg.overwrite:
         log.info("%s holds a finished run; pass --overwrite to train again", cfg.out)
@@ -192,46 +231,22 @@ def main(cfg: TrainOptions) -> dict:
     bind_local_gpu()
     if rank0 and (cfg.overwrite or not cfg.resume) and cfg.out.exists():
         shutil.rmtree(cfg.out)
-    cuda = torch.cuda.is_available()
     model_path = resolve_model(cfg.model, cfg.work_dir)
     tokenizer = load_tokenizer(model_path)
     spec = ImageSpec.from_model(model_path)
     train_ds, val_ds, num_samples = datasets(cfg, model_path, spec)
-    if cfg.record_samples:
-        train_ds = RecordingStream(train_ds, Path(cfg.record_samples))
-    if cfg.group_by_length:
-        train_ds = LengthGroupedStream(train_ds, cfg.batch_size, cfg.group_window, cfg.seed)
     world = int(os.environ.get("WORLD_SIZE", 1))
     max_steps = plan_steps(num_samples, world, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     log.info("%d train samples, world %d x batch %d x accum %d -> %d steps", num_samples, world, cfg.batch_size,
              cfg.grad_accum, max_steps)
-    from transformers import set_seed
-    set_seed(cfg.seed)  # before the LoRA weights are drawn: the Trainer seeds only after the model exists
-    model, backend = load_for_training(model_path, cfg.backend,
-                                       LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.tune_vision),
-                                       cfg.load_in_4bit, cfg.gradient_checkpointing, cfg.seed)
-    if cfg.vision_attention == "bucketed":
-        use_bucketed_vision_attention(model)
-    compile_blocks(model, cfg.compile, backend)
-    answer_only = cfg.loss_positions == "answer" and backend == "hf"
-    median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
-    eval_options = {"tokenizer": tokenizer, "dataset": val_ds, "median": median, "max_samples": cfg.eval_samples,
-                    "batch_size": cfg.eval_batch_size, "spec": spec,
-                    "collator": for_tokenizer(tokenizer, "left", with_labels=False, drop_images=cfg.text_only)}
-    trainer = PriceTrainer(model=model, args=training_arguments(cfg, max_steps, cuda), train_dataset=train_ds,
-                           eval_dataset=val_ds, data_collator=for_tokenizer(tokenizer, drop_images=cfg.text_only),
-                           loader_options={"num_workers": cfg.workers, "pin_memory": cfg.pin_memory,
-                                           "persistent_workers": cfg.persistent_workers,
-                                           "prefetch_factor": cfg.prefetch_factor},
-                           eval_options=eval_options, answer_only=answer_only, pixel_spec=spec,
-                           no_cache=backend == "hf",
-                           callbacks=[CheckpointMarker()])
-    trainer.add_callback(NonFiniteGuard(trainer))
+    model, backend = load_model(cfg, model_path)
+    trainer = make_trainer(cfg, model, backend, tokenizer, spec, training_stream(cfg, train_ds), val_ds, max_steps)
     if rank0 and cfg.out.exists():
         remove_incomplete_checkpoints(cfg.out)
     resume_from = latest_complete_checkpoint(cfg.out) if cfg.resume else None
-    log.info("backend %s, loss at %s positions, %s vision attention; %s", backend, "answer" if answer_only else "all",
-             cfg.vision_attention, f"resuming from {resume_from}" if resume_from else "starting fresh")
+    log.info("backend %s, loss at %s positions, %s vision attention; %s", backend,
+             "answer" if trainer.answer_only else "all", cfg.vision_attention,
+             f"resuming from {resume_from}" if resume_from else "starting fresh")
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.raise_if_nonfinite(trainer.state.global_step)

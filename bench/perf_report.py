@@ -140,8 +140,8 @@ def render(runs: dict[str, dict]) -> tuple[str, list[str]]:
               "| Unsloth (its compiled decoder layers, fused LoRA) instead of transformers+peft | faster | 4-bit 27.45 "
               "(h100-a), bf16 29.05 against ours 35.09 (h100-c, same run) | default backend stays Unsloth 4-bit (the "
               "design card); `--backend hf --no-load-in-4bit` is the fastest |",
-              f"| vision features precomputed in stage 4 | after compile the tower is ~3.3 ms/image, 53 ms of a 456 ms "
-              f"batch-16 step: at most ~13% (~40 samples/s) | not built | no (next) |",
+              "| vision features precomputed in stage 4 | after compile the tower is ~3.3 ms/image, 53 ms of a 456 ms "
+              "batch-16 step: at most ~13% (~40 samples/s) | not built | no (next) |",
               f"| static-cache / CUDA-graph decode | decode is ~10 small steps per batch | not built; the language "
               f"model's eager prefill alone runs {lm_only:.0f} samples/s at 608 tokens (prefill minus tower), so 120 "
               "end to end needs a compiled or graph-captured language model, not just decode | no (next) |", ""]

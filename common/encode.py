@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -21,6 +22,9 @@ from PIL import Image
 from common.errors import PipelineError
 from common.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, load_resized
 from common.prompt import SYSTEM_PROMPT, catalog_from_user_text, message_parts, user_text
+
+if TYPE_CHECKING:
+    import torch
 
 SENTINEL = "\u2063CATALOG\u2063"
 

@@ -158,3 +158,28 @@ def test_uint8_patches_normalized_on_the_device_equal_the_float_stream(encoded_d
     with pytest.raises(ValueError, match="ImageSpec"):
         with_normalized_pixels({"pixel_values": next(r["pixel_values"] for r in raw if r["pixel_values"] is not None)},
                                None)
+
+
+def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
+    """--compile (the GPU default): every vision block and decoder layer compiled on its own; fp32 on the CPU."""
+    from common.modeling import compile_blocks
+    from common.training import answer_only_loss, answer_positions
+    from common.vision_attention import use_bucketed_vision_attention
+    batch = shard_batch(encoded_demo)
+    positions = answer_positions(batch["labels"])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def loss_and_grads(compiled: bool):
+        model = tiny(tiny_model_dir, lora=True).train()
+        use_bucketed_vision_attention(model)
+        if compiled:
+            assert compile_blocks(model, "all", "hf") == 2 + 4  # the tiny model's vision blocks + decoder layers
+        loss = answer_only_loss(model(**inputs, logits_to_keep=positions, use_cache=False).logits, batch["labels"],
+                                positions)
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (eager, g_eager), (compiled, g_compiled) = loss_and_grads(False), loss_and_grads(True)
+    assert math.isclose(eager, compiled, rel_tol=1e-5), (eager, compiled)
+    for name, g in g_eager.items():
+        assert torch.allclose(g_compiled[name], g, atol=1e-6, rtol=1e-3), name
