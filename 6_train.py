@@ -57,7 +57,8 @@ class TrainOptions:
                                         choices=["bucketed", "sdpa"])
     compile: str = options.opt("torch.compile each block: auto (GPU: all, or vision under Unsloth; CPU: none), "
                                "none, vision, all", "auto", choices=["auto", "none", "vision", "all"])
-    group_by_length: bool = options.opt("batch samples of similar length together (less padding)", True)
+    group_by_length: bool = options.opt("batch samples of similar length together: less padding on a GPU, but "
+                                        "less mixed batches (demo: validation SMAPE 63.5 against 57.8 without)", False)
     group_window: int = options.opt("batches per length-grouping window", 16)
     tf32: bool = options.opt("TF32 matmuls on GPU", True)
     workers: int = options.opt("dataloader worker processes per rank", 2)

@@ -8,8 +8,8 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   data             bench/gpu_make_data.py: real catalog text, drawn 448 px images, stages 3-5
   train_hf         baseline: 6_train.py --backend hf, bf16, batch --hf-batch, per-window vision attention,   } bench/
                    logits at every position, no length grouping (transformers+peft as the library gives it)  } gpu_
-  train_fast       ours: 6_train.py --backend hf, bf16, batch --fast-batch, its defaults (bucketed vision       } train_
-                   attention, answer-only logits, length-grouped batches, uint8 pixels)                      } speed
+  train_fast       ours: 6_train.py --backend hf, bf16, batch --fast-batch --group-by-length, otherwise its      } train_
+                   defaults (bucketed vision attention, answer-only logits, compile, uint8 pixels)           } speed
   train_fast_2gpu  ours under torchrun --nproc_per_node 2 (same per-GPU batch)                               } .py
   train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
   train_unsloth16  6_train.py --backend unsloth --no-load-in-4bit (bf16 base), batch --unsloth-batch
@@ -227,7 +227,7 @@ def main() -> None:
         if summary.exists():
             b.results["data"]["result"] = json.loads(summary.read_text())
             b.save()
-    fast = a.fast_extra.split()
+    fast = ["--group-by-length", *a.fast_extra.split()]
     trains = {"train_hf": ("hf", a.hf_batch, LIBRARY_DEFAULTS, 1), "train_fast": ("hf", a.fast_batch, fast, 1),
               "train_fast_2gpu": ("hf", a.fast_batch, fast, 2), "train_unsloth": ("unsloth", a.unsloth_batch, [], 1),
               "train_unsloth16": ("unsloth", a.unsloth_batch, ["--no-load-in-4bit"], 1)}

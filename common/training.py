@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import shutil
 from pathlib import Path
 
@@ -98,7 +99,6 @@ class LengthGroupedStream(torch.utils.data.IterableDataset):
         self.inner, self.batch_size, self.window_batches, self.seed = inner, batch_size, window_batches, seed
 
     def __iter__(self):
-        import random
         info = torch.utils.data.get_worker_info()
         rng = random.Random(self.seed * 1000 + (info.id if info else 0))
         window, size = [], self.batch_size * self.window_batches
