@@ -122,9 +122,10 @@ def main(cfg: InferOptions) -> dict:
     model, backend = load_for_inference(base, adapter, cfg.backend)
     if cfg.vision_attention == "bucketed":
         use_bucketed_vision_attention(model)
-    # the language model decodes token by token with a growing cache: only the vision blocks are compiled
-    compile_blocks(model, ("vision" if torch.cuda.is_available() else "none") if cfg.compile == "auto" else cfg.compile,
-                   backend)
+    which = cfg.compile
+    if which == "auto":  # the language model decodes token by token with a growing cache: vision blocks only
+        which = "vision" if torch.cuda.is_available() else "none"
+    compile_blocks(model, which, backend)
     log.info("%s: %d rows to answer; base %s, adapter %s, backend %s", cfg.split, len(ids), base, adapter, backend)
     run = run_predictions(model, tokenizer, build_stream(cfg, base, spec, encoding),
                           for_tokenizer(tokenizer, "left", with_labels=False), out_dir / "parts", rank,
