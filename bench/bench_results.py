@@ -1,9 +1,11 @@
 """Shared by the benchmarks: the device line and writing one section of bench/RESULTS.md."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -31,3 +33,17 @@ def update_section(path: Path, section: str, body: str) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def load_stage(filename: str):
+    """A numbered stage script (e.g. '6_train.py', not importable by name) as a module, run from the repo root
+    with `common` importable, as the stage itself runs."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    os.chdir(root)
+    name = "stage_" + Path(filename).stem
+    spec = importlib.util.spec_from_file_location(name, root / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -18,7 +18,6 @@ parsed price or None) are saved in the result for comparison.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_results import load_stage  # noqa: E402
 
 
 def sync():
@@ -57,13 +58,7 @@ def summarize(result: dict, batches: list[dict], wall_after_first: float | None)
 def run_seven(args, argv: list[str]) -> dict:
     if "--backend" in argv and argv[argv.index("--backend") + 1] == "unsloth":
         import unsloth  # noqa: F401
-    import torch
-    sys.path.insert(0, str(ROOT))
-    os.chdir(ROOT)
-    spec = importlib.util.spec_from_file_location("stage7_infer", ROOT / "7_infer.py")
-    stage7 = importlib.util.module_from_spec(spec)
-    sys.modules["stage7_infer"] = stage7  # dataclasses look their module up there
-    spec.loader.exec_module(stage7)
+    stage7 = load_stage("7_infer.py")
     import common.inference as ci
     from common import options
     cfg = options.parse(stage7.InferOptions, argv)

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_results import load_stage  # noqa: E402
 
 
 def arg_value(argv: list[str], name: str, default: str) -> str:
@@ -164,12 +166,7 @@ def main() -> None:
     if backend == "unsloth":
         import unsloth  # noqa: F401  (before transformers, as 6_train.py does for this backend)
     import torch
-    sys.path.insert(0, str(ROOT))
-    os.chdir(ROOT)
-    spec = importlib.util.spec_from_file_location("stage6_train", ROOT / "6_train.py")
-    stage6 = importlib.util.module_from_spec(spec)
-    sys.modules["stage6_train"] = stage6  # dataclasses look their module up there
-    spec.loader.exec_module(stage6)
+    stage6 = load_stage("6_train.py")
     import common.training as ct
     from common import options
 

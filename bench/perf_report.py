@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_results import RESULTS, update_section  # noqa: E402
 
 RUNS = Path(__file__).resolve().parent / "gpu_runs"
-HEAVY = ("predictions", "texts", "batch_log", "losses", "argv", "evals", "log_history")
+HEAVY = ("predictions", "texts", "batch_log", "losses", "evals", "log_history")  # argv stays
 
 
 def add(spec: str) -> None:
@@ -28,7 +28,7 @@ def add(spec: str) -> None:
             v.pop("log_tail", None)
             for x in [v.get("result"), *v.get("other_ranks", [])]:
                 for key in HEAVY:
-                    if isinstance(x, dict) and key != "argv":
+                    if isinstance(x, dict):
                         x.pop(key, None)
     r["label"], r["commit"] = label, commit
     RUNS.mkdir(exist_ok=True)
@@ -81,7 +81,7 @@ def infer_rows(label: str, run: dict) -> list[str]:
     return out
 
 
-def render(runs: dict[str, dict]) -> tuple[str, list[str]]:
+def render(runs: dict[str, dict]) -> str:
     L = ["## Performance on the GPU: baseline and ours in the same call (`bench/gpu_bench.py`)", "",
          "Qwen2.5-VL-3B's architecture with random weights (speed does not depend on them), LoRA r16 on the language "
          "model's 7 projections, bf16, 448 px images (256 image tokens). Training and inference read the pipeline's own "
@@ -161,7 +161,11 @@ def render(runs: dict[str, dict]) -> tuple[str, list[str]]:
           "Before these levers (commit ed482a8, H200, an adapter trained 25 steps, in git history): the plain loop and "
           "`7_infer.py --no-constrained` gave the same price on 475 of 512 rows; the rest diverged where batch "
           "composition moved near-tied bf16 logits.", ""]
-    return "\n".join(L), []
+    return "\n".join(L)
+
+
+def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "") -> tuple[str, str]:
+    return metric, f"| {metric} | {baseline} | {ours} | {card(run)}{device_note} | {run['env']['started'][:10]} |"
 
 
 def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
@@ -170,35 +174,32 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
     c = runs.get("h100-c", {})
     hf, fast = res(c, "train_hf"), res(c, "train_fast")
     if hf and fast:
-        rows.append(("train samples/s", f"| train samples/s | {hf['samples_per_s']} (transformers+peft, batch 4; "
-                     f"3B, real lengths) | {fast['samples_per_s']} ({fast['samples_per_s'] / hf['samples_per_s']:.2f}x; goal 40) "
-                     f"| {card(c)} | 2026-11-26 |"))
+        rows.append(row("train samples/s", f"{hf['samples_per_s']} (transformers+peft, batch 4; 3B, real lengths)",
+                        f"{fast['samples_per_s']} ({fast['samples_per_s'] / hf['samples_per_s']:.2f}x; goal 40)", c))
     a = runs.get("h100-a", {})
     hf_a, uns = res(a, "train_hf"), res(a, "train_unsloth")
     if hf_a and uns:
-        rows.append(("Unsloth 4-bit train samples/s", f"| Unsloth 4-bit train samples/s (the default GPU backend) | "
-                     f"{hf_a['samples_per_s']} (transformers+peft bf16, batch 4, {hf_a['train_peak_gib']} GiB) | "
-                     f"{uns['samples_per_s']} (batch 16, {uns['train_peak_gib']} GiB) | {card(a)} | 2026-11-26 |"))
+        rows.append(row("Unsloth 4-bit train samples/s (the default GPU backend)",
+                        f"{hf_a['samples_per_s']} (transformers+peft bf16, batch 4, {hf_a['train_peak_gib']} GiB)",
+                        f"{uns['samples_per_s']} (batch 16, {uns['train_peak_gib']} GiB)", a))
     e = runs.get("h100-e", {})
     plain, seven = res(e, "infer_plain"), res(e, "infer_fast")
     if plain and seven:
-        rows.append(("infer samples/s", f"| infer samples/s | {plain['samples_per_s']} (plain generate loop; "
-                     f"3B, real lengths) | {seven['samples_per_s']} ({seven['samples_per_s'] / plain['samples_per_s']:.2f}x; goal 120) "
-                     f"| {card(e)} | 2026-11-26 |"))
+        rows.append(row("infer samples/s", f"{plain['samples_per_s']} (plain generate loop; 3B, real lengths)",
+                        f"{seven['samples_per_s']} ({seven['samples_per_s'] / plain['samples_per_s']:.2f}x; goal 120)", e))
     d = runs.get("h200x2-d", {})
     one, two = d.get("infer_fast") or {}, d.get("infer_fast_2gpu") or {}
     if one.get("result") and two.get("result"):
         g1 = one["result"]["generate_samples_per_s"]
         g2 = sum(x.get("generate_samples_per_s") or 0 for x in [two["result"], *two.get("other_ranks", [])])
-        rows.append(("infer 2-GPU scaling", f"| infer 2-GPU scaling | {g1} samples/s (7_infer, 1 GPU, generate-only) | "
-                     f"{round(g2, 2)} (torchrun, 2 GPUs: {g2 / g1:.2f}x; end to end {two['samples_per_s_all_ranks']} vs "
-                     f"{one['result']['samples_per_s']}, {two['samples_per_s_all_ranks'] / one['result']['samples_per_s']:.2f}x) "
-                     f"| {card(d)} (not H100) | 2026-11-26 |"))
+        e1, e2 = one["result"]["samples_per_s"], two["samples_per_s_all_ranks"]
+        rows.append(row("infer 2-GPU scaling", f"{g1} samples/s (7_infer, 1 GPU, generate-only)",
+                        f"{round(g2, 2)} (torchrun, 2 GPUs: {g2 / g1:.2f}x; end to end {e2} vs {e1}, {e2 / e1:.2f}x)",
+                        d, " (not H100)"))
     t2 = res(d, "train_fast_2gpu")
     if t2:
-        rows.append(("train 2-GPU scaling", f"| train 2-GPU scaling | not measured in that run (its 1-GPU phase hit a bug, "
-                     f"fixed in 1794cdf) | {t2['samples_per_s']} samples/s (6_train, torchrun, 2 GPUs) | {card(d)} "
-                     "(not H100) | 2026-11-26 |"))
+        rows.append(row("train 2-GPU scaling", "not measured in that run (its 1-GPU phase hit a bug, fixed in 1794cdf)",
+                        f"{t2['samples_per_s']} samples/s (6_train, torchrun, 2 GPUs)", d, " (not H100)"))
     return rows
 
 
@@ -232,7 +233,8 @@ def write_headline(rows: list[tuple[str, str]]) -> None:
     after = lines[end:]
     if "<!-- perf-commands -->" in text:
         after = re.sub(r"<!-- perf-commands -->.*?<!-- /perf-commands -->\n?", "", "\n".join(after), flags=re.S).split("\n")
-    block = ["", "<!-- perf-commands -->", COMMANDS, "<!-- /perf-commands -->"]
+    after = "\n".join(after).lstrip("\n").split("\n")  # rerunning must not pile up blank lines
+    block = ["", "<!-- perf-commands -->", COMMANDS, "<!-- /perf-commands -->", ""]
     RESULTS.write_text("\n".join(lines[:start] + table + block + after).rstrip("\n") + "\n", encoding="utf-8")
 
 
@@ -244,7 +246,7 @@ def main() -> None:
     for spec in a.add:
         add(spec)
     runs = load()
-    body, _ = render(runs)
+    body = render(runs)
     if a.write:
         update_section(RESULTS, "perf", body)
         write_headline(headline(runs))
