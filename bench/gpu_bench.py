@@ -18,6 +18,8 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   infer_fast       ours: 7_infer.py, its defaults, batch --infer-batch, same adapter           } infer_speed
   infer_fast_2gpu  ours under torchrun --nproc_per_node 2                                      } .py
   infer_free       7_infer.py --no-constrained (prediction equality with the plain loop)
+  profile_train    bench/gpu_profile.py: train_fast's run with steps profiled (GPU busy, idle gaps, syncs)
+  profile_infer    bench/gpu_profile.py: infer_fast's run with batches profiled
 
 GPU busy: nvidia-smi samples utilization.gpu every 200 ms through the whole call; each phase's mean over its
 steady window (after warm-up, until its end) is reported per GPU.
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_unsloth", "train_unsloth16", "vision",
        "infer_plain",
-       "infer_fast", "infer_fast_2gpu", "infer_free"]
+       "infer_fast", "infer_fast_2gpu", "infer_free", "profile_train", "profile_infer"]
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none"]
 
@@ -269,6 +271,15 @@ def main() -> None:
             b.results[name]["samples_per_s_all_ranks"] = round(sum(r.get("samples_per_s") or 0 for r in ranks), 2)
             b.save()
 
+    def profile(name: str) -> None:
+        mode = name.removeprefix("profile_")
+        argv = (train_args(b, "profile", "hf", a.fast_batch, fast) if mode == "train"
+                else infer_seven_args(b, "profile", b.adapter("hf"), a.infer_batch, []))
+        res = b.out / f"{mode}_profile.json"
+        b.run(name, [PY, "bench/gpu_profile.py", mode, "--out", b.out, "--skip", 8 if mode == "train" else 2,
+                     "--", *argv], f"{name}.log", limits.get(name, limits["train" if mode == "train" else "infer"]),
+              res, min_needed=45)
+
     for name in phases:  # in the order given
         if name in trains:
             train(name)
@@ -276,6 +287,8 @@ def main() -> None:
             vision(name)
         elif name.startswith("infer_"):
             infer(name)
+        elif name.startswith("profile_"):
+            profile(name)
     sampler.stop()
     compare(b)
     print(json.dumps({k: {x: y for x, y in v.items() if x in ("status", "seconds", "gpu_busy")}

@@ -1,0 +1,44 @@
+"""bench/trace_gaps.py: GPU busy share and idle-gap attribution, on a trace whose answer is known."""
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+from trace_gaps import analyse, load  # noqa: E402
+
+
+def span(name, cat, ts, dur):
+    return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur}
+
+
+def test_busy_share_and_gaps_charged_to_the_host_code_running_then(tmp_path):
+    events = [
+        span("train_unit", "user_annotation", 0, 1000), span("train_unit", "user_annotation", 2000, 500),
+        span("other", "user_annotation", 5000, 100),
+        # window 1: busy 0-300, 300-400 (overlapping streams), 600-1000; idle 400-600
+        span("gemm", "kernel", 0, 300), span("norm", "kernel", 250, 150), span("copy", "gpu_memcpy", 600, 400),
+        # window 2: idle 2000-2100 (under 20 us? no: 100 us), busy 2100-2400, idle 2400-2500
+        span("gemm", "kernel", 2100, 300),
+        span("kernel outside", "kernel", 3000, 900),  # outside every window: not counted
+        # host frames: the trainer calls get_rope_index during the first gap
+        span("transformers/trainer.py(1800): training_step", "python_function", 350, 400),
+        span("transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py(955): get_rope_index", "python_function", 420, 200),
+        span("site.py(1): unrelated", "python_function", 430, 10),
+        span("transformers/trainer.py(1900): optimizer_step", "python_function", 1990, 600),
+    ]
+    r = analyse(events, "train_unit")
+    assert r["windows"] == 2 and r["wall_ms"] == 1.5
+    assert r["idle_ms"] == 0.4 and r["gpu_busy_pct"] == round(100 * 1.1 / 1.5, 1)
+    assert r["kernels"] == 3  # the copy is a memcpy, the last kernel lies outside
+    charged = {x["host"].split(" < ")[0].split(": ")[-1]: (x["ms"], x["gaps"]) for x in r["idle_charged_ms"]}
+    assert charged == {"get_rope_index": (0.2, 1), "optimizer_step": (0.2, 2)}
+    assert r["top_kernels_ms"][0] == {"kernel": "gemm", "ms": 0.6}
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    assert analyse(load(path), "train_unit") == r
+    assert "error" in analyse(events, "no such window")
