@@ -47,6 +47,8 @@ class InferOptions:
     vision_attention: str = options.opt("bucketed: one attention call per window length in the vision tower; "
                                         "sdpa: the library's one call per window", "bucketed",
                                         choices=["bucketed", "sdpa"])
+    cudnn_attention: bool = options.opt("let attention use cuDNN (PyTorch's pick on an H100): it builds a plan for "
+                                        "every new sequence length, and each decode step is one", False)
     skip_corrupt_shards: bool = options.opt("answer rows of unreadable shards with the fallback", True)
 
     def problems(self) -> list[str]:
@@ -103,7 +105,8 @@ def main(cfg: InferOptions) -> dict:
     from common.collate import for_tokenizer
     from common.encode import ImageSpec
     from common.inference import merge, read_parts, run_predictions, write_predictions_csv
-    from common.modeling import bind_local_gpu, compile_blocks, load_for_inference, load_tokenizer, resolve_model
+    from common.modeling import (bind_local_gpu, compile_blocks, load_for_inference, load_tokenizer, resolve_model,
+                                 use_cudnn_attention)
     from common.vision_attention import use_bucketed_vision_attention
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
@@ -126,6 +129,7 @@ def main(cfg: InferOptions) -> dict:
     if which == "auto":  # the language model decodes token by token with a growing cache: vision blocks only
         which = "vision" if torch.cuda.is_available() else "none"
     compile_blocks(model, which, backend)
+    use_cudnn_attention(cfg.cudnn_attention)
     log.info("%s: %d rows to answer; base %s, adapter %s, backend %s", cfg.split, len(ids), base, adapter, backend)
     run = run_predictions(model, tokenizer, build_stream(cfg, base, spec, encoding),
                           for_tokenizer(tokenizer, "left", with_labels=False), out_dir / "parts", rank,

@@ -45,7 +45,8 @@ ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_unsl
        "infer_plain",
        "infer_fast", "infer_fast_2gpu", "infer_free", "profile_train", "profile_infer"]
 # the baseline: what transformers + peft do out of the box
-LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none"]
+LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",
+                    "--cudnn-attention"]
 
 
 class Bench:

@@ -30,29 +30,38 @@ def number_tokens(tokenizer) -> tuple[list[int], int]:
 
 
 class NumberConstraint(LogitsProcessor):
-    """Only `D+(.D{1,2})?` then <|im_end|> may be generated: digits, one point, at most two decimals."""
+    """Only `D+(.D{1,2})?` then <|im_end|> may be generated: digits, one point, at most two decimals.
+
+    The rule is evaluated on the GPU for all rows at once: a per-row Python loop would copy the generated ids
+    to the host and back at every step (one synchronization per row per step, 1,300 per batch of 64)."""
 
     def __init__(self, tokenizer, prompt_length: int):
-        self.digit_ids, self.dot_id = number_tokens(tokenizer)
+        digit_ids, dot_id = number_tokens(tokenizer)
         self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.dot_id = dot_id
+        self.candidates = torch.tensor([*digit_ids, dot_id, self.end_id])  # columns: 10 digits, '.', end
         self.prompt_length = prompt_length
 
-    def allowed(self, generated: list[int]) -> list[int]:
-        if generated and generated[-1] == self.end_id:
-            return [self.end_id]  # finished rows keep emitting the end token while others continue
-        if self.dot_id in generated:
-            decimals = len(generated) - generated.index(self.dot_id) - 1
-            return ([self.end_id] if decimals else []) + (self.digit_ids if decimals < MAX_DECIMALS else [])
-        n = len(generated)
+    def allowed(self, generated: torch.LongTensor) -> torch.BoolTensor:
+        """[rows, 12] over (digits, '.', end): which may come next after each row's generated ids."""
+        rows, n = generated.shape
         if n == 0:
-            return self.digit_ids
-        return [self.end_id, self.dot_id] + (self.digit_ids if n < MAX_INT_DIGITS else [])
+            return torch.tensor([True] * 10 + [False, False], device=generated.device).expand(rows, -1)
+        ended = generated[:, -1] == self.end_id  # finished rows keep emitting the end token
+        is_dot = generated == self.dot_id
+        has_dot = is_dot.any(1)
+        decimals = n - 1 - is_dot.int().argmax(1)  # tokens after the first point
+        digit = torch.where(has_dot, decimals < MAX_DECIMALS, n < MAX_INT_DIGITS) & ~ended
+        dot = ~has_dot & ~ended
+        end = torch.where(has_dot, decimals > 0, True) | ended
+        return torch.cat([digit[:, None].expand(-1, 10), dot[:, None], end[:, None]], dim=1)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        mask = torch.full_like(scores, float("-inf"))
-        for row, ids in enumerate(input_ids[:, self.prompt_length:].tolist()):
-            mask[row, self.allowed(ids)] = 0
-        return scores + mask
+        if self.candidates.device != scores.device:
+            self.candidates = self.candidates.to(scores.device)
+        ids = self.candidates
+        kept = torch.where(self.allowed(input_ids[:, self.prompt_length:]), scores[:, ids], float("-inf"))
+        return torch.full_like(scores, float("-inf")).index_copy_(1, ids, kept)
 
 
 def max_new_tokens() -> int:

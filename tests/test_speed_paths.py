@@ -183,3 +183,57 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model_dir, encode
     assert math.isclose(eager, compiled, rel_tol=1e-5), (eager, compiled)
     for name, g in g_eager.items():
         assert torch.allclose(g_compiled[name], g, atol=1e-6, rtol=1e-3), name
+
+
+def _allowed_by_the_rule(generated: list[int], digits: list[int], dot: int, end: int) -> list[int]:
+    """The price grammar written out per row, as the constraint read before it ran on tensors."""
+    from common.predict import MAX_DECIMALS, MAX_INT_DIGITS
+    if generated and generated[-1] == end:
+        return [end]
+    if dot in generated:
+        decimals = len(generated) - generated.index(dot) - 1
+        return ([end] if decimals else []) + (digits if decimals < MAX_DECIMALS else [])
+    if not generated:
+        return digits
+    return [end, dot] + (digits if len(generated) < MAX_INT_DIGITS else [])
+
+
+def test_number_constraint_on_tensors_allows_exactly_the_price_grammar(tiny_model_dir):
+    """Every prefix the grammar can reach (up to max_new_tokens), batched at once: the same tokens allowed,
+    and the allowed scores passed through unchanged."""
+    from common.modeling import load_tokenizer
+    from common.predict import NumberConstraint, max_new_tokens, number_tokens
+    tok = load_tokenizer(str(tiny_model_dir))
+    digits, dot = number_tokens(tok)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    prompt = tok("Price:")["input_ids"]
+    constraint = NumberConstraint(tok, len(prompt))
+    prefixes, checked = [[]], 0
+    for n in range(max_new_tokens() + 1):
+        ids = torch.tensor([prompt + p for p in prefixes], dtype=torch.long)
+        scores = torch.randn(len(prefixes), len(tok))
+        out = constraint(ids, scores)
+        for row, p in enumerate(prefixes):
+            want = sorted(_allowed_by_the_rule(p, digits, dot, end))
+            assert torch.isfinite(out[row]).nonzero().flatten().tolist() == want, p
+            assert torch.equal(out[row, want], scores[row, want])
+            checked += 1
+        # grow: two digits stand for all ten (the rule treats digits alike), every other allowed token kept
+        prefixes = [p + [t] for p in prefixes for t in _allowed_by_the_rule(p, digits[3:5], dot, end)]
+    assert checked > 1000 and all(len(p) == max_new_tokens() + 1 for p in prefixes)
+
+
+def test_flops_estimate_counts_parameters_once_and_matches_the_trainer(tiny_model_dir, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from common.modeling import LoraSettings, load_for_training
+    from common.training import PriceTrainer
+    model, _ = load_for_training(str(tiny_model_dir), "hf", LoraSettings(r=4, alpha=8), False, False, 0)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    ours = PriceTrainer(model=model, args=args, loader_options={}, eval_options={})
+    plain = Trainer(model=model, args=args)
+    for shape in [(2, 30), (4, 57)]:
+        batch = {"input_ids": torch.zeros(shape, dtype=torch.long)}
+        assert ours.floating_point_ops(batch) == plain.floating_point_ops(batch) > 0
+    assert ours._flops_per_token == plain.floating_point_ops({"input_ids": torch.zeros(1)})
+
