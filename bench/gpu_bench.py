@@ -17,6 +17,7 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   infer_plain      baseline: a plain transformers generate loop, batch 64, train_hf's adapter  } bench/gpu_
   infer_fast       ours: 7_infer.py, its defaults, batch --infer-batch, same adapter           } infer_speed
   infer_fast_2gpu  ours under torchrun --nproc_per_node 2                                      } .py
+  infer_fast_big   ours at batch --infer-big-batch (decode steps cost about the same at any batch)  }
   infer_free       7_infer.py --no-constrained (prediction equality with the plain loop)
   profile_train    bench/gpu_profile.py: train_fast's run with steps profiled (GPU busy, idle gaps, syncs)
   profile_infer    bench/gpu_profile.py: infer_fast's run with batches profiled
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_unsloth", "train_unsloth16", "vision",
        "infer_plain",
-       "infer_fast", "infer_fast_2gpu", "infer_free", "profile_train", "profile_infer"]
+       "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_free", "profile_train", "profile_infer"]
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",
                     "--cudnn-attention"]
@@ -169,7 +170,8 @@ def compare(b: Bench) -> None:
             got[k] = {"predictions": v["result"].get("predictions"),
                       "texts": {i: t for r in ranks for i, t in (r.get("texts") or {}).items()}}
     out = {}
-    for x, y in [("infer_plain", "infer_free"), ("infer_plain", "infer_fast"), ("infer_fast", "infer_fast_2gpu")]:
+    for x, y in [("infer_plain", "infer_free"), ("infer_plain", "infer_fast"), ("infer_fast", "infer_fast_2gpu"),
+                 ("infer_fast", "infer_fast_big")]:
         px, py = got.get(x, {}).get("predictions"), got.get(y, {}).get("predictions")
         if not px or not py:
             continue
@@ -198,6 +200,7 @@ def main() -> None:
     ap.add_argument("--fast-batch", type=int, default=16)
     ap.add_argument("--unsloth-batch", type=int, default=16)
     ap.add_argument("--infer-batch", type=int, default=64)
+    ap.add_argument("--infer-big-batch", type=int, default=256)
     ap.add_argument("--fast-extra", default="", help="extra 6_train.py options for train_fast*, e.g. '--compile none'")
     ap.add_argument("--limits", default="build=120,data=120,train=150,train_unsloth=260,vision=120,infer=110")
     a = ap.parse_args()
@@ -258,6 +261,7 @@ def main() -> None:
                                 "--jsonl", b.work / "jsonl" / "test.jsonl", "--batch-size", 64]),
             "infer_fast": (1, ["seven", "--", *infer_seven_args(b, "fast", adapter, a.infer_batch, [])]),
             "infer_fast_2gpu": (2, ["seven", "--", *infer_seven_args(b, "fast_2gpu", adapter, a.infer_batch, [])]),
+            "infer_fast_big": (1, ["seven", "--", *infer_seven_args(b, "fast_big", adapter, a.infer_big_batch, [])]),
             "infer_free": (1, ["seven", "--", *infer_seven_args(b, "free", adapter, 64, ["--no-constrained"])]),
         }[name]
         res = a.root / f"{name}.json"

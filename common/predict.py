@@ -78,10 +78,31 @@ def with_normalized_pixels(inputs: dict, spec) -> dict:
     return {**inputs, "pixel_values": normalize_patches_torch(pixels, spec)}
 
 
+def generation_positions(model, batch: dict) -> torch.Tensor | None:
+    """The position ids generate() would compute for this batch (for Qwen2.5-VL: the text row and the three
+    multimodal rotary rows), computed by the model's own method on the batch while it is still on the host.
+    On the GPU that method is a per-row Python loop of tiny kernels with several host syncs per row: it held
+    the GPU idle for ~100 ms of every batch of 64 (profiled, bench/gpu_runs/h100-f-profile.json). None if the
+    model has no such method (generate then computes them itself)."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prepare = getattr(core, "_prepare_position_ids_for_generation", None)
+    inner = getattr(core, "model", None)
+    if prepare is None or not hasattr(inner, "rope_deltas"):
+        return None
+    saved = inner.rope_deltas  # the method also caches rope deltas on the model: leave the model as it was
+    try:
+        return prepare(batch["input_ids"], {k: v for k, v in batch.items() if k != "pixel_values"})
+    finally:
+        inner.rope_deltas = saved
+
+
 @torch.no_grad()
 def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=None) -> list[float | None]:
     """Greedy prices for one left-padded batch (collator with padding_side='left', no labels)."""
     device = next(model.parameters()).device
+    positions = generation_positions(model, batch)
+    if positions is not None:
+        batch = {**batch, "position_ids": positions}
     inputs = with_normalized_pixels({k: v.to(device, non_blocking=True) for k, v in batch.items()}, spec)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)

@@ -237,3 +237,30 @@ def test_flops_estimate_counts_parameters_once_and_matches_the_trainer(tiny_mode
         assert ours.floating_point_ops(batch) == plain.floating_point_ops(batch) > 0
     assert ours._flops_per_token == plain.floating_point_ops({"input_ids": torch.zeros(1)})
 
+
+def test_host_computed_positions_are_what_generate_computes_and_change_nothing(tiny_model_dir, encoded_demo):
+    """predict_batch hands generate() the position ids computed on the host; generate's own result on the
+    same batch is identical, and so are the generated tokens with and without them."""
+    import itertools
+
+    from common.collate import for_tokenizer
+    from common.encode import ImageSpec
+    from common.modeling import load_for_inference, load_tokenizer
+    from common.predict import generation_positions, max_new_tokens, with_normalized_pixels
+    from common.shards import ShardStream
+    model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
+    tok = load_tokenizer(str(tiny_model_dir))
+    spec = ImageSpec.from_model(str(tiny_model_dir))
+    samples = list(itertools.islice(iter(ShardStream(encoded_demo.shards_dir("train"), spec, normalize=False)), 6))
+    collate = for_tokenizer(tok, "left", with_labels=False)
+    samples[2] = collate.without_image(samples[2])  # a row whose image failed: text only
+    batch = collate(samples)
+    assert (batch["attention_mask"] == 0).any()  # left padding present
+    ours = generation_positions(model, batch)
+    kwargs = {k: v for k, v in batch.items() if k != "pixel_values"}
+    model.model.rope_deltas = None
+    assert torch.equal(ours, model._prepare_position_ids_for_generation(batch["input_ids"], dict(kwargs)))
+    inputs = with_normalized_pixels(batch, spec)
+    outs = [model.generate(**inputs, **extra, max_new_tokens=max_new_tokens(), do_sample=False,
+                           pad_token_id=tok.pad_token_id) for extra in ({}, {"position_ids": ours})]
+    assert torch.equal(outs[0], outs[1])
