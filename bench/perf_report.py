@@ -69,13 +69,13 @@ def train_rows(label: str, run: dict) -> list[str]:
 
 def infer_rows(label: str, run: dict) -> list[str]:
     out = []
-    for phase in ("infer_plain", "infer_fast", "infer_fast_2gpu"):
+    for phase in ("infer_plain", "infer_fast", "infer_fast_big", "infer_fast_2gpu"):
         e = run.get(phase) or {}
         ranks = [x for x in [e.get("result"), *e.get("other_ranks", [])] if x]
         if not ranks:
             continue
         gen = sum(x.get("generate_samples_per_s") or 0 for x in ranks)
-        out.append(f"| {label} | {phase} | {len(ranks)} | **{e.get('samples_per_s_all_ranks') or ranks[0].get('samples_per_s')}** | "
+        out.append(f"| {label} | {phase} | {len(ranks)} | {ranks[0].get('argv', ['?'])[ranks[0].get('argv', []).index('--batch-size') + 1] if '--batch-size' in (ranks[0].get('argv') or []) else 64} | **{e.get('samples_per_s_all_ranks') or ranks[0].get('samples_per_s')}** | "
                    f"{round(gen, 2)} | {ranks[0].get('median_generate_s')} | {ranks[0].get('prompt_tokens_mean')} | "
                    f"{sum(x.get('samples') or 0 for x in ranks)} | {ranks[0].get('peak_gib')} | {busy(run, phase)} |")
     return out
@@ -96,18 +96,20 @@ def render(runs: dict[str, dict]) -> str:
           "- ours `train_fast`: `6_train.py --backend hf --no-load-in-4bit --batch-size 16 --group-by-length` (bucketed "
           "vision attention, answer-only logits, uint8 pixels normalized on the GPU, no KV cache in training, and from "
           "commit 469df67 `--compile auto` = every vision block and decoder layer compiled; length grouping was a "
-          "default in these runs and is now an option, as it cost the demo some SMAPE).",
+          "default in these runs and is now an option, as it cost the demo some SMAPE; from commit 46dffbb attention "
+          "without cuDNN and without the per-step host syncs).",
           "- `train_unsloth`: the default GPU backend (Unsloth, 4-bit base); `train_unsloth16`: Unsloth, bf16 base.",
           "", "### Training", "",
           "| run | phase | backend | samples/step | samples/s | median step s | peak GiB | GPU busy (nvidia-smi) | "
           "data wait | loss first -> last |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for label, r in runs.items():
         L += train_rows(label, r)
-    L += ["", "samples/s = samples per optimizer step / median step-to-step interval (steps 6-20; the first steps "
-          "compile). Data wait = 1 - interval-based / compute-only rate: the loader keeps up (under 2%). GPU busy = mean "
-          "of nvidia-smi's utilization.gpu, sampled every 200 ms over the timed steps: about 40% of each step the GPU "
-          "has no kernel running although the next batch is ready, so the gap is host time inside the step (Python, "
-          "launches, synchronizations); a profile to attribute it is the next step.", ""]
+    L += ["", "samples/s = samples per optimizer step / median step-to-step interval (after 5 warm-up steps; the first "
+          "steps compile). Data wait = 1 - interval-based / compute-only rate. GPU busy = mean of nvidia-smi's "
+          "utilization.gpu, sampled every 200 ms over the timed steps. From run h100-g on, SDPA no longer uses cuDNN "
+          "(see the profile below) and the baseline keeps it (`--cudnn-attention`), as the libraries do by default: its "
+          "steps that meet a new length take 2.5 s instead of 0.5 s (median unaffected, mean worse).", ""]
+    L += profile_section(runs)
     v = next((res(r, "vision") for r in runs.values() if res(r, "vision").get("tower_s_compiled")), {})
     if v:
         L += ["### Where a prefill's time goes (`bench/gpu_vision_speed.py`, fixed shape 608 tokens, batch 64)", "",
@@ -141,14 +143,26 @@ def render(runs: dict[str, dict]) -> str:
               "| Unsloth (its compiled decoder layers, fused LoRA) instead of transformers+peft | faster | 4-bit 27.45 "
               "(h100-a), bf16 29.05 against ours 35.09 (h100-c, same run) | default backend stays Unsloth 4-bit (the "
               "design card); `--backend hf --no-load-in-4bit` is the fastest |",
-              "| vision features precomputed in stage 4 | after compile the tower is ~3.3 ms/image, 53 ms of a 456 ms "
-              "batch-16 step: at most ~13% (~40 samples/s) | not built | no (next) |",
-              f"| static-cache / CUDA-graph decode | decode is ~10 small steps per batch | not built; the language "
-              f"model's eager prefill alone runs {lm_only:.0f} samples/s at 608 tokens (prefill minus tower), so 120 "
-              "end to end needs a compiled or graph-captured language model, not just decode | no (next) |", ""]
+              "| SDPA without cuDNN (`--no-cudnn-attention`, default) | the profile: cuDNN plan builds were 70% of two "
+              "training steps and 47% of an inference batch | training 35.09 (h100-c) -> 45.52 samples/s (h100-g), "
+              "GPU busy 59% -> 81.5%; decode step 100 -> 36 ms, inference 38.17 (h100-e) -> 45.17 (h100-g) | yes, "
+              "default |",
+              "| no per-step host syncs: the Trainer's isnan check, parameter walk for its FLOP count, the number "
+              "constraint's per-row loop (1,280 syncs a batch), rotary position ids on the host | a few % of a step; "
+              "~100 ms of each inference batch | syncs per inference batch 1,914 -> 50; inference 45.17 -> 52.38 "
+              "(h100-h, with the host position ids) | yes, default |",
+              "| larger inference batch (256) | decode steps cost about the same at any batch | 45.72 against 52.38 at "
+              "64 (h100-h): the long-tail batch pads 256 rows to 1,749 tokens; per sample at equal length 15% faster | "
+              "no: batch 64 stays (token-budget batching would keep the gain) |",
+              "| vision features precomputed in stage 4 | after compile the tower is ~3.3 ms/image, 53 ms of a 350 ms "
+              "batch-16 step: at most ~15% | not built: training is past its goal without it | no |",
+              f"| static-cache / CUDA-graph decode | decode is 9 host-bound steps of 36 ms per batch of 64 (h100-h "
+              f"profile), 330 of 1,080 ms | not built; even with free decoding the prefill (706 ms per 64 rows at real "
+              f"lengths, 98% GPU busy) caps 7_infer at ~91 samples/s; the language model's eager prefill alone runs "
+              f"{lm_only:.0f} samples/s at 608 tokens | no (next: it and a compiled prefill are what 120 needs) |", ""]
     L += ["### Inference", "",
-          "| run | phase | GPUs | samples/s end to end | generate-only samples/s | median batch s | prompt tokens (mean) "
-          "| rows | peak GiB | GPU busy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
+          "(mean) | rows | peak GiB | GPU busy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in runs.items():
         L += infer_rows(label, r)
     L += ["", "Baseline `infer_plain`: AutoProcessor + `Qwen2_5_VLForConditionalGeneration` (bf16, sdpa) + "
@@ -156,12 +170,43 @@ def render(runs: dict[str, dict]) -> str:
           "--batch-size 64` (shards, length-sorted batches, bucketed + compiled vision, number-constrained greedy "
           "decoding). Random weights and no adapter here, so the plain loop rarely emits a number and the texts cannot be "
           "compared row by row; the CPU tests show the same logits for the same inputs. 2 GPUs: `torchrun "
-          "--nproc_per_node 2 7_infer.py`; end to end, rank 0 waited for rank 1's later start on a 6-batch run, so "
-          "the generate-only rate shows the steady state.", "",
+          "--nproc_per_node 2 7_infer.py`; end to end, each rank had only 5-6 batches (the first compiles), so the "
+          "generate-only rate shows the steady state.", "",
           "Before these levers (commit ed482a8, H200, an adapter trained 25 steps, in git history): the plain loop and "
           "`7_infer.py --no-constrained` gave the same price on 475 of 512 rows; the rest diverged where batch "
           "composition moved near-tied bf16 logits.", ""]
     return "\n".join(L)
+
+
+def profile_section(runs: dict[str, dict]) -> list[str]:
+    """Busy share, syncs and prefill/decode split from the profiled phases (bench/gpu_profile.py)."""
+    L = ["### Where the GPU waited (`bench/gpu_profile.py`, torch.profiler)", "",
+         "| run | commit | profiled | GPU busy (kernel time / wall) | host syncs per unit | prefill ms | decode step ms "
+         "| largest idle charge |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for label, r in runs.items():
+        for phase, unit in (("profile_train", "2 training steps (batch 16)"), ("profile_infer", "2 batches of 64")):
+            x = (r.get(phase) or {}).get("result") or {}
+            plain = x.get("plain") or (r.get(phase) or {}).get("trace_analysis") or {}
+            if not plain.get("gpu_busy_pct"):
+                continue
+            top = (plain.get("idle_charged_ms") or [{}])[0]
+            L.append(f"| {label} | `{r['commit']}` | {unit} | {plain['gpu_busy_pct']}% of {plain['wall_ms']:.0f} ms | "
+                     f"{x.get('syncs_in_one_unit', '-')} | {x.get('prefill_ms_median') or '-'} | "
+                     f"{x.get('decode_step_ms_median') or '-'} | {top.get('host', '-')[:60]}: {top.get('ms', '-')} ms |")
+    L += ["", "Idle gaps are charged to the host operation running at the gap's midpoint (`bench/trace_gaps.py`). Before "
+          "(h100-f): cuDNN's attention built a new execution plan for every new sequence length, which with real "
+          "lengths is every batch and every decode step: 2.1 s of a 4.6 s pair of inference batches and 2.3 s of a "
+          "3.3 s pair of training steps. The generation's rotary position ids ran as a per-row loop of tiny kernels with "
+          "syncs (~100 ms per batch), and the number constraint synchronized once per row per step. After (h100-g, "
+          "h100-h): an inference batch of 64 is ~50 ms of host preparation (collating, position ids, copies), a prefill "
+          "at ~99% busy (706 ms median from the model call's first to its last kernel), and 9 decode steps of ~36 ms at "
+          "~40% busy: launch-bound, ~1,800 small kernels each from the eager language model. The GPU-busy goal is met "
+          "by the prefill and missed by the decode, which is where a CUDA-graph decode would go. A training step "
+          "(h100-j) is 83.5% busy; what idles is host time between steps and before the forward (the Trainer's "
+          "per-step `model.train()` over every module, handing over the next batch, and the model's per-row rotary "
+          "index loop with 174 syncs per step). Unsloth 4-bit, rerun in h100-j after these changes: 27.64 samples/s "
+          "(27.45 in h100-a), 77% busy: it has its own attention path.", ""]
+    return L
 
 
 def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "") -> tuple[str, str]:
@@ -171,35 +216,44 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
 def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
     """(metric, row) for the perf rows of the headline table."""
     rows = []
-    c = runs.get("h100-c", {})
-    hf, fast = res(c, "train_hf"), res(c, "train_fast")
+    g = runs.get("h100-g", {})
+    hf, fast = res(g, "train_hf"), res(g, "train_fast")
     if hf and fast:
         rows.append(row("train samples/s", f"{hf['samples_per_s']} (transformers+peft, batch 4; 3B, real lengths)",
-                        f"{fast['samples_per_s']} ({fast['samples_per_s'] / hf['samples_per_s']:.2f}x; goal 40)", c))
+                        f"{fast['samples_per_s']} ({fast['samples_per_s'] / hf['samples_per_s']:.2f}x; goal 40: met)", g))
     a = runs.get("h100-a", {})
     hf_a, uns = res(a, "train_hf"), res(a, "train_unsloth")
     if hf_a and uns:
         rows.append(row("Unsloth 4-bit train samples/s (the default GPU backend)",
                         f"{hf_a['samples_per_s']} (transformers+peft bf16, batch 4, {hf_a['train_peak_gib']} GiB)",
                         f"{uns['samples_per_s']} (batch 16, {uns['train_peak_gib']} GiB)", a))
-    e = runs.get("h100-e", {})
-    plain, seven = res(e, "infer_plain"), res(e, "infer_fast")
+    h = runs.get("h100-h", {})
+    plain, seven = res(h, "infer_plain"), res(h, "infer_fast")
     if plain and seven:
-        rows.append(row("infer samples/s", f"{plain['samples_per_s']} (plain generate loop; 3B, real lengths)",
-                        f"{seven['samples_per_s']} ({seven['samples_per_s'] / plain['samples_per_s']:.2f}x; goal 120)", e))
-    d = runs.get("h200x2-d", {})
-    one, two = d.get("infer_fast") or {}, d.get("infer_fast_2gpu") or {}
+        rows.append(row("infer samples/s", f"{plain['samples_per_s']} (plain generate loop, batch 64; 3B, real lengths)",
+                        f"{seven['samples_per_s']} ({seven['samples_per_s'] / plain['samples_per_s']:.2f}x; goal 120: "
+                        f"not met, the prefill alone caps it at ~91)", h))
+    i = runs.get("h200x2-i", {})
+    one, two = i.get("infer_fast") or {}, i.get("infer_fast_2gpu") or {}
     if one.get("result") and two.get("result"):
         g1 = one["result"]["generate_samples_per_s"]
         g2 = sum(x.get("generate_samples_per_s") or 0 for x in [two["result"], *two.get("other_ranks", [])])
         e1, e2 = one["result"]["samples_per_s"], two["samples_per_s_all_ranks"]
         rows.append(row("infer 2-GPU scaling", f"{g1} samples/s (7_infer, 1 GPU, generate-only)",
-                        f"{round(g2, 2)} (torchrun, 2 GPUs: {g2 / g1:.2f}x; end to end {e2} vs {e1}, {e2 / e1:.2f}x)",
-                        d, " (not H100)"))
-    t2 = res(d, "train_fast_2gpu")
-    if t2:
-        rows.append(row("train 2-GPU scaling", "not measured in that run (its 1-GPU phase hit a bug, fixed in 1794cdf)",
-                        f"{t2['samples_per_s']} samples/s (6_train, torchrun, 2 GPUs)", d, " (not H100)"))
+                        f"{round(g2, 2)} (torchrun, 2 GPUs: {g2 / g1:.2f}x; end to end {e2} vs {e1}, {e2 / e1:.2f}x, "
+                        "5 batches a rank; goal 1.9x)", i, " (H100s not given)"))
+    t1, t2 = res(i, "train_fast"), res(i, "train_fast_2gpu")
+    if t1 and t2:
+        rows.append(row("train 2-GPU scaling", f"{t1['samples_per_s']} samples/s (6_train, 1 GPU, batch 16)",
+                        f"{t2['samples_per_s']} (torchrun, 2 GPUs x 16: {t2['samples_per_s'] / t1['samples_per_s']:.2f}x; "
+                        "goal 1.9x)", i, " (H100s not given)"))
+    prof = ((h.get("profile_infer") or {}).get("result") or {}).get("plain") or {}
+    prof_t = ((runs.get("h100-j", {}).get("profile_train") or {}).get("result") or {}).get("plain") or {}
+    if hf and fast:
+        rows.append(row("GPU busy (steady state)", f"nvidia-smi: train {busy(g, 'train_hf')} (infer not sampled)",
+                        f"nvidia-smi: train {busy(g, 'train_fast')}, infer {busy(h, 'infer_fast')}; profiler (kernel "
+                        f"time / wall): train {prof_t.get('gpu_busy_pct', '-')}% (h100-j), infer "
+                        f"{prof.get('gpu_busy_pct', '-')}% (goal 90%: not met)", g))
     return rows
 
 
@@ -209,12 +263,16 @@ COMMANDS = """Commands (one device call each; wheels from `../shared/device/whee
 ```
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-# train samples/s (h100-c, nvidia-h100-x1)
-python3 bench/gpu_bench.py --out $OUT --deadline 555 --phases build,data,train_hf,train_fast,vision,train_unsloth16 --train-rows 384 --test-rows 64 --steps 20
-# infer samples/s (h100-e, nvidia-h100-x1)
-python3 bench/gpu_bench.py --out $OUT --deadline 260 --phases build,data,infer_plain,infer_fast --train-rows 40 --test-rows 768
-# 2-GPU scaling (h200x2-d, nvidia-h100-x2, which gave 2 H200s)
-python3 bench/gpu_bench.py --out $OUT --deadline 565 --phases build,data,infer_plain,infer_fast,infer_fast_2gpu,train_fast,train_fast_2gpu --train-rows 384 --test-rows 768 --steps 20
+# train samples/s (h100-g, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,infer_plain,infer_fast,train_hf,train_fast,profile_infer --train-rows 384 --test-rows 768 --steps 20 --limits build=60,data=100,train=200,infer=100
+# infer samples/s and its profile (h100-h, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,infer_plain,infer_fast,infer_fast_big,profile_infer --train-rows 128 --test-rows 1280 --limits build=60,data=130,train=200,infer=130
+# 2-GPU scaling (h200x2-i, nvidia-h100-x2, which gave 2 H200s)
+python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,infer_fast,infer_fast_2gpu,train_fast,train_fast_2gpu --train-rows 256 --test-rows 640 --steps 16 --limits build=60,data=110,train=200,infer=90
+# a training profile and Unsloth after the fixes (h100-j, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,profile_train,train_unsloth --train-rows 384 --test-rows 64 --steps 16 --limits build=60,data=100,train=200,train_unsloth=230
+# the profile before the fixes (h100-f, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,profile_infer,profile_train --train-rows 384 --test-rows 768 --steps 14 --limits build=60,data=100,train=260,infer=120
 # here, from what came back
 python3 bench/perf_report.py --add LABEL:COMMIT:OUT/results.json --write
 ```"""

@@ -69,7 +69,7 @@ def compile_blocks(model, which: str, backend: str) -> int:
 def use_cudnn_attention(enabled: bool) -> None:
     """Whether PyTorch's scaled_dot_product_attention may pick cuDNN's kernel, its first choice on an H100.
     cuDNN builds an execution plan for every new sequence length; with real catalog lengths every batch is a
-    new length, and so is every decode step's longer cache. Profiled on an H100 (bench/gpu_runs/h100-f-profile.json):
+    new length, and so is every decode step's longer cache. Profiled on an H100 (bench/gpu_runs/h100-f.json):
     those builds held the GPU idle for 2.1 s of 4.6 s of inference and 2.3 s of 3.3 s of two training steps.
     Off, SDPA takes the flash or memory-efficient kernel, which need no plan."""
     import torch

@@ -82,7 +82,7 @@ def generation_positions(model, batch: dict) -> torch.Tensor | None:
     """The position ids generate() would compute for this batch (for Qwen2.5-VL: the text row and the three
     multimodal rotary rows), computed by the model's own method on the batch while it is still on the host.
     On the GPU that method is a per-row Python loop of tiny kernels with several host syncs per row: it held
-    the GPU idle for ~100 ms of every batch of 64 (profiled, bench/gpu_runs/h100-f-profile.json). None if the
+    the GPU idle for ~100 ms of every batch of 64 (profiled, bench/gpu_runs/h100-f.json). None if the
     model has no such method (generate then computes them itself)."""
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     prepare = getattr(core, "_prepare_position_ids_for_generation", None)
