@@ -208,7 +208,7 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
     from common.training import CheckpointMarker, NonFiniteGuard, PriceTrainer
     median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
     eval_options = {"tokenizer": tokenizer, "dataset": val_ds, "median": median, "max_samples": cfg.eval_samples,
-                    "batch_size": cfg.eval_batch_size, "spec": spec,
+                    "batch_size": cfg.eval_batch_size, "spec": spec, "host_positions": backend == "hf",
                     "collator": for_tokenizer(tokenizer, "left", with_labels=False, drop_images=cfg.text_only)}
     trainer = PriceTrainer(model=model, args=training_arguments(cfg, max_steps, torch.cuda.is_available()),
                            train_dataset=train_ds, eval_dataset=val_ds,

@@ -134,7 +134,7 @@ def main(cfg: InferOptions) -> dict:
     run = run_predictions(model, tokenizer, build_stream(cfg, base, spec, encoding),
                           for_tokenizer(tokenizer, "left", with_labels=False), out_dir / "parts", rank,
                           cfg.batch_size, cfg.workers, cfg.sort_by_length, cfg.sort_window, cfg.flush_every,
-                          cfg.constrained, expected=len(ids) // world, spec=spec)
+                          cfg.constrained, expected=len(ids) // world, spec=spec, host_positions=backend == "hf")
     if world > 1:
         dist.barrier()
     if rank != 0:

@@ -65,7 +65,7 @@ def _split(window, batch_size, sort_by_length):
 
 def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: int, batch_size: int,
                     workers: int, sort_by_length: bool, window_batches: int, flush_every: int,
-                    constrained: bool, expected: int | None = None, spec=None) -> dict:
+                    constrained: bool, expected: int | None = None, spec=None, host_positions: bool = True) -> dict:
     parts_dir.mkdir(parents=True, exist_ok=True)
     done = read_parts(parts_dir)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
@@ -78,7 +78,8 @@ def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: 
         if all(s["sample_id"] in done for s in batch):
             skipped += len(batch)
             continue
-        prices = predict_batch(model, tokenizer, collator(batch), constrain=constrained, spec=spec)
+        prices = predict_batch(model, tokenizer, collator(batch), constrain=constrained, spec=spec,
+                               host_positions=host_positions)
         pending += [(s["sample_id"], p, "ok" if p is not None else "unparsable") for s, p in zip(batch, prices)]
         computed += len(batch)
         if len(pending) >= flush_every * batch_size:

@@ -39,15 +39,17 @@ class NumberConstraint(LogitsProcessor):
         digit_ids, dot_id = number_tokens(tokenizer)
         self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.dot_id = dot_id
-        self.candidates = torch.tensor([*digit_ids, dot_id, self.end_id])  # columns: 10 digits, '.', end
+        self.candidate_ids = (*digit_ids, dot_id, self.end_id)  # columns: 10 digits, '.', end
         self.prompt_length = prompt_length
 
     def allowed(self, generated: torch.LongTensor) -> torch.BoolTensor:
         """[rows, 12] over (digits, '.', end): which may come next after each row's generated ids."""
         rows, n = generated.shape
         if n == 0:
-            return torch.tensor([True] * 10 + [False, False], device=generated.device).expand(rows, -1)
-        ended = generated[:, -1] == self.end_id  # finished rows keep emitting the end token
+            return (torch.arange(12, device=generated.device) < 10).expand(rows, -1)
+        # generate() pads a finished row with pad tokens; end stays allowed right after <|im_end|> so that a
+        # finished row never has every token at -inf
+        ended = generated[:, -1] == self.end_id
         is_dot = generated == self.dot_id
         has_dot = is_dot.any(1)
         decimals = n - 1 - is_dot.int().argmax(1)  # tokens after the first point
@@ -57,11 +59,20 @@ class NumberConstraint(LogitsProcessor):
         return torch.cat([digit[:, None].expand(-1, 10), dot[:, None], end[:, None]], dim=1)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.candidates.device != scores.device:
-            self.candidates = self.candidates.to(scores.device)
-        ids = self.candidates
+        ids = _on_device(self.candidate_ids, scores.device)
         kept = torch.where(self.allowed(input_ids[:, self.prompt_length:]), scores[:, ids], float("-inf"))
         return torch.full_like(scores, float("-inf")).index_copy_(1, ids, kept)
+
+
+_DEVICE_IDS: dict[tuple, torch.Tensor] = {}
+
+
+def _on_device(ids: tuple[int, ...], device) -> torch.Tensor:
+    """A token-id tensor on the scores' device, copied there once per process (a copy is a host sync)."""
+    key = (ids, str(device))
+    if key not in _DEVICE_IDS:
+        _DEVICE_IDS[key] = torch.tensor(ids, device=device)
+    return _DEVICE_IDS[key]
 
 
 def max_new_tokens() -> int:
@@ -97,10 +108,13 @@ def generation_positions(model, batch: dict) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=None) -> list[float | None]:
-    """Greedy prices for one left-padded batch (collator with padding_side='left', no labels)."""
+def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=None,
+                  host_positions: bool = True) -> list[float | None]:
+    """Greedy prices for one left-padded batch (collator with padding_side='left', no labels).
+    host_positions: hand generate() the position ids computed on the host (measured on the transformers
+    backend; Unsloth's generate keeps computing its own)."""
     device = next(model.parameters()).device
-    positions = generation_positions(model, batch)
+    positions = generation_positions(model, batch) if host_positions else None
     if positions is not None:
         batch = {**batch, "position_ids": positions}
     inputs = with_normalized_pixels({k: v.to(device, non_blocking=True) for k, v in batch.items()}, spec)

@@ -156,6 +156,15 @@ class NonFiniteGuard(TrainerCallback):
             self.trainer.raise_if_nonfinite(state.global_step)
 
 
+def nonfinite_on_any_rank(flag: torch.Tensor | None) -> bool:
+    bad = flag.to(torch.int32) if flag is not None else torch.zeros((), dtype=torch.int32)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            bad = bad.cuda()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
 class PriceTrainer(Trainer):
     def __init__(self, *args, loader_options: dict, eval_options: dict, answer_only: bool = False,
                  pixel_spec=None, no_cache: bool = False, **kwargs):
@@ -203,7 +212,9 @@ class PriceTrainer(Trainer):
         return result
 
     def raise_if_nonfinite(self, step: int) -> None:
-        if self._nonfinite is not None and bool(self._nonfinite.item()):
+        """Raise if any rank's loss went non-finite (called on every rank at the same steps: a NaN on one rank
+        reaches every rank's weights through the gradient all-reduce, so rank 0 must not save either)."""
+        if nonfinite_on_any_rank(self._nonfinite):
             raise NonFiniteLoss(f"the loss became NaN or infinite by step {step}; stopping before saving a broken "
                                 "adapter. Lower --learning-rate, check the data, or resume from the last checkpoint.")
 
@@ -227,12 +238,12 @@ class PriceTrainer(Trainer):
 
 
 def evaluate_smape(model, tokenizer, dataset, collator, median: float, max_samples: int,
-                   batch_size: int, spec=None) -> dict:
+                   batch_size: int, spec=None, host_positions: bool = True) -> dict:
     """SMAPE of generated prices on up to max_samples rows, beside predicting the training median."""
     preds, truths, fallbacks = [], [], 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda s: (collator(s), s))
     for batch, samples in loader:
-        for p, s in zip(predict_batch(model, tokenizer, batch, spec=spec), samples):
+        for p, s in zip(predict_batch(model, tokenizer, batch, spec=spec, host_positions=host_positions), samples):
             if p is None:
                 fallbacks += 1
                 p = median

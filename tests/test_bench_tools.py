@@ -21,7 +21,7 @@ def test_busy_share_and_gaps_charged_to_the_host_code_running_then(tmp_path):
         span("other", "user_annotation", 5000, 100),
         # window 1: busy 0-300, 300-400 (overlapping streams), 600-1000; idle 400-600
         span("gemm", "kernel", 0, 300), span("norm", "kernel", 250, 150), span("copy", "gpu_memcpy", 600, 400),
-        # window 2: idle 2000-2100 (under 20 us? no: 100 us), busy 2100-2400, idle 2400-2500
+        # window 2: idle 2000-2100, busy 2100-2400, idle 2400-2500
         span("gemm", "kernel", 2100, 300),
         span("kernel outside", "kernel", 3000, 900),  # outside every window: not counted
         # host frames: the trainer calls get_rope_index during the first gap

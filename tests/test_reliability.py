@@ -150,3 +150,27 @@ def test_hostile_ids_and_catalog_text(tmp_path, shard_work):
     huge = enc.encode(build_messages("Item Name: " + "very long text " * 3400, None, 12.5))  # 50k characters
     assert len(huge["input_ids"]) == 256 and huge["catalog_tokens_dropped"] > 1000
     assert tok.decode(huge["input_ids"][huge["answer_start"]:]) == "12.50<|im_end|>"
+
+
+NONFINITE_RANK = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from common.training import nonfinite_on_any_rank
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+flag = None if {bad} < 0 else torch.tensor(rank == {bad})
+print("RESULT", nonfinite_on_any_rank(flag))
+"""
+
+
+@pytest.mark.parametrize("bad_rank", [1, -1])
+def test_a_nan_on_one_rank_stops_every_rank(bad_rank):
+    """Rank 0 must not save weights that a NaN on rank 1 reached through the gradient all-reduce."""
+    port = free_port()
+    code = NONFINITE_RANK.format(root=str(ROOT), bad=bad_rank)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert [o.strip().splitlines()[-1] for o, _ in outs] == [f"RESULT {bad_rank >= 0}"] * 2
