@@ -74,14 +74,14 @@ def run_seven(args, argv: list[str]) -> dict:
 
     cc.Collator.__call__ = recording_collate
 
-    def timed_predict(model, tokenizer, batch, constrain=True, spec=None):
+    def timed_predict(model, tokenizer, batch, **kw):
         decoded = []
         decode = tokenizer.batch_decode
         tokenizer.batch_decode = lambda *a, **kw: decoded.extend(decode(*a, **kw)) or decoded
         sync()
         t0 = time.perf_counter()
         try:
-            out = inner(model, tokenizer, batch, constrain=constrain, spec=spec)
+            out = inner(model, tokenizer, batch, **kw)
         finally:
             del tokenizer.batch_decode
         sync()

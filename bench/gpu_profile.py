@@ -6,11 +6,14 @@ GPU waited, and every host<->GPU synchronization with the code that caused it.
 
 After --skip steps (train) or batches (infer) of warm-up (compilation, allocator growth):
   1. --units of them under torch.profiler (CPU + CUDA, no Python stacks): GPU busy share and idle gaps
-     (bench/trace_gaps.py), the trace kept as DIR/{mode}_trace.json.gz;
+     (bench/trace_gaps.py), the trace kept as DIR/{mode}_trace.json.gz. A training unit runs from the
+     Trainer's on_step_begin to on_step_end: fetching the next batch lies outside it;
   2. one more with Python stacks, to charge each idle gap to the pipeline code running on the host then;
   3. one more under torch.cuda.set_sync_debug_mode("warn"): each synchronizing call, counted by call site.
 For infer, every model forward is also timed with CUDA events: the first of a generate call is the prefill,
-the rest are decode steps. Writes DIR/{mode}_profile.json.
+the rest are decode steps, with the warm-up batch and the profiled ones left out of the medians. Writes
+DIR/{mode}_profile.json (under torchrun, rank R > 0 adds .rankR to every file name). Infer mode removes
+WORK_DIR/infer_{split}/ first (its part files too), so that every batch is computed.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ class Phases:
 
     def __init__(self, out: Path, mode: str, skip: int, units: int):
         self.out, self.mode, self.skip, self.units = out, mode, skip, units
+        rank = int(os.environ.get("RANK", 0))
+        self.suffix = f".rank{rank}" if rank else ""
         self.n, self.prof, self.range = 0, None, None
         self.syncs, self.report = collections.Counter(), {}
         self.window = f"{mode}_unit"
@@ -81,7 +86,7 @@ class Phases:
             sync()
             self.prof.stop()
             name = "plain" if i < self.units else "with_stacks"
-            path = self.out / f"{self.mode}_trace{'' if i < self.units else '_stacks'}.json"
+            path = self.out / f"{self.mode}_trace{'' if i < self.units else '_stacks'}{self.suffix}.json"
             self.prof.export_chrome_trace(str(path))
             events = json.loads(path.read_text())["traceEvents"]
             self.report[name] = analyse(events, self.window)
@@ -125,7 +130,6 @@ def ms(start, end) -> float:
 
 
 def run_train(argv: list[str], phases: Phases) -> dict:
-    import torch
     from transformers import TrainerCallback
     stage6 = load_stage("6_train.py")
     import common.training as ct
@@ -150,7 +154,6 @@ def run_train(argv: list[str], phases: Phases) -> dict:
 
 
 def run_infer(argv: list[str], phases: Phases) -> dict:
-    import torch
     stage7 = load_stage("7_infer.py")
     import common.inference as ci
     import common.predict as cp
@@ -177,11 +180,11 @@ def run_infer(argv: list[str], phases: Phases) -> dict:
 
     inner = cp.predict_batch
 
-    def profiled_predict(model, tokenizer, batch, constrain=True, spec=None):
+    def profiled_predict(model, tokenizer, batch, **kw):
         timed(model)
         forwards.append([])
         phases.begin()
-        out = inner(model, tokenizer, batch, constrain=constrain, spec=spec)
+        out = inner(model, tokenizer, batch, **kw)
         sync()
         phases.end()
         return out
@@ -189,13 +192,16 @@ def run_infer(argv: list[str], phases: Phases) -> dict:
     ci.predict_batch = profiled_predict
     stats = stage7.main(cfg)
     sync()
-    prefill = [ms(*f[0]) for f in forwards[1:] if f]
-    decode = [ms(s, e) for f in forwards[1:] for s, e in f[1:]]
-    steps = [len(f) - 1 for f in forwards[1:] if f]
+    profiled = range(phases.skip, phases.skip + phases.units + 2)  # under the profiler or in sync-debug mode
+    plain = [f for i, f in enumerate(forwards) if i and i not in profiled and f]
+    prefill = [ms(*f[0]) for f in plain]
+    decode = [ms(s, e) for f in plain for s, e in f[1:]]
+    steps = [len(f) - 1 for f in plain]
     med = (lambda xs: round(sorted(xs)[len(xs) // 2], 2) if xs else None)
     return {"backend": stats.get("backend"), "batches": len(forwards), "prefill_ms_median": med(prefill),
             "decode_step_ms_median": med(decode), "decode_steps_per_batch_median": med(steps),
-            "forward_ms_per_batch_median": med([sum(ms(s, e) for s, e in f) for f in forwards[1:] if f])}
+            "forward_ms_per_batch_median": med([sum(ms(s, e) for s, e in f) for f in plain]),
+            "batches_in_medians": len(plain)}
 
 
 def main() -> None:
@@ -213,12 +219,10 @@ def main() -> None:
     warnings.filterwarnings("always", message=".*synchroniz.*")
     started = time.time()
     result = (run_train if args.mode == "train" else run_infer)(sys.argv[cut + 1:], phases)
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
     result = {"mode": args.mode, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "argv": sys.argv[cut + 1:], "skip": args.skip, "units": args.units,
               "seconds": round(time.time() - started, 1), **result, **phases.report}
-    (args.out / f"{args.mode}_profile.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{args.mode}_profile{phases.suffix}.json").write_text(json.dumps(result, indent=1))
     print("PROFILE", json.dumps({k: result.get(k) for k in ("mode", "prefill_ms_median", "decode_step_ms_median",
                                                              "syncs_in_one_unit")}), flush=True)
     for name in ("plain", "with_stacks"):

@@ -201,10 +201,11 @@ def profile_section(runs: dict[str, dict]) -> list[str]:
           "h100-h): an inference batch of 64 is ~50 ms of host preparation (collating, position ids, copies), a prefill "
           "at ~99% busy (706 ms median from the model call's first to its last kernel), and 9 decode steps of ~36 ms at "
           "~40% busy: launch-bound, ~1,800 small kernels each from the eager language model. The GPU-busy goal is met "
-          "by the prefill and missed by the decode, which is where a CUDA-graph decode would go. A training step "
-          "(h100-j) is 83.5% busy; what idles is host time between steps and before the forward (the Trainer's "
-          "per-step `model.train()` over every module, handing over the next batch, and the model's per-row rotary "
-          "index loop with 174 syncs per step). Unsloth 4-bit, rerun in h100-j after these changes: 27.64 samples/s "
+          "by the prefill and missed by the decode, which is where a CUDA-graph decode would go. Inside a training "
+          "step (h100-j; the window runs from the Trainer's step begin to step end, so the batch handover between "
+          "steps is not in it) the GPU is 83.5% busy; what idles is host time before the forward (the Trainer's "
+          "per-step `model.train()` over every module, and the model's per-row rotary index loop with 174 syncs per "
+          "step). Unsloth 4-bit, rerun in h100-j after these changes: 27.64 samples/s "
           "(27.45 in h100-a), 77% busy: it has its own attention path.", ""]
     return L
 

@@ -56,24 +56,11 @@ def analyse(events: list[dict], window: str, min_gap_us: float = 20.0, top: int 
             kernel_n += 1
     py = [e for e in spans if e.get("cat") == "python_function" and _interesting(e.get("name", ""))]
     host = py or [e for e in spans if e.get("cat") in ("cpu_op", "cuda_runtime")]
-    host.sort(key=lambda e: e["ts"])
-    starts = [e["ts"] for e in host]
+    host.sort(key=lambda e: (e["ts"], -e["dur"]))  # a parent before a child that starts with it
+    gaps: list[tuple[float, float]] = []
     charged, counts = collections.Counter(), collections.Counter()
-    wall = idle = 0.0
+    wall = 0.0
     busy_starts = [s for s, _ in busy]
-
-    def charge(start: float, end: float) -> None:
-        gap = end - start
-        if gap < min_gap_us:
-            return
-        mid = start + gap / 2
-        hi = bisect.bisect_right(starts, mid)
-        covering = [h for h in host[max(0, hi - 4000):hi] if h["ts"] + h["dur"] >= mid]
-        # innermost = the latest-starting event still covering the midpoint; its caller gives context
-        label = " < ".join(h["name"][-70:] for h in covering[::-1][:2]) if covering else "(no host event)"
-        charged[label] += gap
-        counts[label] += 1
-
     for ws, we in windows:
         wall += we - ws
         cursor = ws
@@ -82,12 +69,24 @@ def analyse(events: list[dict], window: str, min_gap_us: float = 20.0, top: int 
             if e <= cursor:
                 continue
             if s > cursor:
-                idle += s - cursor
-                charge(cursor, s)
+                gaps.append((cursor, s))
             cursor = e
         if we > cursor:
-            idle += we - cursor
-            charge(cursor, we)
+            gaps.append((cursor, we))
+    idle = sum(e - s for s, e in gaps)
+    # charge each gap to the innermost host event covering its midpoint: a sweep over events by start time,
+    # keeping those still open (midpoints ascend, so an event that ended stays ended)
+    active: list[dict] = []
+    nxt = 0
+    for start, end in sorted(g for g in gaps if g[1] - g[0] >= min_gap_us):
+        mid = (start + end) / 2
+        while nxt < len(host) and host[nxt]["ts"] <= mid:
+            active.append(host[nxt])
+            nxt += 1
+        active = [h for h in active if h["ts"] + h["dur"] >= mid]
+        label = " < ".join(h["name"][-70:] for h in active[::-1][:2]) if active else "(no host event)"
+        charged[label] += end - start
+        counts[label] += 1
     return {"window": window, "windows": len(windows), "wall_ms": round(wall / 1e3, 2),
             "gpu_busy_pct": round(100 * (wall - idle) / wall, 1) if wall else None,
             "idle_ms": round(idle / 1e3, 2), "kernels": kernel_n,
