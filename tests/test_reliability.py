@@ -159,7 +159,9 @@ from common.training import nonfinite_on_any_rank
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 flag = None if {bad} < 0 else torch.tensor(rank == {bad})
-print("RESULT", nonfinite_on_any_rank(flag))
+print("RESULT", nonfinite_on_any_rank(flag), flush=True)
+dist.barrier()
+dist.destroy_process_group()  # an exit with the group still up can abort in gloo's teardown
 """
 
 
