@@ -21,6 +21,7 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   infer_free       7_infer.py --no-constrained (prediction equality with the plain loop)
   profile_train    bench/gpu_profile.py: train_fast's run with steps profiled (GPU busy, idle gaps, syncs)
   profile_infer    bench/gpu_profile.py: infer_fast's run with batches profiled
+  profile_train_2gpu  profile_train under torchrun --nproc_per_node 2 (each rank's profile to its own files)
 
 GPU busy: nvidia-smi samples utilization.gpu every 200 ms through the whole call; each phase's mean over its
 steady window (after warm-up, until its end) is reported per GPU.
@@ -44,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_unsloth", "train_unsloth16", "vision",
        "infer_plain",
-       "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_free", "profile_train", "profile_infer"]
+       "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_free", "profile_train", "profile_infer",
+       "profile_train_2gpu"]
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",
                     "--cudnn-attention"]
@@ -277,11 +279,13 @@ def main() -> None:
             b.save()
 
     def profile(name: str) -> None:
-        mode = name.removeprefix("profile_")
-        argv = (train_args(b, "profile", "hf", a.fast_batch, fast) if mode == "train"
+        mode = name.removeprefix("profile_").removesuffix("_2gpu")
+        gpus = 2 if name.endswith("_2gpu") else 1
+        argv = (train_args(b, name.removeprefix("train_"), "hf", a.fast_batch, fast) if mode == "train"
                 else infer_seven_args(b, "profile", b.adapter("hf"), a.infer_batch, []))
-        res = b.out / f"{mode}_profile.json"
-        b.run(name, [PY, "bench/gpu_profile.py", mode, "--out", b.out, "--skip", 8 if mode == "train" else 2,
+        out = b.out / "2gpu" if gpus > 1 else b.out
+        res = out / f"{mode}_profile.json"
+        b.run(name, [*torchrun(gpus), "bench/gpu_profile.py", mode, "--out", out, "--skip", 8 if mode == "train" else 2,
                      "--", *argv], f"{name}.log", limits.get(name, limits["train" if mode == "train" else "infer"]),
               res, min_needed=45)
 
