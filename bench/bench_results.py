@@ -35,6 +35,11 @@ def update_section(path: Path, section: str, body: str) -> None:
     os.replace(tmp, path)
 
 
+def arg_value(argv: list[str], name: str, default: str) -> str:
+    """The value after option `name` in a stage's argv, or default."""
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
 def load_stage(filename: str):
     """A numbered stage script (e.g. '6_train.py', not importable by name) as a module, run from the repo root
     with `common` importable, as the stage itself runs."""

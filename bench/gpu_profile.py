@@ -140,7 +140,8 @@ def run_train(argv: list[str], phases: Phases) -> dict:
             phases.begin()
 
         def on_step_end(self, *a, **kw):
-            sync() if phases.range is not None else None
+            if phases.range is not None:  # a profiled step ends when its kernels do
+                sync()
             phases.end()
 
     class ProfiledTrainer(ct.PriceTrainer):
@@ -161,13 +162,13 @@ def run_infer(argv: list[str], phases: Phases) -> dict:
     cfg = options.parse(stage7.InferOptions, argv)
     shutil.rmtree(cfg.work_dir / f"infer_{cfg.split}", ignore_errors=True)
     forwards: list[list] = []  # per batch: [(start event, end event)] for each model forward
-    inner_generate = {}
+    hooked: set[int] = set()
 
     def timed(model):
         core = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if id(core) in inner_generate:
+        if id(core) in hooked:
             return
-        inner_generate[id(core)] = True
+        hooked.add(id(core))
 
         def pre(_m, _a):
             forwards[-1].append([mark(), None])
@@ -219,7 +220,8 @@ def main() -> None:
     warnings.filterwarnings("always", message=".*synchroniz.*")
     started = time.time()
     result = (run_train if args.mode == "train" else run_infer)(sys.argv[cut + 1:], phases)
-    result = {"mode": args.mode, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    result = {"mode": args.mode, "device": device, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "argv": sys.argv[cut + 1:], "skip": args.skip, "units": args.units,
               "seconds": round(time.time() - started, 1), **result, **phases.report}
     (args.out / f"{args.mode}_profile{phases.suffix}.json").write_text(json.dumps(result, indent=1))

@@ -28,11 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_results import load_stage  # noqa: E402
-
-
-def arg_value(argv: list[str], name: str, default: str) -> str:
-    return argv[argv.index(name) + 1] if name in argv else default
+from bench_results import arg_value, load_stage  # noqa: E402
 
 
 def versions() -> dict:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_results import RESULTS, update_section  # noqa: E402
+from bench_results import RESULTS, arg_value, update_section  # noqa: E402
 
 RUNS = Path(__file__).resolve().parent / "gpu_runs"
 HEAVY = ("predictions", "texts", "batch_log", "losses", "evals", "log_history")  # argv stays
@@ -75,7 +75,7 @@ def infer_rows(label: str, run: dict) -> list[str]:
         if not ranks:
             continue
         gen = sum(x.get("generate_samples_per_s") or 0 for x in ranks)
-        out.append(f"| {label} | {phase} | {len(ranks)} | {ranks[0].get('argv', ['?'])[ranks[0].get('argv', []).index('--batch-size') + 1] if '--batch-size' in (ranks[0].get('argv') or []) else 64} | **{e.get('samples_per_s_all_ranks') or ranks[0].get('samples_per_s')}** | "
+        out.append(f"| {label} | {phase} | {len(ranks)} | {arg_value(ranks[0].get('argv') or [], '--batch-size', '64')} | **{e.get('samples_per_s_all_ranks') or ranks[0].get('samples_per_s')}** | "
                    f"{round(gen, 2)} | {ranks[0].get('median_generate_s')} | {ranks[0].get('prompt_tokens_mean')} | "
                    f"{sum(x.get('samples') or 0 for x in ranks)} | {ranks[0].get('peak_gib')} | {busy(run, phase)} |")
     return out
