@@ -42,19 +42,29 @@ class InferOptions:
     sort_window: int = options.opt("batches per length-sorting window", 16)
     flush_every: int = options.opt("write a part file every N batches", 4)
     constrained: bool = options.opt("constrain decoding to a number", True)
-    compile: str = options.opt("torch.compile the vision blocks: auto (on a GPU), none, vision", "auto",
-                               choices=["auto", "none", "vision"])
+    compile: str = options.opt("torch.compile: auto (vision on a GPU), none, vision (the vision blocks), vision+mlp "
+                               "(and the language model's MLPs and norms)", "auto",
+                               choices=["auto", "none", "vision", "vision+mlp"])
     vision_attention: str = options.opt("bucketed: one attention call per window length in the vision tower; "
                                         "sdpa: the library's one call per window", "bucketed",
                                         choices=["bucketed", "sdpa"])
     cudnn_attention: bool = options.opt("let attention use cuDNN (PyTorch's pick on an H100): it builds a plan for "
                                         "every new sequence length, and each decode step is one", False)
+    decode: str = options.opt("auto (graphs on a GPU with the hf backend, else generate), generate (the library's "
+                              "loop), static (a static KV cache, eager), graphs (static, each decode step one "
+                              "CUDA-graph replay)", "auto", choices=["auto", "generate", "static", "graphs"])
     skip_corrupt_shards: bool = options.opt("answer rows of unreadable shards with the fallback", True)
 
     def problems(self) -> list[str]:
         out = []
         if self.batch_size < 1 or self.flush_every < 1 or self.sort_window < 1:
             out.append("--batch-size, --flush-every and --sort-window must be >= 1")
+        if self.decode in ("static", "graphs") and self.backend == "unsloth":
+            out.append(f"--decode {self.decode} runs the transformers model: it needs --backend hf (or auto)")
+        if self.decode == "graphs":
+            import torch
+            if not torch.cuda.is_available():
+                out.append("--decode graphs needs a GPU (CUDA graphs); on CPU use static or generate")
         if self.adapter == "auto" and not (self.tdir / "train_config.json").exists():
             out.append(f"{self.tdir}/train_config.json not found: run 6_train.py, or pass --adapter none --model M")
         if self.adapter == "none" and not self.model and not (self.tdir / "train_config.json").exists():
@@ -105,8 +115,8 @@ def main(cfg: InferOptions) -> dict:
     from common.collate import for_tokenizer
     from common.encode import ImageSpec
     from common.inference import merge, read_parts, run_predictions, write_predictions_csv
-    from common.modeling import (bind_local_gpu, compile_blocks, load_for_inference, load_tokenizer, resolve_model,
-                                 use_cudnn_attention)
+    from common.modeling import (bind_local_gpu, compile_blocks, load_for_inference, load_tokenizer, make_decoder,
+                                 resolve_model, use_cudnn_attention)
     from common.vision_attention import use_bucketed_vision_attention
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
@@ -130,11 +140,13 @@ def main(cfg: InferOptions) -> dict:
         which = "vision" if torch.cuda.is_available() else "none"
     compile_blocks(model, which, backend)
     use_cudnn_attention(cfg.cudnn_attention)
+    decoder = make_decoder(model, cfg.decode, backend)
     log.info("%s: %d rows to answer; base %s, adapter %s, backend %s", cfg.split, len(ids), base, adapter, backend)
     run = run_predictions(model, tokenizer, build_stream(cfg, base, spec, encoding),
                           for_tokenizer(tokenizer, "left", with_labels=False), out_dir / "parts", rank,
                           cfg.batch_size, cfg.workers, cfg.sort_by_length, cfg.sort_window, cfg.flush_every,
-                          cfg.constrained, expected=len(ids) // world, spec=spec, host_positions=backend == "hf")
+                          cfg.constrained, expected=len(ids) // world, spec=spec, host_positions=backend == "hf",
+                          decoder=decoder)
     if world > 1:
         dist.barrier()
     if rank != 0:
@@ -143,7 +155,8 @@ def main(cfg: InferOptions) -> dict:
     write_predictions_csv(cfg.out_csv, rows)
     stats = {"split": cfg.split, "rows_expected": len(ids), "rows_written": len(rows),
              "fallback_counts": {k: len(v) for k, v in reasons.items()}, "fallback_ids": reasons,
-             "fallback_price": median, "rank0_run": run, "world_size": world, "backend": backend,
+             "fallback_price": median, "rank0_run": run, "decode": decoder.mode if decoder else "generate",
+             "world_size": world, "backend": backend,
              "output": str(cfg.out_csv), "options": options.to_jsonable(cfg)}
     if truth:
         from common.report import write_report

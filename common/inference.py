@@ -65,7 +65,8 @@ def _split(window, batch_size, sort_by_length):
 
 def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: int, batch_size: int,
                     workers: int, sort_by_length: bool, window_batches: int, flush_every: int,
-                    constrained: bool, expected: int | None = None, spec=None, host_positions: bool = True) -> dict:
+                    constrained: bool, expected: int | None = None, spec=None, host_positions: bool = True,
+                    decoder=None) -> dict:
     parts_dir.mkdir(parents=True, exist_ok=True)
     done = read_parts(parts_dir)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
@@ -79,7 +80,7 @@ def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: 
             skipped += len(batch)
             continue
         prices = predict_batch(model, tokenizer, collator(batch), constrain=constrained, spec=spec,
-                               host_positions=host_positions)
+                               host_positions=host_positions, decoder=decoder)
         pending += [(s["sample_id"], p, "ok" if p is not None else "unparsable") for s, p in zip(batch, prices)]
         computed += len(batch)
         if len(pending) >= flush_every * batch_size:
@@ -89,6 +90,7 @@ def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: 
         _write_part(parts_dir, rank, seq, pending)
     seconds = time.time() - started
     return {"computed": computed, "skipped_done": skipped, "seconds": round(seconds, 2),
+            "decode_graph_captures": getattr(decoder, "captures", 0),
             "samples_per_s": round(computed / seconds, 2) if seconds else None}
 
 

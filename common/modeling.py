@@ -49,20 +49,29 @@ def load_tokenizer(path: str):
 def compile_blocks(model, which: str, backend: str) -> int:
     """torch.compile every vision block and/or language-model decoder layer as its own region (dynamic shapes),
     so norms, rotary, SwiGLU and the LoRA adds fuse; one compile per block type, reused by every layer.
-    which: none | vision | all | auto (all on CUDA with the hf backend; vision with Unsloth, which compiles
-    its decoder layers itself; none on CPU, where compiling costs more than the demo's whole run).
-    Returns the number of blocks compiled."""
+    which: none | vision | vision+mlp | all | auto (all on CUDA with the hf backend; vision with Unsloth, which
+    compiles its decoder layers itself; none on CPU, where compiling costs more than the demo's whole run).
+    vision+mlp (inference): the vision blocks, and in the language model only the MLPs and RMSNorms, the parts that
+    never touch the KV cache (a compiled decoder layer guards on its own cache slot: one recompile per layer).
+    Returns the number of modules compiled."""
     import torch
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLDecoderLayer, Qwen2_5_VLRMSNorm,
+                                                                    Qwen2_5_VLTextModel, Qwen2_5_VLVisionBlock,
+                                                                    Qwen2MLP)
     if which == "auto":
         which = "none" if not torch.cuda.is_available() else ("vision" if backend == "unsloth" else "all")
-    kinds = {"none": (), "vision": (Qwen2_5_VLVisionBlock,),
-             "all": (Qwen2_5_VLVisionBlock, Qwen2_5_VLDecoderLayer)}[which]
-    blocks = [m for m in model.modules() if kinds and isinstance(m, kinds)]
+    blocks = []
+    if which in ("vision", "vision+mlp", "all"):
+        blocks += [m for m in model.modules() if isinstance(m, Qwen2_5_VLVisionBlock)]
+    if which == "all":
+        blocks += [m for m in model.modules() if isinstance(m, Qwen2_5_VLDecoderLayer)]
+    if which == "vision+mlp":
+        blocks += [m for text in model.modules() if isinstance(text, Qwen2_5_VLTextModel)
+                   for m in text.modules() if isinstance(m, (Qwen2MLP, Qwen2_5_VLRMSNorm))]
     for block in blocks:
         block.compile(dynamic=True)
     if blocks:
-        log.info("torch.compile: %d blocks (%s); the first steps include compiling", len(blocks), which)
+        log.info("torch.compile: %d modules (%s); the first steps include compiling", len(blocks), which)
     return len(blocks)
 
 
@@ -75,6 +84,20 @@ def use_cudnn_attention(enabled: bool) -> None:
     import torch
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def make_decoder(model, decode: str, backend: str):
+    """None (decode with generate()) or a `common.decode.StaticDecoder`. auto: CUDA graphs on a GPU with the
+    transformers backend (Unsloth's generate is its own); generate elsewhere, where launches cost little."""
+    import torch
+    if decode == "auto":
+        decode = "graphs" if torch.cuda.is_available() and backend == "hf" else "generate"
+    if decode == "generate":
+        return None
+    if backend != "hf":
+        raise ValueError(f"--decode {decode} runs the transformers model; backend {backend} decodes with generate")
+    from common.decode import StaticDecoder
+    return StaticDecoder(model, graphs=decode == "graphs")
 
 
 def bind_local_gpu() -> None:

@@ -109,21 +109,30 @@ def generation_positions(model, batch: dict) -> torch.Tensor | None:
 
 @torch.no_grad()
 def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=None,
-                  host_positions: bool = True) -> list[float | None]:
+                  host_positions: bool = True, decoder=None) -> list[float | None]:
     """Greedy prices for one left-padded batch (collator with padding_side='left', no labels).
     host_positions: hand generate() the position ids computed on the host (measured on the transformers
-    backend; Unsloth's generate keeps computing its own)."""
+    backend; Unsloth's generate keeps computing its own).
+    decoder: a `common.decode.StaticDecoder` to decode with instead of generate() (same tokens; it needs the
+    host position ids)."""
     device = next(model.parameters()).device
-    positions = generation_positions(model, batch) if host_positions else None
+    positions = generation_positions(model, batch) if host_positions or decoder is not None else None
+    if decoder is not None and positions is None:
+        raise ValueError(f"{type(model).__name__} has no host position ids: decode with generate()")
     if positions is not None:
         batch = {**batch, "position_ids": positions}
     inputs = with_normalized_pixels({k: v.to(device, non_blocking=True) for k, v in batch.items()}, spec)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
-    prompt_length = inputs["input_ids"].shape[1]
-    processors = LogitsProcessorList([NumberConstraint(tokenizer, prompt_length)]) if constrain else None
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens(), do_sample=False, num_beams=1,
-                         logits_processor=processors, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    texts = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if decoder is not None:
+        constraint = NumberConstraint(tokenizer, 0) if constrain else None
+        generated = decoder.generate(inputs, inputs.pop("position_ids"), max_new_tokens(), end_id, constraint)
+    else:
+        prompt_length = inputs["input_ids"].shape[1]
+        processors = LogitsProcessorList([NumberConstraint(tokenizer, prompt_length)]) if constrain else None
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens(), do_sample=False, num_beams=1,
+                                   logits_processor=processors, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=end_id)[:, prompt_length:]
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [parse_price(t) for t in texts]

@@ -105,3 +105,27 @@ def test_validation_report(shard_work, tmp_path):
     assert "pred_vs_true.png" in report and "error_hist.png" in report
     for png in ("pred_vs_true.png", "error_hist.png"):
         assert (ev / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_static_cache_decode_writes_the_same_file_as_generate(shard_work, tmp_path):
+    """--decode static (the GPU default's loop, there each step a CUDA-graph replay) through the whole stage:
+    byte-identical test_out.csv to --decode generate, and the stats say which decoder ran."""
+    runs = {}
+    for decode in ("generate", "static"):
+        w = shard_work.copy(tmp_path / decode)
+        r = run_script("7_infer.py", "--work-dir", str(w.work_dir), "--data-dir", str(w.data_dir), *BASE,
+                       "--batch-size", "3", "--decode", decode)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads((w.work_dir / "infer_test" / "stats.json").read_text())["decode"] == decode
+        runs[decode] = (w.work_dir / "test_out.csv").read_bytes()
+    assert runs["static"] == runs["generate"]
+
+
+def test_decode_options_are_checked_up_front(shard_work, tmp_path):
+    w = shard_work.copy(tmp_path / "work")
+    r = run_script("7_infer.py", "--work-dir", str(w.work_dir), "--data-dir", str(w.data_dir), *BASE,
+                   "--decode", "graphs", "--backend", "unsloth", "--batch-size", "0")
+    assert r.returncode != 0
+    for expected in ("--batch-size", "needs --backend hf", "--decode graphs needs a GPU"):
+        assert expected in r.stderr, r.stderr[-2000:]
+    assert not (w.work_dir / "infer_test").exists()

@@ -264,3 +264,79 @@ def test_host_computed_positions_are_what_generate_computes_and_change_nothing(t
     outs = [model.generate(**inputs, **extra, max_new_tokens=max_new_tokens(), do_sample=False,
                            pad_token_id=tok.pad_token_id) for extra in ({}, {"position_ids": ours})]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("constrain", [True, False])
+def test_static_cache_decoder_writes_generates_tokens(tiny_model_dir, encoded_demo, constrain):
+    """The static-cache decoder (stage 7's decode on a GPU, there replayed as a CUDA graph, with grouped decode
+    attention) gives the tokens the library's generate() gives on the same batches with its own model: constrained
+    and free, rows with and without an image, a short and a long batch through one cache bucket and a batch
+    needing a longer cache, a smaller last batch."""
+    import itertools
+
+    from common.collate import for_tokenizer
+    from common.decode import StaticDecoder
+    from common.encode import ImageSpec
+    from common.modeling import load_for_inference, load_tokenizer
+    from common.predict import NumberConstraint, generation_positions, max_new_tokens, with_normalized_pixels
+    from common.shards import ShardStream
+    model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
+    fast, _ = load_for_inference(str(tiny_model_dir), None, "hf")  # the decoder changes its model's attention
+    tok = load_tokenizer(str(tiny_model_dir))
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    spec = ImageSpec.from_model(str(tiny_model_dir))
+    samples = list(itertools.islice(iter(ShardStream(encoded_demo.shards_dir("train"), spec, normalize=False)), 14))
+    collate = for_tokenizer(tok, "left", with_labels=False)
+    samples[2] = collate.without_image(samples[2])
+    samples.sort(key=lambda s: len(s["input_ids"]))
+    decoder = StaticDecoder(fast, graphs=False, bucket=32, keep=2)
+    assert decoder.grouped_attention and model.config.text_config._attn_implementation == "sdpa"
+    for rows in (samples[:6], samples[6:12], samples[12:]):
+        batch = collate(rows)
+        positions = generation_positions(fast, batch)
+        inputs = with_normalized_pixels(batch, spec)
+        prompt = batch["input_ids"].shape[1]
+        limit = max_new_tokens() if constrain else 25
+        plain = model.generate(**inputs, position_ids=positions, max_new_tokens=limit, do_sample=False,
+                               logits_processor=[NumberConstraint(tok, prompt)] if constrain else None,
+                               pad_token_id=tok.pad_token_id, eos_token_id=end_id)[:, prompt:]
+        ours = decoder.generate(dict(inputs), positions, limit, end_id, NumberConstraint(tok, 0) if constrain else None)
+        assert ours.shape == plain.shape
+        ended = torch.cumsum(ours == end_id, 1) - (ours == end_id).long() > 0  # after a row's first end
+        assert torch.equal(ours[~ended], plain[~ended])
+        assert (plain[ended] == tok.pad_token_id).all() and (ours[ended] == end_id).all()
+        assert tok.batch_decode(ours, skip_special_tokens=True) == tok.batch_decode(plain, skip_special_tokens=True)
+    assert len(decoder.steps) == 2 and sorted(r for r, _ in decoder.steps) == [2, 6]  # LRU kept the last two
+    if constrain:
+        assert all(t.replace(".", "").isdigit() for t in tok.batch_decode(ours, skip_special_tokens=True))
+
+
+def test_grouped_decode_attention_matches_sdpa(tiny_model_dir, encoded_demo):
+    """One decode step over a left-padded cache: the language model's logits with grouped_decode_sdpa (the
+    query heads of a group folded into one SDPA call) equal transformers' sdpa (key/value heads copied)."""
+    import common.decode as cd
+    from common.modeling import load_for_inference
+    from common.predict import generation_positions, with_normalized_pixels
+    from transformers import AttentionInterface
+    model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
+    assert model.config.text_config.num_attention_heads > model.config.text_config.num_key_value_heads
+    batch = shard_batch(encoded_demo, n=5, padding_side="left", with_labels=False)
+    assert (batch["attention_mask"] == 0).any()
+    positions = generation_positions(model, batch)
+    inputs = {**with_normalized_pixels(batch, encoded_demo.spec()), "position_ids": positions}
+    steps = []
+    for attention in ("sdpa", cd.ATTENTION):
+        if attention != "sdpa":
+            assert cd.use_grouped_decode_attention(model)
+        calls = []
+        AttentionInterface.register(cd.ATTENTION, lambda m, q, *a, **kw: (calls.append(q.shape[2]),
+                                                                          cd.grouped_decode_sdpa(m, q, *a, **kw))[1])
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
+            step = model(input_ids=token, attention_mask=mask, position_ids=positions[..., -1:] + 1,
+                         past_key_values=out.past_key_values, use_cache=True)
+        steps.append(step.logits[:, -1])
+        assert (1 in calls) == (attention != "sdpa")
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-5, atol=1e-5)

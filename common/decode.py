@@ -1,0 +1,165 @@
+"""Greedy decoding of a few tokens over a static KV cache, the decode step optionally replayed as a CUDA graph.
+
+A price is ~10 tokens. generate() spends ~36 ms of kernel launches and Python per decode step of 64 rows on an
+H100 for a few ms of GPU work (bench/gpu_runs/h100-h.json: 9 steps, 324 ms of a 1,087 ms batch). Here the
+prefill writes into a transformers `StaticCache` (what generate does with `cache_implementation="static"`), so
+every decode step of a batch has the same shapes and tensor addresses: captured once per (rows, cache length)
+as a CUDA graph, a step is one replay. Cache lengths are rounded up to `bucket` so that a few graphs serve
+every prompt length.
+
+Attention in a decode step attends one query per head over the whole cache. transformers' `sdpa` copies each of
+Qwen2.5-3B's 2 key/value heads 8 times to match its 16 query heads whenever there is a padding mask (SDPA's
+grouped-query mode needs mask=None): measured in the graphed step (run h100-k), that copy was half of its GPU
+time (10.6 of 21.8 ms) and attention another quarter. `grouped_decode_sdpa` instead folds each group's 8 query
+heads into the query length of one SDPA call over the group's shared head: no copy, the same kernel and math.
+
+The tokens are generate()'s: same prefill, same position ids (the last prompt position + 1 per step), same
+constraint, greedy; a finished row keeps <|im_end|> where generate pads (both decode to the same text).
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("decode")
+ATTENTION = "sdpa_grouped_decode"
+
+
+def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' `sdpa`, except for one query token with grouped key/value heads: query [b, heads, 1, d]
+    becomes [b, kv_heads, group, d] (head h reads kv head h // group, as repeat_kv has it), one SDPA call."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows, heads, _, dim = query.shape
+    out = F.scaled_dot_product_attention(query.view(rows, heads // groups, groups, dim), key, value,
+                                         attn_mask=attention_mask, scale=scaling)  # mask [b, 1, 1, S] broadcasts
+    return out.reshape(rows, 1, heads, dim), None
+
+
+def use_grouped_decode_attention(model) -> bool:
+    """Point the language model's attention at grouped_decode_sdpa (its prefill and training forwards stay
+    transformers' sdpa). False, changing nothing, where the language model does not run on sdpa."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    text = model.config.get_text_config(decoder=True)
+    if text._attn_implementation not in ("sdpa", ATTENTION):
+        return False
+    AttentionInterface.register(ATTENTION, grouped_decode_sdpa)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    text._attn_implementation = ATTENTION
+    return True
+
+
+class DecodeStep:
+    """One batch shape's decode step: a static cache of `cache_len` slots, input buffers and, if captured, the
+    CUDA graph that runs the language model on them. State advances inside the step (slot, positions, the
+    cache's own write index), so a replay needs nothing copied in but the new tokens."""
+
+    def __init__(self, model, rows: int, cache_len: int, position_rows: int, capture: bool):
+        from transformers import StaticCache
+        param = next(model.parameters())
+        self.model, self.rows, self.cache_len = model, rows, cache_len
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        text = model.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.cache.early_initialization(batch_size=rows, num_heads=text.num_key_value_heads, head_dim=head_dim,
+                                        dtype=param.dtype, device=param.device)
+        self.mask_kinds = sorted(set(getattr(text, "layer_types", None) or ["full_attention"]))
+        device = param.device
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(position_rows, rows, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(rows, 1, 1, cache_len, dtype=torch.bool, device=device)
+        self.graph = None
+        if capture:
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        self.mask.index_fill_(3, self.slot, True)  # the new token sees itself
+        out = self.model(input_ids=self.tokens, position_ids=self.positions, past_key_values=self.cache,
+                         attention_mask={kind: self.mask for kind in self.mask_kinds}, use_cache=True)
+        self.slot.add_(1)
+        self.positions.add_(1)
+        return out.logits[:, -1].float()
+
+    def _capture(self) -> None:
+        self.mask[..., 0] = True
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # a warm-up run off the capture stream, as torch.cuda.graphs asks
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+    def prefill(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
+        """Run the prompt into the cache; the float logits of its last position."""
+        self.cache.reset()
+        prompt_len = inputs["input_ids"].shape[1]
+        out = self.model(**inputs, position_ids=positions, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        self.mask.zero_()
+        self.mask[:, 0, 0, :prompt_len] = inputs["attention_mask"].bool()
+        self.slot.fill_(prompt_len)
+        self.positions.copy_(positions[..., -1:] + 1)
+        return out.logits[:, -1].float()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row; the float logits of the next."""
+        self.tokens.copy_(tokens[:, None])
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
+
+
+class StaticDecoder:
+    """Greedy decoding for left-padded batches through `DecodeStep`s, kept per (rows, cache length), the
+    `keep` most recently used (each holds a cache of rows x cache_len slots per layer)."""
+
+    def __init__(self, model, graphs: bool, bucket: int = 128, keep: int = 4):
+        if graphs and not torch.cuda.is_available():
+            raise ValueError("CUDA-graph decoding needs a GPU; use the eager static decoder on CPU")
+        self.model, self.graphs, self.bucket, self.keep = model, graphs, bucket, keep
+        self.mode = "graphs" if graphs else "static"
+        self.grouped_attention = use_grouped_decode_attention(model)
+        self.steps: OrderedDict[tuple[int, int], DecodeStep] = OrderedDict()
+        self.captures = 0
+
+    def step_for(self, rows: int, needed: int, position_rows: int) -> DecodeStep:
+        key = (rows, -(-needed // self.bucket) * self.bucket)
+        if key in self.steps:
+            self.steps.move_to_end(key)
+            return self.steps[key]
+        while len(self.steps) >= self.keep:
+            self.steps.popitem(last=False)
+        self.steps[key] = DecodeStep(self.model, *key, position_rows, capture=self.graphs)
+        self.captures += self.graphs
+        return self.steps[key]
+
+    @torch.no_grad()
+    def generate(self, inputs: dict, positions: torch.Tensor, max_new_tokens: int, end_id: int,
+                 constraint=None) -> torch.Tensor:
+        """[rows, n <= max_new_tokens] greedy tokens; after a row's <|im_end|>, <|im_end|> again."""
+        rows, prompt_len = inputs["input_ids"].shape
+        step = self.step_for(rows, prompt_len + max_new_tokens - 1, positions.shape[0])
+        scores = step.prefill(inputs, positions)
+        generated = inputs["input_ids"].new_empty(rows, 0)
+        finished = torch.zeros(rows, dtype=torch.bool, device=generated.device)
+        for n in range(max_new_tokens):
+            if constraint is not None:
+                scores = constraint(generated, scores)
+            token = scores.argmax(-1).masked_fill(finished, end_id)
+            generated = torch.cat([generated, token[:, None]], dim=1)
+            finished |= token == end_id
+            if n == max_new_tokens - 1 or bool(finished.all()):  # one host sync per step, as generate has
+                break
+            scores = step(token)
+        return generated
