@@ -18,6 +18,8 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   infer_fast       ours: 7_infer.py, its defaults, batch --infer-batch, same adapter           } infer_speed
   infer_fast_2gpu  ours under torchrun --nproc_per_node 2                                      } .py
   infer_fast_big   ours at batch --infer-big-batch (decode steps cost about the same at any batch)  }
+  infer_fast_generate  infer_fast with --decode generate (the library's decode loop instead of CUDA graphs)  }
+  infer_fast_mlp   infer_fast with --compile vision+mlp (the language model's MLPs and norms compiled too)     }
   infer_free       7_infer.py --no-constrained (prediction equality with the plain loop)
   profile_train    bench/gpu_profile.py: train_fast's run with steps profiled (GPU busy, idle gaps, syncs)
   profile_infer    bench/gpu_profile.py: infer_fast's run with batches profiled
@@ -45,8 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_unsloth", "train_unsloth16", "vision",
        "infer_plain",
-       "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_free", "profile_train", "profile_infer",
-       "profile_train_2gpu"]
+       "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate", "infer_fast_mlp",
+       "infer_free", "profile_train",
+       "profile_infer", "profile_train_2gpu"]
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",
                     "--cudnn-attention"]
@@ -173,7 +176,8 @@ def compare(b: Bench) -> None:
                       "texts": {i: t for r in ranks for i, t in (r.get("texts") or {}).items()}}
     out = {}
     for x, y in [("infer_plain", "infer_free"), ("infer_plain", "infer_fast"), ("infer_fast", "infer_fast_2gpu"),
-                 ("infer_fast", "infer_fast_big")]:
+                 ("infer_fast", "infer_fast_big"), ("infer_fast_generate", "infer_fast"),
+                 ("infer_fast", "infer_fast_mlp")]:
         px, py = got.get(x, {}).get("predictions"), got.get(y, {}).get("predictions")
         if not px or not py:
             continue
@@ -264,6 +268,10 @@ def main() -> None:
             "infer_fast": (1, ["seven", "--", *infer_seven_args(b, "fast", adapter, a.infer_batch, [])]),
             "infer_fast_2gpu": (2, ["seven", "--", *infer_seven_args(b, "fast_2gpu", adapter, a.infer_batch, [])]),
             "infer_fast_big": (1, ["seven", "--", *infer_seven_args(b, "fast_big", adapter, a.infer_big_batch, [])]),
+            "infer_fast_generate": (1, ["seven", "--", *infer_seven_args(b, "fast_generate", adapter, a.infer_batch,
+                                                                           ["--decode", "generate"])]),
+            "infer_fast_mlp": (1, ["seven", "--", *infer_seven_args(b, "fast_mlp", adapter, a.infer_batch,
+                                                                      ["--compile", "vision+mlp"])]),
             "infer_free": (1, ["seven", "--", *infer_seven_args(b, "free", adapter, 64, ["--no-constrained"])]),
         }[name]
         res = a.root / f"{name}.json"

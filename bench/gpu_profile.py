@@ -10,8 +10,8 @@ After --skip steps (train) or batches (infer) of warm-up (compilation, allocator
      Trainer's on_step_begin to on_step_end: fetching the next batch lies outside it;
   2. one more with Python stacks, to charge each idle gap to the pipeline code running on the host then;
   3. one more under torch.cuda.set_sync_debug_mode("warn"): each synchronizing call, counted by call site.
-For infer, every model forward is also timed with CUDA events: the first of a generate call is the prefill,
-the rest are decode steps, with the warm-up batch and the profiled ones left out of the medians. Writes
+For infer, every model forward (or static decoder step, CUDA-graphed or not) is also timed with CUDA events: the
+first of a batch is the prefill, the rest are decode steps, with the warm-up batch and the profiled ones left out of the medians. Writes
 DIR/{mode}_profile.json (under torchrun, rank R > 0 adds .rankR to every file name). Infer mode removes
 WORK_DIR/infer_{split}/ first (its part files too), so that every batch is computed.
 """
@@ -161,8 +161,15 @@ def run_infer(argv: list[str], phases: Phases) -> dict:
     from common import options
     cfg = options.parse(stage7.InferOptions, argv)
     shutil.rmtree(cfg.work_dir / f"infer_{cfg.split}", ignore_errors=True)
-    forwards: list[list] = []  # per batch: [(start event, end event)] for each model forward
+    import torch
+
+    import common.decode as cd
+    forwards: list[list] = []  # per batch: [(start event, end event)] for each model forward or decode step
     hooked: set[int] = set()
+    in_step = []  # a static decoder's step is timed as one unit, whether replayed or run eagerly
+
+    def quiet() -> bool:  # no events while a CUDA graph is being captured (nor inside a timed step)
+        return bool(in_step) or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
     def timed(model):
         core = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -171,14 +178,39 @@ def run_infer(argv: list[str], phases: Phases) -> dict:
         hooked.add(id(core))
 
         def pre(_m, _a):
-            forwards[-1].append([mark(), None])
+            if not quiet():
+                forwards[-1].append([mark(), None])
 
         def post(_m, _a, _o):
-            forwards[-1][-1][1] = mark()
+            if not quiet():
+                forwards[-1][-1][1] = mark()
 
         core.register_forward_pre_hook(pre)
         core.register_forward_hook(post)
 
+    step_call = cd.DecodeStep.__call__
+
+    def timed_step(self, tokens):
+        start = mark()
+        in_step.append(1)
+        try:
+            out = step_call(self, tokens)
+        finally:
+            in_step.pop()
+        forwards[-1].append([start, mark()])
+        return out
+
+    capture = cd.DecodeStep._capture
+
+    def quiet_capture(self):  # its warm-up forward is not a batch's prefill
+        in_step.append(1)
+        try:
+            capture(self)
+        finally:
+            in_step.pop()
+
+    cd.DecodeStep.__call__ = timed_step
+    cd.DecodeStep._capture = quiet_capture
     inner = cp.predict_batch
 
     def profiled_predict(model, tokenizer, batch, **kw):
