@@ -18,6 +18,7 @@ parsed price or None) are saved in the result for comparison.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -63,13 +64,13 @@ def run_seven(args, argv: list[str]) -> dict:
     from common import options
     cfg = options.parse(stage7.InferOptions, argv)
     shutil.rmtree(cfg.work_dir / f"infer_{cfg.split}", ignore_errors=True)  # no resuming between runs
-    batches, marks, texts, last_ids = [], {}, {}, []
+    batches, marks, texts, collated_ids = [], {}, {}, collections.deque()
     inner = ci.predict_batch
     import common.collate as cc
     collate = cc.Collator.__call__
 
-    def recording_collate(self, samples):  # run_predictions collates each batch right before predict_batch
-        last_ids[:] = [s["sample_id"] for s in samples]
+    def recording_collate(self, samples):  # run_predictions collates batches in order, one ahead of predict_batch
+        collated_ids.append([s["sample_id"] for s in samples])
         return collate(self, samples)
 
     cc.Collator.__call__ = recording_collate
@@ -86,7 +87,7 @@ def run_seven(args, argv: list[str]) -> dict:
             del tokenizer.batch_decode
         sync()
         t1 = time.perf_counter()
-        texts.update(zip(last_ids, decoded))
+        texts.update(zip(collated_ids.popleft(), decoded))
         if not batches:
             marks["first_end"] = t1
             marks["first_end_epoch"] = time.time()

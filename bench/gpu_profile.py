@@ -188,17 +188,17 @@ def run_infer(argv: list[str], phases: Phases) -> dict:
         core.register_forward_pre_hook(pre)
         core.register_forward_hook(post)
 
-    step_call = cd.DecodeStep.__call__
-
-    def timed_step(self, tokens):
-        start = mark()
-        in_step.append(1)
-        try:
-            out = step_call(self, tokens)
-        finally:
-            in_step.pop()
-        forwards[-1].append([start, mark()])
-        return out
+    def timed_unit(call):  # a static decoder's prefill or step, timed as one unit (its own forwards stay quiet)
+        def run(self, *args):
+            start = mark()
+            in_step.append(1)
+            try:
+                out = call(self, *args)
+            finally:
+                in_step.pop()
+            forwards[-1].append([start, mark()])
+            return out
+        return run
 
     capture = cd.DecodeStep._capture
 
@@ -209,7 +209,8 @@ def run_infer(argv: list[str], phases: Phases) -> dict:
         finally:
             in_step.pop()
 
-    cd.DecodeStep.__call__ = timed_step
+    cd.DecodeStep.prefill = timed_unit(cd.DecodeStep.prefill)
+    cd.DecodeStep.__call__ = timed_unit(cd.DecodeStep.__call__)
     cd.DecodeStep._capture = quiet_capture
     inner = cp.predict_batch
 

@@ -2,10 +2,12 @@
 
 A price is ~10 tokens. generate() spends ~36 ms of kernel launches and Python per decode step of 64 rows on an
 H100 for a few ms of GPU work (bench/gpu_runs/h100-h.json: 9 steps, 324 ms of a 1,087 ms batch). Here the
-prefill writes into a transformers `StaticCache` (what generate does with `cache_implementation="static"`), so
-every decode step of a batch has the same shapes and tensor addresses: captured once per (rows, cache length)
-as a CUDA graph, a step is one replay. Cache lengths are rounded up to `bucket` so that a few graphs serve
-every prompt length.
+prompt's keys and values go into a transformers `StaticCache`, so every decode step of a batch has the same
+shapes and tensor addresses: captured once per (rows, cache length) as a CUDA graph, a step is one replay.
+Cache lengths are rounded up to `bucket` so that a few graphs serve every prompt length.
+
+The prefill runs each row right-aligned (its padding moved to the end): a causal prompt then needs no mask, so
+SDPA takes its flash kernel with grouped key/value heads instead of the masked kernel fed with copied heads.
 
 Attention in a decode step attends one query per head over the whole cache. transformers' `sdpa` copies each of
 Qwen2.5-3B's 2 key/value heads 8 times to match its 16 query heads whenever there is a padding mask (SDPA's
@@ -56,6 +58,16 @@ def use_grouped_decode_attention(model) -> bool:
     return True
 
 
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def right_aligned(mask: torch.Tensor) -> torch.Tensor:
+    """[rows, L] gather index that moves each left-padded row's tokens to the start, its padding to the end."""
+    length = mask.shape[1]
+    pad = length - mask.sum(1, keepdim=True)
+    return (torch.arange(length, device=mask.device)[None, :] + pad) % length
+
+
 class DecodeStep:
     """One batch shape's decode step: a static cache of `cache_len` slots, input buffers and, if captured, the
     CUDA graph that runs the language model on them. State advances inside the step (slot, positions, the
@@ -100,16 +112,30 @@ class DecodeStep:
             self.logits = self._forward()
 
     def prefill(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
-        """Run the prompt into the cache; the float logits of its last position."""
-        self.cache.reset()
-        prompt_len = inputs["input_ids"].shape[1]
-        out = self.model(**inputs, position_ids=positions, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1)
+        """Run the left-padded prompt, moved to the right of each row, into the cache; the float logits of each
+        row's last prompt token. Right-padded, a causal prompt needs no mask (padding only follows what a row
+        attends to), so SDPA takes its flash kernel with grouped heads: no mask, no key/value copies."""
+        rows, prompt_len = inputs["input_ids"].shape
+        mask = inputs["attention_mask"]
+        order = right_aligned(mask)
+        moved = {k: v.gather(1, order) if k in SEQUENCE_KEYS else v for k, v in inputs.items()}
+        moved["attention_mask"] = None
+        positions = positions.gather(2, order.expand(positions.shape[0], -1, -1))
+        from transformers import DynamicCache
+        cache = DynamicCache(config=self.model.config)
+        hidden = self.model.model(**moved, position_ids=positions, past_key_values=cache,
+                                  use_cache=True).last_hidden_state
+        last = (mask.sum(1) - 1)[:, None]
+        for static, prompt in zip(self.cache.layers, cache.layers):
+            static.keys[:, :, :prompt_len].copy_(prompt.keys)
+            static.values[:, :, :prompt_len].copy_(prompt.values)
+            static.cumulative_length.fill_(prompt_len)
         self.mask.zero_()
-        self.mask[:, 0, 0, :prompt_len] = inputs["attention_mask"].bool()
+        self.mask[:, 0, 0, :prompt_len] = mask.gather(1, order).bool()
         self.slot.fill_(prompt_len)
-        self.positions.copy_(positions[..., -1:] + 1)
-        return out.logits[:, -1].float()
+        self.positions.copy_(positions.gather(2, last[None].expand(positions.shape[0], -1, -1)) + 1)
+        rows_last = hidden[torch.arange(rows, device=hidden.device), last[:, 0]]
+        return self.model.lm_head(rows_last).float()
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; the float logits of the next."""
@@ -159,7 +185,13 @@ class StaticDecoder:
             token = scores.argmax(-1).masked_fill(finished, end_id)
             generated = torch.cat([generated, token[:, None]], dim=1)
             finished |= token == end_id
-            if n == max_new_tokens - 1 or bool(finished.all()):  # one host sync per step, as generate has
+            if n == max_new_tokens - 1:
                 break
+            all_done = finished.all()
             scores = step(token)
+            # Wait for the flag only once the next step is queued: the GPU runs it while the host waits and then
+            # queues the one after (waiting first left the GPU idle for each graph launch, ~3.6 ms a step on an
+            # H100). The step queued after the last token is wasted, once per batch; the tokens are the same.
+            if bool(all_done):
+                break
         return generated

@@ -107,20 +107,33 @@ def generation_positions(model, batch: dict) -> torch.Tensor | None:
         inner.rope_deltas = saved
 
 
+def prepare_batch(model, batch: dict, host_positions: bool) -> dict:
+    """A collated batch made ready on the host: generate()'s position ids added (when asked and the model has
+    them) and, on a GPU machine, its tensors pinned so that the copy to the GPU does not block. Pure host work:
+    stage 7 runs it in a thread for the next batch while the GPU works on this one."""
+    positions = generation_positions(model, batch) if host_positions else None
+    if positions is not None:
+        batch = {**batch, "position_ids": positions}
+    if torch.cuda.is_available():
+        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
 @torch.no_grad()
 def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=None,
                   host_positions: bool = True, decoder=None) -> list[float | None]:
-    """Greedy prices for one left-padded batch (collator with padding_side='left', no labels).
+    """Greedy prices for one left-padded batch (collator with padding_side='left', no labels), as collated or
+    from prepare_batch.
     host_positions: hand generate() the position ids computed on the host (measured on the transformers
     backend; Unsloth's generate keeps computing its own).
     decoder: a `common.decode.StaticDecoder` to decode with instead of generate() (same tokens; it needs the
     host position ids)."""
     device = next(model.parameters()).device
-    positions = generation_positions(model, batch) if host_positions or decoder is not None else None
-    if decoder is not None and positions is None:
+    if (host_positions or decoder is not None) and "position_ids" not in batch:
+        positions = generation_positions(model, batch)
+        batch = batch if positions is None else {**batch, "position_ids": positions}
+    if decoder is not None and "position_ids" not in batch:
         raise ValueError(f"{type(model).__name__} has no host position ids: decode with generate()")
-    if positions is not None:
-        batch = {**batch, "position_ids": positions}
     inputs = with_normalized_pixels({k: v.to(device, non_blocking=True) for k, v in batch.items()}, spec)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
