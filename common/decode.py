@@ -108,7 +108,9 @@ class DecodeStep:
             self._forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: stage 7 pins the next batch in another thread meanwhile, and in the default (global)
+        # mode that thread's CUDA host allocations invalidate this capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self._forward()
 
     def prefill(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
