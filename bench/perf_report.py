@@ -69,7 +69,8 @@ def train_rows(label: str, run: dict) -> list[str]:
 
 def infer_rows(label: str, run: dict) -> list[str]:
     out = []
-    for phase in ("infer_plain", "infer_fast", "infer_fast_big", "infer_fast_2gpu"):
+    for phase in ("infer_plain", "infer_fast", "infer_fast_generate", "infer_fast_mlp", "infer_fast_big",
+                  "infer_fast_2gpu"):
         e = run.get(phase) or {}
         ranks = [x for x in [e.get("result"), *e.get("other_ranks", [])] if x]
         if not ranks:
@@ -156,10 +157,29 @@ def render(runs: dict[str, dict]) -> str:
               "no: batch 64 stays (token-budget batching would keep the gain) |",
               "| vision features precomputed in stage 4 | after compile the tower is ~3.3 ms/image, 53 ms of a 350 ms "
               "batch-16 step: at most ~15% | not built: training is past its goal without it | no |",
-              f"| static-cache / CUDA-graph decode | decode is 9 host-bound steps of 36 ms per batch of 64 (h100-h "
-              f"profile), 330 of 1,080 ms | not built; even with free decoding the prefill (706 ms per 64 rows at real "
-              f"lengths, 98% GPU busy) caps 7_infer at ~91 samples/s; the language model's eager prefill alone runs "
-              f"{lm_only:.0f} samples/s at 608 tokens | no (next: it and a compiled prefill are what 120 needs) |", ""]
+              "| static-cache decode, each step one CUDA-graph replay (`--decode graphs`, `common/decode.py`) | decode "
+              "is 9 host-bound steps of 36 ms per batch of 64 (h100-h), 330 of 1,080 ms: to ~5 ms a step | decode step "
+              "36 -> 27 ms (h100-k): the replayed kernels were half a copy of the key/value heads | yes, default on a GPU "
+              "with the hf backend |",
+              "| grouped-query decode attention (16 query heads folded onto their 2 key/value heads in one SDPA call "
+              "instead of copying the heads 8x) | the copy was 10.6 of 21.8 ms of GPU time per step (h100-k trace) | "
+              "decode step 27 -> 9.2 ms; 7_infer 62.79 samples/s against 47.76 with generate (h100-l), predictions "
+              "equal on 1,280/1,280 rows | yes, with the static decoder |",
+              "| prefill right-aligned, so causal attention needs no mask (flash kernel, grouped heads, no copies) | "
+              "the masked prefill copied heads too (~58 ms of 743) | prefill 743 (h100-l) -> 696 ms (h100-n) | yes, "
+              "default (bf16 rounding then differs from the masked kernel: 1,071/1,280 random-weight predictions "
+              "equal, h100-p; in fp32 on the CPU the tokens are identical) |",
+              "| next batch collated, given its position ids and pinned in a thread; decode steps queued before the "
+              "done check | host preparation ~100 ms a batch with the GPU idle (h100-n), ~3.6 ms idle per graph "
+              "launch | 7_infer 67.76 samples/s against 46.95 with generate and 17.41 for the plain loop (h100-p) "
+              "| yes, default |",
+              "| the language model's MLPs and norms compiled (`--compile vision+mlp`) | fused SwiGLU and RMSNorm: "
+              "~10% of the prefill | 62.79 -> 68.66 samples/s (h100-l); 1,064/1,280 predictions equal | no: opt-in, "
+              "bf16 rounding moves 17% of the random-weight predictions |",
+              f"| what 120 samples/s needs | - | the prefill alone is 696 ms per 64 rows (h100-p, ~92 samples/s if "
+              f"nothing else ran), GPU-bound; the language model's eager prefill runs {lm_only:.0f} samples/s at "
+              f"608 tokens. 120 needs a faster prefill (fused or FP8 matmuls, packing without padding), not a faster "
+              f"decode | open |", ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
           "(mean) | rows | peak GiB | GPU busy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -168,10 +188,13 @@ def render(runs: dict[str, dict]) -> str:
     L += ["", "Baseline `infer_plain`: AutoProcessor + `Qwen2_5_VLForConditionalGeneration` (bf16, sdpa) + "
           "`model.generate(max_new_tokens=10)` over the rows in file order, batch 64. Ours `infer_fast`: `7_infer.py "
           "--batch-size 64` (shards, length-sorted batches, bucketed + compiled vision, number-constrained greedy "
-          "decoding). Random weights and no adapter here, so the plain loop rarely emits a number and the texts cannot be "
+          "decoding; from commit 6430693 over a static cache with CUDA-graph decode steps, from 76ad8f3 a right-aligned "
+          "prefill and the next batch prepared in a thread). `infer_fast_generate`: the same with `--decode generate` "
+          "(the library's loop); `infer_fast_mlp`: with `--compile vision+mlp`. Random weights and no adapter here, so the plain loop rarely emits a number and the texts cannot be "
           "compared row by row; the CPU tests show the same logits for the same inputs. 2 GPUs: `torchrun "
-          "--nproc_per_node 2 7_infer.py`; end to end, each rank had only 5-6 batches (the first compiles), so the "
-          "generate-only rate shows the steady state.", "",
+          "--nproc_per_node 2 7_infer.py`; end to end, each rank had only 5-12 batches (the first compiles), so the "
+          "generate-only rate shows the steady state. Between 1 and 2 GPUs the batches differ (each rank sorts its own "
+          "share), and bf16 near-ties then give 1,088/1,280 equal random-weight predictions (h200x2-m).", "",
           "Before these levers (commit ed482a8, H200, an adapter trained 25 steps, in git history): the plain loop and "
           "`7_infer.py --no-constrained` gave the same price on 475 of 512 rows; the rest diverged where batch "
           "composition moved near-tied bf16 logits.", ""]
@@ -184,15 +207,18 @@ def profile_section(runs: dict[str, dict]) -> list[str]:
          "| run | commit | profiled | GPU busy (kernel time / wall) | host syncs per unit | prefill ms | decode step ms "
          "| largest idle charge |", "|---|---|---|---:|---:|---:|---:|---|"]
     for label, r in runs.items():
-        for phase, unit in (("profile_train", "2 training steps (batch 16)"), ("profile_infer", "2 batches of 64")):
-            x = (r.get(phase) or {}).get("result") or {}
-            plain = x.get("plain") or (r.get(phase) or {}).get("trace_analysis") or {}
-            if not plain.get("gpu_busy_pct"):
-                continue
-            top = (plain.get("idle_charged_ms") or [{}])[0]
-            L.append(f"| {label} | `{r['commit']}` | {unit} | {plain['gpu_busy_pct']}% of {plain['wall_ms']:.0f} ms | "
-                     f"{x.get('syncs_in_one_unit', '-')} | {x.get('prefill_ms_median') or '-'} | "
-                     f"{x.get('decode_step_ms_median') or '-'} | {top.get('host', '-')[:60]}: {top.get('ms', '-')} ms |")
+        for phase, unit in (("profile_train", "2 training steps (batch 16)"), ("profile_infer", "2 batches of 64"),
+                            ("profile_train_2gpu", "2 training steps (batch 16), rank {} of 2")):
+            e = r.get(phase) or {}
+            for rank, x in enumerate([e.get("result") or {}, *e.get("other_ranks", [])]):
+                plain = x.get("plain") or e.get("trace_analysis") or {}
+                if not plain.get("gpu_busy_pct"):
+                    continue
+                top = (plain.get("idle_charged_ms") or [{}])[0]
+                L.append(f"| {label} | `{r['commit']}` | {unit.format(rank)} | {plain['gpu_busy_pct']}% of "
+                         f"{plain['wall_ms']:.0f} ms | {x.get('syncs_in_one_unit', '-')} | "
+                         f"{x.get('prefill_ms_median') or '-'} | {x.get('decode_step_ms_median') or '-'} | "
+                         f"{top.get('host', '-')[:60]}: {top.get('ms', '-')} ms |")
     L += ["", "Idle gaps are charged to the host operation running at the gap's midpoint (`bench/trace_gaps.py`). Before "
           "(h100-f): cuDNN's attention built a new execution plan for every new sequence length, which with real "
           "lengths is every batch and every decode step: 2.1 s of a 4.6 s pair of inference batches and 2.3 s of a "
@@ -206,7 +232,22 @@ def profile_section(runs: dict[str, dict]) -> list[str]:
           "steps is not in it) the GPU is 83.5% busy; what idles is host time before the forward (the Trainer's "
           "per-step `model.train()` over every module, and the model's per-row rotary index loop with 174 syncs per "
           "step). Unsloth 4-bit, rerun in h100-j after these changes: 27.64 samples/s "
-          "(27.45 in h100-a), 77% busy: it has its own attention path.", ""]
+          "(27.45 in h100-a), 77% busy: it has its own attention path.", "",
+          "Inference after the static-cache decoder (h100-k to h100-p): the graphed decode step first spent half its "
+          "GPU time copying the 2 key/value heads to 16 (transformers' sdpa does so whenever there is a mask), fixed by "
+          "the grouped decode attention (27 -> 9.2 ms a step). Then the idle time was the host: ~100 ms per batch "
+          "computing the rotary position ids and collating while the GPU waited (h100-n, a slower host), and ~3.6 ms "
+          "per graph launch because the host waited for the done flag before queueing the next step. Both now overlap "
+          "GPU work (h100-p): an inference batch of 64 is a 696 ms prefill plus 9 decode steps of 9.2 ms, 82% busy by "
+          "the profiler (87.6% by nvidia-smi); what idles is the prefill's own host work (the vision tower's "
+          "data-dependent index building) and the first replays of each new graph.", "",
+          "Two GPUs, training (h200x2-m, each rank profiles its own steps): both ranks are ~78% busy. On rank 1 the "
+          "largest kernel is NCCL's all-reduce, 195 ms over two steps: time spent waiting for rank 0, whose two batches "
+          "were longer (its compute ~620 ms against ~465 ms). Each rank length-groups its own share of the data, so "
+          "the ranks' batches at a step differ in length and every step runs at the slower rank's pace; the gradient "
+          "all-reduce itself is short (a few ms, overlapped with the backward). The bench also logs every step, which "
+          "adds a collective and a host sync per step that a real run (logging every 10+ steps) has rarely. "
+          "Balancing token counts across ranks per step is what the 1.9x needs; not built.", ""]
     return L
 
 
@@ -228,33 +269,35 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
         rows.append(row("Unsloth 4-bit train samples/s (the default GPU backend)",
                         f"{hf_a['samples_per_s']} (transformers+peft bf16, batch 4, {hf_a['train_peak_gib']} GiB)",
                         f"{uns['samples_per_s']} (batch 16, {uns['train_peak_gib']} GiB)", a))
-    h = runs.get("h100-h", {})
-    plain, seven = res(h, "infer_plain"), res(h, "infer_fast")
+    h = runs.get("h100-p", {})
+    plain, seven, lib = res(h, "infer_plain"), res(h, "infer_fast"), res(h, "infer_fast_generate")
     if plain and seven:
         rows.append(row("infer samples/s", f"{plain['samples_per_s']} (plain generate loop, batch 64; 3B, real lengths)",
-                        f"{seven['samples_per_s']} ({seven['samples_per_s'] / plain['samples_per_s']:.2f}x; goal 120: "
-                        f"not met, the prefill alone caps it at ~91)", h))
-    i = runs.get("h200x2-i", {})
-    one, two = i.get("infer_fast") or {}, i.get("infer_fast_2gpu") or {}
+                        f"{seven['samples_per_s']} ({seven['samples_per_s'] / plain['samples_per_s']:.2f}x; "
+                        f"{lib['samples_per_s']} with the library's generate; goal 120: not met, the 696 ms prefill "
+                        f"per 64 rows alone caps it at ~92)", h))
+    m = runs.get("h200x2-m", {})
+    one, two = m.get("infer_fast") or {}, m.get("infer_fast_2gpu") or {}
     if one.get("result") and two.get("result"):
         g1 = one["result"]["generate_samples_per_s"]
         g2 = sum(x.get("generate_samples_per_s") or 0 for x in [two["result"], *two.get("other_ranks", [])])
         e1, e2 = one["result"]["samples_per_s"], two["samples_per_s_all_ranks"]
-        rows.append(row("infer 2-GPU scaling", f"{g1} samples/s (7_infer, 1 GPU, generate-only)",
-                        f"{round(g2, 2)} (torchrun, 2 GPUs: {g2 / g1:.2f}x; end to end {e2} vs {e1}, {e2 / e1:.2f}x, "
-                        "5 batches a rank; goal 1.9x)", i, " (H100s not given)"))
+        rows.append(row("infer 2-GPU scaling", f"{e1} samples/s (7_infer, 1 GPU, end to end)",
+                        f"{e2} (torchrun, 2 GPUs: {e2 / e1:.2f}x end to end, 8-12 batches a rank, the first compiling; "
+                        f"generate-only {round(g2, 2)} vs {g1}, {g2 / g1:.2f}x; goal 1.9x)", m, " (H100s not given)"))
+    i = runs.get("h200x2-i", {})
     t1, t2 = res(i, "train_fast"), res(i, "train_fast_2gpu")
     if t1 and t2:
         rows.append(row("train 2-GPU scaling", f"{t1['samples_per_s']} samples/s (6_train, 1 GPU, batch 16)",
                         f"{t2['samples_per_s']} (torchrun, 2 GPUs x 16: {t2['samples_per_s'] / t1['samples_per_s']:.2f}x; "
                         "goal 1.9x)", i, " (H100s not given)"))
-    prof = ((h.get("profile_infer") or {}).get("result") or {}).get("plain") or {}
+    prof = ((h.get("profile_infer") or {}).get("result") or {}).get("plain") or {}  # h100-p
     prof_t = ((runs.get("h100-j", {}).get("profile_train") or {}).get("result") or {}).get("plain") or {}
     if hf and fast:
         rows.append(row("GPU busy (steady state)", f"nvidia-smi: train {busy(g, 'train_hf')} (infer not sampled)",
                         f"nvidia-smi: train {busy(g, 'train_fast')}, infer {busy(h, 'infer_fast')}; profiler (kernel "
                         f"time / wall): train {prof_t.get('gpu_busy_pct', '-')}% (h100-j), infer "
-                        f"{prof.get('gpu_busy_pct', '-')}% (goal 90%: not met)", g))
+                        f"{prof.get('gpu_busy_pct', '-')}% (h100-p; goal 90%: not met)", g))
     return rows
 
 
@@ -266,9 +309,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # train samples/s (h100-g, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,infer_plain,infer_fast,train_hf,train_fast,profile_infer --train-rows 384 --test-rows 768 --steps 20 --limits build=60,data=100,train=200,infer=100
-# infer samples/s and its profile (h100-h, nvidia-h100-x1)
+# infer samples/s and its profile (h100-p, nvidia-h100-x1; h100-l added infer_fast_mlp)
+python3 bench/gpu_bench.py --out $OUT --deadline 580 --phases build,data,infer_plain,infer_fast,infer_fast_generate,profile_infer --train-rows 128 --test-rows 1280 --limits build=60,data=130,train=200,infer=110,infer_plain=150
+# infer 2-GPU scaling and a 2-rank training profile (h200x2-m, nvidia-h100-x2, which gave 2 H200s)
+python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,infer_fast,infer_fast_2gpu,profile_train_2gpu --train-rows 256 --test-rows 1280 --steps 16 --limits build=60,data=140,train=200,infer=100
+# the earlier infer profile, before the static-cache decoder (h100-h, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,infer_plain,infer_fast,infer_fast_big,profile_infer --train-rows 128 --test-rows 1280 --limits build=60,data=130,train=200,infer=130
-# 2-GPU scaling (h200x2-i, nvidia-h100-x2, which gave 2 H200s)
+# train 2-GPU scaling (h200x2-i, nvidia-h100-x2, which gave 2 H200s)
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,infer_fast,infer_fast_2gpu,train_fast,train_fast_2gpu --train-rows 256 --test-rows 640 --steps 16 --limits build=60,data=110,train=200,infer=90
 # a training profile and Unsloth after the fixes (h100-j, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,profile_train,train_unsloth --train-rows 384 --test-rows 64 --steps 16 --limits build=60,data=100,train=200,train_unsloth=230

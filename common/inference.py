@@ -73,7 +73,7 @@ def _not_done(batches, done: dict):
 def _prepared_ahead(batches, prepare):
     """(batch, prepare(batch) or None if it is already done), preparing the next batch in a thread while the
     caller predicts this one: collating and the host position ids held the GPU idle for ~100 ms of each
-    batch of 64 (profiled, bench/gpu_runs/h100-m.json)."""
+    batch of 64 (profiled, bench/gpu_runs/h100-n.json)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead = None
         for batch, needed in batches:
