@@ -59,8 +59,11 @@ class InferOptions:
         out = []
         if self.batch_size < 1 or self.flush_every < 1 or self.sort_window < 1:
             out.append("--batch-size, --flush-every and --sort-window must be >= 1")
-        if self.decode in ("static", "graphs") and self.backend == "unsloth":
-            out.append(f"--decode {self.decode} runs the transformers model: it needs --backend hf (or auto)")
+        if self.decode in ("static", "graphs"):
+            from common.modeling import pick_backend
+            if pick_backend(self.backend) != "hf":
+                out.append(f"--decode {self.decode} runs the transformers model: it needs --backend hf (here "
+                           f"--backend {self.backend} means {pick_backend(self.backend)})")
         if self.decode == "graphs":
             import torch
             if not torch.cuda.is_available():

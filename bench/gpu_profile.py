@@ -11,7 +11,8 @@ After --skip steps (train) or batches (infer) of warm-up (compilation, allocator
   2. one more with Python stacks, to charge each idle gap to the pipeline code running on the host then;
   3. one more under torch.cuda.set_sync_debug_mode("warn"): each synchronizing call, counted by call site.
 For infer, every model forward (or static decoder step, CUDA-graphed or not) is also timed with CUDA events: the
-first of a batch is the prefill, the rest are decode steps, with the warm-up batch and the profiled ones left out of the medians. Writes
+first of a batch is the prefill, the rest are decode steps (the static decoder's count includes the one step it
+queues before learning that every row has ended), with the warm-up batch and the profiled ones left out of the medians. Writes
 DIR/{mode}_profile.json (under torchrun, rank R > 0 adds .rankR to every file name). Infer mode removes
 WORK_DIR/infer_{split}/ first (its part files too), so that every batch is computed.
 """

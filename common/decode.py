@@ -15,8 +15,10 @@ grouped-query mode needs mask=None): measured in the graphed step (run h100-k), 
 time (10.6 of 21.8 ms) and attention another quarter. `grouped_decode_sdpa` instead folds each group's 8 query
 heads into the query length of one SDPA call over the group's shared head: no copy, the same kernel and math.
 
-The tokens are generate()'s: same prefill, same position ids (the last prompt position + 1 per step), same
-constraint, greedy; a finished row keeps <|im_end|> where generate pads (both decode to the same text).
+The tokens are greedy generate()'s in exact arithmetic (tested in fp32): the same position ids (the last prompt
+position + 1 per step), constraint and stopping; a finished row keeps <|im_end|> where generate pads (both
+decode to the same text). In bf16 the mask-free prefill kernel rounds differently from generate()'s masked one,
+so near-tied logits can differ (measured on a random-weight 3B: 1,071 of 1,280 prices equal, h100-p).
 """
 from __future__ import annotations
 
@@ -148,6 +150,26 @@ class DecodeStep:
         return self.logits
 
 
+class HostFlag:
+    """A device boolean copied to pinned host memory behind an event: reading it waits for the copy only, not
+    for the work queued after it (a plain bool(tensor) would wait for the whole stream)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.copied = torch.cuda.Event() if self.cuda else None
+
+    def send(self, flag: torch.Tensor) -> None:
+        self.host.copy_(flag, non_blocking=self.cuda)
+        if self.cuda:
+            self.copied.record()
+
+    def read(self) -> bool:
+        if self.cuda:
+            self.copied.synchronize()
+        return bool(self.host)
+
+
 class StaticDecoder:
     """Greedy decoding for left-padded batches through `DecodeStep`s, kept per (rows, cache length), the
     `keep` most recently used (each holds a cache of rows x cache_len slots per layer)."""
@@ -158,6 +180,9 @@ class StaticDecoder:
         self.model, self.graphs, self.bucket, self.keep = model, graphs, bucket, keep
         self.mode = "graphs" if graphs else "static"
         self.grouped_attention = use_grouped_decode_attention(model)
+        if not self.grouped_attention:  # its boolean decode mask means "attend" to sdpa only
+            raise ValueError("the static decoder needs the language model on sdpa attention, not "
+                             f"{model.config.get_text_config(decoder=True)._attn_implementation}; use --decode generate")
         self.steps: OrderedDict[tuple[int, int], DecodeStep] = OrderedDict()
         self.captures = 0
 
@@ -181,6 +206,7 @@ class StaticDecoder:
         scores = step.prefill(inputs, positions)
         generated = inputs["input_ids"].new_empty(rows, 0)
         finished = torch.zeros(rows, dtype=torch.bool, device=generated.device)
+        done = HostFlag(generated.device)
         for n in range(max_new_tokens):
             if constraint is not None:
                 scores = constraint(generated, scores)
@@ -189,11 +215,11 @@ class StaticDecoder:
             finished |= token == end_id
             if n == max_new_tokens - 1:
                 break
-            all_done = finished.all()
+            done.send(finished.all())
             scores = step(token)
-            # Wait for the flag only once the next step is queued: the GPU runs it while the host waits and then
-            # queues the one after (waiting first left the GPU idle for each graph launch, ~3.6 ms a step on an
+            # Read the flag only once the next step is queued: the GPU runs that step while the host reads and
+            # queues the one after (reading first left the GPU idle for each graph launch, ~3.6 ms a step on an
             # H100). The step queued after the last token is wasted, once per batch; the tokens are the same.
-            if bool(all_done):
+            if done.read():
                 break
         return generated

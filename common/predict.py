@@ -126,8 +126,8 @@ def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=No
     from prepare_batch.
     host_positions: hand generate() the position ids computed on the host (measured on the transformers
     backend; Unsloth's generate keeps computing its own).
-    decoder: a `common.decode.StaticDecoder` to decode with instead of generate() (same tokens; it needs the
-    host position ids)."""
+    decoder: a `common.decode.StaticDecoder` to decode with instead of generate() (the same greedy tokens in
+    exact arithmetic; bf16 kernels may round near-ties differently; it needs the host position ids)."""
     device = next(model.parameters()).device
     if (host_positions or decoder is not None) and "position_ids" not in batch:
         positions = generation_positions(model, batch)
@@ -144,8 +144,10 @@ def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=No
     else:
         prompt_length = inputs["input_ids"].shape[1]
         processors = LogitsProcessorList([NumberConstraint(tokenizer, prompt_length)]) if constrain else None
+        # repetition_penalty=1.0: Qwen's generation config ships a penalty that generate() applies even when
+        # greedy; it would push down digits a price repeats (11.99), and the static decoder applies none
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens(), do_sample=False, num_beams=1,
-                                   logits_processor=processors, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=end_id)[:, prompt_length:]
+                                   repetition_penalty=1.0, logits_processor=processors,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=end_id)[:, prompt_length:]
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [parse_price(t) for t in texts]

@@ -340,3 +340,62 @@ def test_grouped_decode_attention_matches_sdpa(tiny_model_dir, encoded_demo):
         steps.append(step.logits[:, -1])
         assert (1 in calls) == (attention != "sdpa")
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_language_mlps_decode_the_same_tokens(tiny_model_dir, encoded_demo):
+    """--compile vision+mlp (stage 7, opt-in): the vision blocks and the language model's MLPs and norms, not
+    its attention (which touches the cache); in fp32 the static decoder then writes the eager tokens."""
+    import itertools
+
+    from common.collate import for_tokenizer
+    from common.decode import StaticDecoder
+    from common.modeling import compile_blocks, load_for_inference, load_tokenizer
+    from common.predict import NumberConstraint, generation_positions, max_new_tokens, with_normalized_pixels
+    from common.shards import ShardStream
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention
+    tok = load_tokenizer(str(tiny_model_dir))
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    samples = list(itertools.islice(iter(ShardStream(encoded_demo.shards_dir("train"), encoded_demo.spec(),
+                                                     normalize=False)), 4))
+    batch = for_tokenizer(tok, "left", with_labels=False)(samples)
+    tokens = []
+    for compiled in (False, True):
+        model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
+        if compiled:
+            cfg = model.config
+            expected = (cfg.vision_config.depth + cfg.text_config.num_hidden_layers * 3 + 1)  # MLP + 2 norms a layer
+            assert compile_blocks(model, "vision+mlp", "hf") == expected
+            assert not any(isinstance(m, Qwen2_5_VLAttention) and hasattr(m, "_compiled_call_impl")
+                           and m._compiled_call_impl is not None for m in model.modules())
+        tokens.append(StaticDecoder(model, graphs=False).generate(
+            with_normalized_pixels(batch, encoded_demo.spec()), generation_positions(model, batch),
+            max_new_tokens(), end_id, NumberConstraint(tok, 0)))
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def test_both_decoders_ignore_the_models_repetition_penalty(tiny_model_dir, encoded_demo):
+    """Qwen's generation config ships a repetition penalty that generate() applies even when greedy; stage 7 and
+    training's evaluation decode without it on both paths, so they give the same prices (a penalty would also
+    push down digits a price repeats). A model not on sdpa attention is refused by the static decoder."""
+    import itertools
+
+    from common.collate import for_tokenizer
+    from common.decode import StaticDecoder
+    from common.modeling import load_for_inference, load_tokenizer
+    from common.predict import predict_batch
+    from common.shards import ShardStream
+    tok = load_tokenizer(str(tiny_model_dir))
+    samples = list(itertools.islice(iter(ShardStream(encoded_demo.shards_dir("train"), encoded_demo.spec(),
+                                                     normalize=False)), 6))
+    batch = for_tokenizer(tok, "left", with_labels=False)(samples)
+    prices = []
+    for static in (False, True):
+        model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
+        model.generation_config.repetition_penalty = 3.0
+        decoder = StaticDecoder(model, graphs=False) if static else None
+        prices.append(predict_batch(model, tok, batch, spec=encoded_demo.spec(), decoder=decoder))
+    assert prices[0] == prices[1] and any(p is not None for p in prices[0])
+    model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
+    model.config.text_config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="sdpa"):
+        StaticDecoder(model, graphs=False)
