@@ -11,7 +11,8 @@ Writes  WORK_DIR/test_out.csv            sample_id,price: every id of test.csv o
     torchrun --nproc_per_node 2 7_infer.py --work-dir work --data-dir dataset
 
 Decoding is greedy and constrained to a number; a row that still fails (no sample, unparsable, not > 0)
-gets the training median and is counted.
+gets the training median and is counted. On a GPU with `--backend hf` it runs over a static KV cache, each
+decode step one CUDA-graph replay (`--decode`, common/decode.py); elsewhere through the library's generate().
 """
 from __future__ import annotations
 
