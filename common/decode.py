@@ -22,13 +22,11 @@ so near-tied logits can differ (measured on a random-weight 3B: 1,071 of 1,280 p
 """
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("decode")
 ATTENTION = "sdpa_grouped_decode"
 
 
@@ -181,8 +179,9 @@ class StaticDecoder:
         self.mode = "graphs" if graphs else "static"
         self.grouped_attention = use_grouped_decode_attention(model)
         if not self.grouped_attention:  # its boolean decode mask means "attend" to sdpa only
-            raise ValueError("the static decoder needs the language model on sdpa attention, not "
-                             f"{model.config.get_text_config(decoder=True)._attn_implementation}; use --decode generate")
+            attention = model.config.get_text_config(decoder=True)._attn_implementation
+            raise ValueError(f"the static decoder needs the language model on sdpa attention, not {attention}; "
+                             "use --decode generate")
         self.steps: OrderedDict[tuple[int, int], DecodeStep] = OrderedDict()
         self.captures = 0
 
