@@ -267,7 +267,7 @@ def test_host_computed_positions_are_what_generate_computes_and_change_nothing(t
 
 
 @pytest.mark.parametrize("constrain", [True, False])
-def test_static_cache_decoder_writes_generates_tokens(tiny_model_dir, encoded_demo, constrain):
+def test_static_cache_decoder_writes_the_tokens_generate_writes(tiny_model_dir, encoded_demo, constrain):
     """The static-cache decoder (stage 7's decode on a GPU, there replayed as a CUDA graph, with grouped decode
     attention) gives the tokens the library's generate() gives on the same batches with its own model: constrained
     and free, rows with and without an image, a short and a long batch through one cache bucket and a batch
