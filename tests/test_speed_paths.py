@@ -345,19 +345,13 @@ def test_grouped_decode_attention_matches_sdpa(tiny_model_dir, encoded_demo):
 def test_compiled_language_mlps_decode_the_same_tokens(tiny_model_dir, encoded_demo):
     """--compile vision+mlp (stage 7, opt-in): the vision blocks and the language model's MLPs and norms, not
     its attention (which touches the cache); in fp32 the static decoder then writes the eager tokens."""
-    import itertools
-
-    from common.collate import for_tokenizer
     from common.decode import StaticDecoder
     from common.modeling import compile_blocks, load_for_inference, load_tokenizer
     from common.predict import NumberConstraint, generation_positions, max_new_tokens, with_normalized_pixels
-    from common.shards import ShardStream
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention
     tok = load_tokenizer(str(tiny_model_dir))
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
-    samples = list(itertools.islice(iter(ShardStream(encoded_demo.shards_dir("train"), encoded_demo.spec(),
-                                                     normalize=False)), 4))
-    batch = for_tokenizer(tok, "left", with_labels=False)(samples)
+    batch = shard_batch(encoded_demo, n=4, padding_side="left", with_labels=False)
     tokens = []
     for compiled in (False, True):
         model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
@@ -377,17 +371,11 @@ def test_both_decoders_ignore_the_models_repetition_penalty(tiny_model_dir, enco
     """Qwen's generation config ships a repetition penalty that generate() applies even when greedy; stage 7 and
     training's evaluation decode without it on both paths, so they give the same prices (a penalty would also
     push down digits a price repeats). A model not on sdpa attention is refused by the static decoder."""
-    import itertools
-
-    from common.collate import for_tokenizer
     from common.decode import StaticDecoder
     from common.modeling import load_for_inference, load_tokenizer
     from common.predict import predict_batch
-    from common.shards import ShardStream
     tok = load_tokenizer(str(tiny_model_dir))
-    samples = list(itertools.islice(iter(ShardStream(encoded_demo.shards_dir("train"), encoded_demo.spec(),
-                                                     normalize=False)), 6))
-    batch = for_tokenizer(tok, "left", with_labels=False)(samples)
+    batch = shard_batch(encoded_demo, n=6, padding_side="left", with_labels=False)
     prices = []
     for static in (False, True):
         model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
