@@ -205,14 +205,19 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
     import torch
 
     from common.collate import for_tokenizer
+    from common.positions import HostLayout
     from common.training import CheckpointMarker, NonFiniteGuard, PriceTrainer
+    # position ids and vision indices built by the collator (in the loader's workers), not on the GPU; measured
+    # on the transformers backend, whose forward takes them (Unsloth builds its own)
+    host_ids = HostLayout.from_model(model) if backend == "hf" else None
     median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
     eval_options = {"tokenizer": tokenizer, "dataset": val_ds, "median": median, "max_samples": cfg.eval_samples,
                     "batch_size": cfg.eval_batch_size, "spec": spec, "host_positions": backend == "hf",
-                    "collator": for_tokenizer(tokenizer, "left", with_labels=False, drop_images=cfg.text_only)}
+                    "collator": for_tokenizer(tokenizer, "left", with_labels=False, drop_images=cfg.text_only,
+                                              host_ids=host_ids)}
     trainer = PriceTrainer(model=model, args=training_arguments(cfg, max_steps, torch.cuda.is_available()),
                            train_dataset=train_ds, eval_dataset=val_ds,
-                           data_collator=for_tokenizer(tokenizer, drop_images=cfg.text_only),
+                           data_collator=for_tokenizer(tokenizer, drop_images=cfg.text_only, host_ids=host_ids),
                            loader_options={"num_workers": cfg.workers, "pin_memory": cfg.pin_memory,
                                            "persistent_workers": cfg.persistent_workers,
                                            "prefetch_factor": cfg.prefetch_factor},

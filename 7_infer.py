@@ -121,6 +121,7 @@ def main(cfg: InferOptions) -> dict:
     from common.inference import merge, read_parts, run_predictions, write_predictions_csv
     from common.modeling import (bind_local_gpu, compile_blocks, load_for_inference, load_tokenizer, make_decoder,
                                  resolve_model, use_cudnn_attention)
+    from common.positions import HostLayout
     from common.vision_attention import use_bucketed_vision_attention
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
@@ -146,9 +147,10 @@ def main(cfg: InferOptions) -> dict:
     use_cudnn_attention(cfg.cudnn_attention)
     decoder = make_decoder(model, cfg.decode, backend)
     log.info("%s: %d rows to answer; base %s, adapter %s, backend %s", cfg.split, len(ids), base, adapter, backend)
-    run = run_predictions(model, tokenizer, build_stream(cfg, base, spec, encoding),
-                          for_tokenizer(tokenizer, "left", with_labels=False), out_dir / "parts", rank,
-                          cfg.batch_size, cfg.workers, cfg.sort_by_length, cfg.sort_window, cfg.flush_every,
+    collator = for_tokenizer(tokenizer, "left", with_labels=False,
+                             host_ids=HostLayout.from_model(model) if backend == "hf" else None)
+    run = run_predictions(model, tokenizer, build_stream(cfg, base, spec, encoding), collator, out_dir / "parts",
+                          rank, cfg.batch_size, cfg.workers, cfg.sort_by_length, cfg.sort_window, cfg.flush_every,
                           cfg.constrained, expected=len(ids) // world, spec=spec, host_positions=backend == "hf",
                           decoder=decoder)
     if world > 1:

@@ -4,12 +4,18 @@ Labels are -100 everywhere except the answer tokens and the `<|im_end|>` that cl
 model learns the price and learns to stop; the prompt, the image tokens, padding and any other special
 token (id >= tokenizer.vocab_size) are masked. `mm_token_type_ids` (1 at image tokens) is rebuilt from
 the ids: without it Qwen2.5-VL silently falls back to 1-D rotary positions.
+
+Given the model's `HostLayout`, the batch also carries the position ids and vision-tower indices the model
+would otherwise build on the GPU (common/positions.py): three rotary rows for a training forward, four (a
+text row first) for generation.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from common.positions import HostLayout, batch_positions, sample_positions, vision_indices
 
 IGNORE = -100
 
@@ -25,6 +31,7 @@ class Collator:
     drop_images: bool = False    # the text-only ablation: remove the image and its tokens
     vision_start_id: int = -1
     vision_end_id: int = -1
+    host_ids: HostLayout | None = None  # set: add position ids and vision indices built here, on the host
 
     def without_image(self, s: dict) -> dict:
         """The sample as a text-only chat would have encoded it (vision span cut, answer shifted)."""
@@ -58,10 +65,12 @@ class Collator:
         batch_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(samples), longest), dtype=torch.long)
         labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
+        columns = []
         for i, s in enumerate(samples):
             ids = s["input_ids"]
             n = len(ids)
             cols = slice(0, n) if self.padding_side == "right" else slice(longest - n, longest)
+            columns.append(cols)
             batch_ids[i, cols] = ids
             mask[i, cols] = 1
             if self.with_labels:
@@ -73,15 +82,28 @@ class Collator:
             batch["pixel_values"] = torch.cat(pixels)
             batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples
                                                  if s.get("pixel_values") is not None])
+        if self.host_ids is not None:
+            batch.update(self.host_built(samples, columns, longest, batch.get("image_grid_thw")))
         if self.with_labels:
             batch["labels"] = labels
         return batch
 
+    def host_built(self, samples: list[dict], columns: list[slice], width: int, grids) -> dict:
+        """position_ids (a text row first when generating, as generate() lays them out) and, with images, the
+        vision tower's indices."""
+        layout = self.host_ids
+        per_sample = [sample_positions(s["input_ids"], s.get("image_grid_thw") if s.get("pixel_values") is not None
+                                       else None, layout.image_token_id, layout.merge_size) for s in samples]
+        out = {"position_ids": batch_positions(per_sample, columns, width, text_row=not self.with_labels)}
+        if grids is not None:
+            out.update(vision_indices(grids, layout))
+        return out
+
 
 def for_tokenizer(tokenizer, padding_side: str = "right", with_labels: bool = True,
-                  drop_images: bool = False) -> Collator:
+                  drop_images: bool = False, host_ids: HostLayout | None = None) -> Collator:
     ids = tokenizer.convert_tokens_to_ids
     return Collator(pad_id=tokenizer.pad_token_id, image_token_id=ids("<|image_pad|>"), end_id=ids("<|im_end|>"),
                     vocab_size=tokenizer.vocab_size, padding_side=padding_side, with_labels=with_labels,
                     drop_images=drop_images, vision_start_id=ids("<|vision_start|>"),
-                    vision_end_id=ids("<|vision_end|>"))
+                    vision_end_id=ids("<|vision_end|>"), host_ids=host_ids)

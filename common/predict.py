@@ -9,6 +9,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from common.encode import normalize_patches_torch
+from common.positions import VISION_KEYS
 from common.prompt import parse_price
 
 MAX_INT_DIGITS = 6
@@ -108,10 +109,11 @@ def generation_positions(model, batch: dict) -> torch.Tensor | None:
 
 
 def prepare_batch(model, batch: dict, host_positions: bool) -> dict:
-    """A collated batch made ready on the host: generate()'s position ids added (when asked and the model has
-    them) and, on a GPU machine, its tensors pinned so that the copy to the GPU does not block. Pure host work:
-    stage 7 runs it in a thread for the next batch while the GPU works on this one."""
-    positions = generation_positions(model, batch) if host_positions else None
+    """A collated batch made ready on the host: generate()'s position ids added (when asked, the collator did
+    not add them and the model has them) and, on a GPU machine, its tensors pinned so that the copy to the GPU
+    does not block. Pure host work: stage 7 runs it in a thread for the next batch while the GPU works on this
+    one."""
+    positions = generation_positions(model, batch) if host_positions and "position_ids" not in batch else None
     if positions is not None:
         batch = {**batch, "position_ids": positions}
     if torch.cuda.is_available():
@@ -134,7 +136,8 @@ def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=No
         batch = batch if positions is None else {**batch, "position_ids": positions}
     if decoder is not None and "position_ids" not in batch:
         raise ValueError(f"{type(model).__name__} has no host position ids: decode with generate()")
-    inputs = with_normalized_pixels({k: v.to(device, non_blocking=True) for k, v in batch.items()}, spec)
+    inputs = with_normalized_pixels({k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                                     for k, v in batch.items()}, spec)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -142,6 +145,8 @@ def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=No
         constraint = NumberConstraint(tokenizer, 0) if constrain else None
         generated = decoder.generate(inputs, inputs.pop("position_ids"), max_new_tokens(), end_id, constraint)
     else:
+        # generate() refuses keyword arguments its model's signature does not name; it builds these itself
+        inputs = {k: v for k, v in inputs.items() if k not in VISION_KEYS}
         prompt_length = inputs["input_ids"].shape[1]
         processors = LogitsProcessorList([NumberConstraint(tokenizer, prompt_length)]) if constrain else None
         # repetition_penalty=1.0: Qwen's generation config ships a penalty that generate() applies even when
