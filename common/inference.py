@@ -11,7 +11,8 @@ import io
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 from pathlib import Path
 
 import torch
@@ -70,19 +71,47 @@ def _not_done(batches, done: dict):
         yield batch, not all(s["sample_id"] in done for s in batch)
 
 
-def _prepared_ahead(batches, prepare):
-    """(batch, prepare(batch) or None if it is already done), preparing the next batch in a thread while the
-    caller predicts this one: collating and the host position ids held the GPU idle for ~100 ms of each
-    batch of 64 (profiled, bench/gpu_runs/h100-n.json)."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        ahead = None
-        for batch, needed in batches:
-            job = (batch, pool.submit(prepare, batch) if needed else None)
-            if ahead is not None:
-                yield ahead[0], ahead[1].result() if ahead[1] is not None else None
-            ahead = job
-        if ahead is not None:
-            yield ahead[0], ahead[1].result() if ahead[1] is not None else None
+def _prepared_ahead(batches, prepare, depth: int = 2):
+    """(batch, prepare(batch) or None if it is already done), made by a thread that runs up to `depth` batches
+    ahead of the caller: it pulls the stream, sorts each window and collates, while the GPU works.
+    Collating and the host position ids held the GPU idle for ~100 ms of each batch of 64 when done in line
+    (profiled, bench/gpu_runs/h100-n.json); preparing only the next batch still left the start of each
+    length-sorting window (a whole window pulled from the loader at once) on the caller. An error in the
+    thread is raised in the caller; the thread stops when the caller stops."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for batch, needed in batches:
+                if not put((batch, prepare(batch) if needed else None)):
+                    return
+            put(_END)
+        except BaseException as err:  # handed to the caller, which raises it
+            put(err)
+
+    thread = threading.Thread(target=produce, name="prepare-batches", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+_END = object()
 
 
 def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: int, batch_size: int,

@@ -131,3 +131,32 @@ def test_decode_options_are_checked_up_front(shard_work, tmp_path):
     for expected in ("--batch-size", "needs --backend hf", *([] if gpu else ["--decode graphs needs a GPU"])):
         assert expected in r.stderr, r.stderr[-2000:]
     assert not (w.work_dir / "infer_test").exists()
+
+
+def test_batches_prepared_ahead_keep_their_order_and_hand_errors_to_the_caller():
+    """Stage 7 prepares batches in a thread running ahead of the GPU: the caller gets every batch in order
+    (done ones unprepared), an error raised while preparing reaches the caller after the batches before it,
+    and a caller that stops early stops the thread."""
+    import threading
+
+    from common.inference import _prepared_ahead
+
+    def batches(n, fail_at=None):
+        for k in range(n):
+            if k == fail_at:
+                raise OSError(f"shard {k} unreadable")
+            yield [k], k % 3 != 0  # every third batch already done
+
+    got = list(_prepared_ahead(batches(10), lambda b: ("prepared", b[0]), depth=2))
+    assert got == [([k], None if k % 3 == 0 else ("prepared", k)) for k in range(10)]
+
+    seen = []
+    with pytest.raises(OSError, match="shard 5 unreadable"):
+        for batch, _ in _prepared_ahead(batches(10, fail_at=5), lambda b: b):
+            seen.append(batch[0])
+    assert seen == [0, 1, 2, 3, 4]
+
+    stream = _prepared_ahead(batches(1000), lambda b: b, depth=2)
+    assert next(stream)[0] == [0]
+    stream.close()  # the caller stops after one batch
+    assert not any(t.name == "prepare-batches" and t.is_alive() for t in threading.enumerate())
