@@ -270,8 +270,8 @@ def test_host_computed_positions_are_what_generate_computes_and_change_nothing(t
 def test_static_cache_decoder_writes_the_tokens_generate_writes(tiny_model_dir, encoded_demo, constrain):
     """The static-cache decoder (stage 7's decode on a GPU, there replayed as a CUDA graph, with grouped decode
     attention) gives the tokens the library's generate() gives on the same batches with its own model: constrained
-    and free, rows with and without an image, a short and a long batch through one cache bucket and a batch
-    needing a longer cache, a smaller last batch."""
+    and free, rows with and without an image, a long batch then a short one in the cache memory the long one
+    filled, a smaller last batch needing a longer cache."""
     import itertools
 
     from common.collate import for_tokenizer
@@ -291,7 +291,7 @@ def test_static_cache_decoder_writes_the_tokens_generate_writes(tiny_model_dir, 
     samples.sort(key=lambda s: len(s["input_ids"]))
     decoder = StaticDecoder(fast, graphs=False, bucket=32, keep=2)
     assert decoder.grouped_attention and model.config.text_config._attn_implementation == "sdpa"
-    for rows in (samples[:6], samples[6:12], samples[12:]):
+    for rows in (samples[6:12], samples[:6], samples[12:]):
         batch = collate(rows)
         positions = generation_positions(fast, batch)
         inputs = with_normalized_pixels(batch, spec)
@@ -307,6 +307,8 @@ def test_static_cache_decoder_writes_the_tokens_generate_writes(tiny_model_dir, 
         assert (plain[ended] == tok.pad_token_id).all() and (ours[ended] == end_id).all()
         assert tok.batch_decode(ours, skip_special_tokens=True) == tok.batch_decode(plain, skip_special_tokens=True)
     assert len(decoder.steps) == 2 and sorted(r for r, _ in decoder.steps) == [2, 6]  # LRU kept the last two
+    # every step's cache is a view of the one arena
+    assert {s.cache.layers[0].keys.data_ptr() for s in decoder.steps.values()} == {decoder.arena.keys[0].data_ptr()}
     if constrain:
         assert all(t.replace(".", "").isdigit() for t in tok.batch_decode(ours, skip_special_tokens=True))
 
