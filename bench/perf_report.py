@@ -176,10 +176,26 @@ def render(runs: dict[str, dict]) -> str:
               "| the language model's MLPs and norms compiled (`--compile vision+mlp`) | fused SwiGLU and RMSNorm: "
               "~10% of the prefill | 62.79 -> 68.66 samples/s (h100-l); 1,064/1,280 predictions equal | no: opt-in, "
               "bf16 rounding moves 17% of the random-weight predictions |",
-              f"| what 120 samples/s needs | - | the prefill alone is 696 ms per 64 rows (h100-p, ~92 samples/s if "
-              f"nothing else ran), GPU-bound; the language model's eager prefill runs {lm_only:.0f} samples/s at "
-              f"608 tokens. 120 needs a faster prefill (fused or FP8 matmuls, packing without padding), not a faster "
-              f"decode | open |", ""]
+              "| rotary position ids and the vision tower's indices built by the collator on the host "
+              "(`common/positions.py`), and a thread preparing batches two ahead, stream pulls included | the h100-p "
+              "profile: a 48 ms gap per batch charged to the model's `get_rope_index` (the preparing thread held the "
+              "interpreter lock), 15 ms in the tower's index building | 7_infer 67.76 (h100-p) -> 73.07 samples/s "
+              "(h100-q), with generate 46.95 -> 56.30; GPU busy (nvidia-smi) 87.6% -> 95.5%; training: host syncs "
+              "per 2 steps 174 (h100-j) -> 20 (h100-r), busy 83.5% -> 86.8% by the profiler, 81.5% -> 84.5% by "
+              "nvidia-smi; ids equal to the model's own (CPU tests) | yes, default (hf backend) |",
+              "| one KV arena shared by every decode step's static cache, 32 graphs kept | re-captures of evicted "
+              "graphs: 9 in 20 batches (h100-p), each a warm-up, a capture and a 2 GB allocation | 10 captures in 20 "
+              "batches (h100-q): in a 20-batch run the arena still grows, and each growth drops the graphs; what it "
+              "stops is the re-capture in every later window of a long run (not measured: needs thousands of rows) "
+              "| yes, default |",
+              "| shards dealt to ranks first, then to each rank's workers | dealt by (rank, worker) slot, rank 0 of 2 "
+              "got 12 batches and rank 1 got 8 (h200x2-m) | 10 and 10 (h200x2-t) | yes |",
+              "| the Trainer's batch copy to the GPU without waiting (pinned batches) | 11 of the 20 host syncs per "
+              "2 steps (h100-r) | not measured on the GPU (device time ran out) | yes |",
+              f"| what 120 samples/s needs | - | the prefill alone is 686 ms per 64 rows (h100-q, ~93 samples/s if "
+              f"nothing else ran), GPU-bound at ~95% busy; the language model's eager prefill runs {lm_only:.0f} "
+              f"samples/s at 608 tokens. 120 needs a faster prefill (fused or FP8 matmuls, packing without padding), "
+              f"not a faster decode or data path | open |", ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
           "(mean) | rows | peak GiB | GPU busy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -192,9 +208,11 @@ def render(runs: dict[str, dict]) -> str:
           "prefill and the next batch prepared in a thread). `infer_fast_generate`: the same with `--decode generate` "
           "(the library's loop); `infer_fast_mlp`: with `--compile vision+mlp`. Random weights and no adapter here, so the plain loop rarely emits a number and the texts cannot be "
           "compared row by row; the CPU tests show the same logits for the same inputs. 2 GPUs: `torchrun "
-          "--nproc_per_node 2 7_infer.py`; end to end, each rank had only 5-12 batches (the first compiles), so the "
-          "generate-only rate shows the steady state. Between 1 and 2 GPUs the batches differ (each rank sorts its own "
-          "share), and bf16 near-ties then give 1,088/1,280 equal random-weight predictions (h200x2-m).", "",
+          "--nproc_per_node 2 7_infer.py`. Until h200x2-t a rank's rate ran to the end of `main()`, so rank 0's "
+          "included waiting at the closing barrier for rank 1, whose first batch compiled longer (38.34 against "
+          "71.22 generate-only, h200x2-t); from h200x2-u it ends at the rank's last batch, and the whole job's "
+          "time is `total_s`. Between 1 and 2 GPUs the batches differ (each rank sorts its own share), and bf16 "
+          "near-ties then give 1,240/1,280 equal random-weight predictions (h200x2-u; 1,088 in h200x2-m).", "",
           "Before these levers (commit ed482a8, H200, an adapter trained 25 steps, in git history): the plain loop and "
           "`7_infer.py --no-constrained` gave the same price on 475 of 512 rows; the rest diverged where batch "
           "composition moved near-tied bf16 logits.", ""]
@@ -247,7 +265,24 @@ def profile_section(runs: dict[str, dict]) -> list[str]:
           "the ranks' batches at a step differ in length and every step runs at the slower rank's pace; the gradient "
           "all-reduce itself is short (a few ms, overlapped with the backward). The bench also logs every step, which "
           "adds a collective and a host sync per step that a real run (logging every 10+ steps) has rarely. "
-          "Balancing token counts across ranks per step is what the 1.9x needs; not built.", ""]
+          "At that run's size (256 rows, 4 loader workers a rank: windows of 32 samples) the length grouping "
+          "balances the ranks' steps to 92% by `bench/rank_balance.py`'s count; see below for larger data.", "",
+          "After the host-built ids (h100-q, h100-r): an inference batch is a 686 ms prefill and 9 graphed decode "
+          "steps of 8.4 ms, 95.5% busy by nvidia-smi; the profiler's two-batch window (89.5%) holds one decode-graph "
+          "capture, the next batch is 97.1% busy. The training step has 20 host syncs per two steps instead of 174; "
+          "11 of them were the Trainer's blocking copies of the batch, since made asynchronous. What idles a "
+          "training step now is the host at its start: with logging every step (the bench does, to time steps) "
+          "the loss is read back each step, so the Trainer's per-step `model.train()` walk and the batch handover "
+          "run with the GPU empty.", "",
+          "Two GPUs, training at 1,024 rows and 2 loader workers a rank (h200x2-s): the median step is 0.364 s on "
+          "one GPU and 0.427 s on each of two (17% longer), and 8% of the 2-GPU interval is spent between steps "
+          "(0.8% on one GPU). `bench/rank_balance.py` (CPU; the real catalog's token lengths through the same "
+          "length grouping, step cost = padded tokens + a fixed vision share) puts the ranks' per-step balance "
+          "at 97.7% for this setup and 97.8% at 75,000 rows: imbalance explains ~2 of those 17 points. The rest "
+          "is not located: the likely cost is the per-step synchronization of the bench's per-step logging (a "
+          "loss all-gather and a host read-back on both ranks, so each rank's host work between steps runs with "
+          "its GPU empty and the slower rank's sets the pace), which a real run logging every 10 steps has 10x "
+          "less of. Not profiled on two ranks after the changes (device time ran out).", ""]
     return L
 
 
@@ -269,35 +304,40 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
         rows.append(row("Unsloth 4-bit train samples/s (the default GPU backend)",
                         f"{hf_a['samples_per_s']} (transformers+peft bf16, batch 4, {hf_a['train_peak_gib']} GiB)",
                         f"{uns['samples_per_s']} (batch 16, {uns['train_peak_gib']} GiB)", a))
-    h = runs.get("h100-p", {})
+    h = runs.get("h100-q", {})
     plain, seven, lib = res(h, "infer_plain"), res(h, "infer_fast"), res(h, "infer_fast_generate")
+    prof = res(h, "profile_infer")
     if plain and seven:
         rows.append(row("infer samples/s", f"{plain['samples_per_s']} (plain generate loop, batch 64; 3B, real lengths)",
                         f"{seven['samples_per_s']} ({seven['samples_per_s'] / plain['samples_per_s']:.2f}x; "
-                        f"{lib['samples_per_s']} with the library's generate; goal 120: not met, the 696 ms prefill "
-                        f"per 64 rows alone caps it at ~92)", h))
-    m = runs.get("h200x2-m", {})
-    one, two = m.get("infer_fast") or {}, m.get("infer_fast_2gpu") or {}
+                        f"{lib['samples_per_s']} with the library's generate; goal 120: not met, the "
+                        f"{prof.get('prefill_ms_median', 0):.0f} ms prefill per 64 rows alone caps it at "
+                        f"~{64000 / prof.get('prefill_ms_median', 1):.0f})", h))
+    u = runs.get("h200x2-u", {})
+    one, two = u.get("infer_fast") or {}, u.get("infer_fast_2gpu") or {}
     if one.get("result") and two.get("result"):
-        g1 = one["result"]["generate_samples_per_s"]
-        g2 = sum(x.get("generate_samples_per_s") or 0 for x in [two["result"], *two.get("other_ranks", [])])
         e1, e2 = one["result"]["samples_per_s"], two["samples_per_s_all_ranks"]
-        rows.append(row("infer 2-GPU scaling", f"{e1} samples/s (7_infer, 1 GPU, end to end)",
-                        f"{e2} (torchrun, 2 GPUs: {e2 / e1:.2f}x end to end, 8-12 batches a rank, the first compiling; "
-                        f"generate-only {round(g2, 2)} vs {g1}, {g2 / g1:.2f}x; goal 1.9x)", m, " (H100s not given)"))
-    i = runs.get("h200x2-i", {})
-    t1, t2 = res(i, "train_fast"), res(i, "train_fast_2gpu")
+        job1, job2 = one["result"]["total_s"], max(x["total_s"] for x in [two["result"], *two.get("other_ranks", [])])
+        rows.append(row("infer 2-GPU scaling", f"{e1} samples/s (7_infer, 1 GPU, steady state)",
+                        f"{e2} (torchrun, 2 GPUs: {e2 / e1:.2f}x, each rank from its first batch's end to its last; "
+                        f"goal 1.9x: met. A whole 1,280-row job: {job1} -> {job2} s, {job1 / job2:.2f}x, as model "
+                        "loading and compiling are a fixed cost per job)", u, " (H100s not given)"))
+    s = runs.get("h200x2-s", {})
+    t1, t2 = res(s, "train_fast"), res(s, "train_fast_2gpu")
     if t1 and t2:
-        rows.append(row("train 2-GPU scaling", f"{t1['samples_per_s']} samples/s (6_train, 1 GPU, batch 16)",
-                        f"{t2['samples_per_s']} (torchrun, 2 GPUs x 16: {t2['samples_per_s'] / t1['samples_per_s']:.2f}x; "
-                        "goal 1.9x)", i, " (H100s not given)"))
-    prof = ((h.get("profile_infer") or {}).get("result") or {}).get("plain") or {}  # h100-p
-    prof_t = ((runs.get("h100-j", {}).get("profile_train") or {}).get("result") or {}).get("plain") or {}
+        rows.append(row("train 2-GPU scaling", f"{t1['samples_per_s']} samples/s (6_train, 1 GPU, batch 16, 1,024 "
+                        "rows)", f"{t2['samples_per_s']} (torchrun, 2 GPUs x 16: "
+                        f"{t2['samples_per_s'] / t1['samples_per_s']:.2f}x; median step "
+                        f"{t1['median_step_s']} -> {t2['median_step_s']} s; goal 1.9x: not met)", s, " (H100s not given)"))
+    r = runs.get("h100-r", {})
+    prof_i, prof_t = prof.get("plain") or {}, res(r, "profile_train").get("plain") or {}
     if hf and fast:
         rows.append(row("GPU busy (steady state)", f"nvidia-smi: train {busy(g, 'train_hf')} (infer not sampled)",
-                        f"nvidia-smi: train {busy(g, 'train_fast')}, infer {busy(h, 'infer_fast')}; profiler (kernel "
-                        f"time / wall): train {prof_t.get('gpu_busy_pct', '-')}% (h100-j), infer "
-                        f"{prof.get('gpu_busy_pct', '-')}% (h100-p; goal 90%: not met)", g))
+                        f"nvidia-smi: infer {busy(h, 'infer_fast')} (h100-q; goal 90%: met), train "
+                        f"{busy(r, 'train_fast')} (h100-r; not met); profiler (kernel time / wall): infer "
+                        f"{prof_i.get('gpu_busy_pct', '-')}% over 2 batches, one re-capturing a decode graph, "
+                        f"{(prof.get('with_stacks') or {}).get('gpu_busy_pct', '-')}% over the next; train "
+                        f"{prof_t.get('gpu_busy_pct', '-')}% (h100-r)", r))
     return rows
 
 
@@ -307,9 +347,17 @@ COMMANDS = """Commands (one device call each; wheels from `../shared/device/whee
 ```
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# infer samples/s and its profile (h100-q, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 580 --phases build,data,infer_plain,infer_fast,infer_fast_generate,profile_infer --train-rows 128 --test-rows 1280 --limits build=60,data=130,train=200,infer=110,infer_plain=150
+# training speed and profile after the host-built ids (h100-r, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,train_fast,profile_train --train-rows 384 --test-rows 64 --steps 20 --limits build=60,data=100,train=220
+# infer 2-GPU scaling (h200x2-u, nvidia-h100-x2, which gave 2 H200s; h200x2-t: the same before the bench's steady-window fix)
+python3 bench/gpu_bench.py --out $OUT --deadline 330 --phases build,data,infer_fast,infer_fast_2gpu --train-rows 128 --test-rows 1280 --limits build=60,data=130,infer=110
+# train 2-GPU scaling, 1,024 rows (h200x2-s, nvidia-h100-x2, which gave 2 H200s)
+python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast,train_fast_2gpu --train-rows 1024 --test-rows 64 --steps 20 --fast-extra "--workers 2" --limits build=60,data=130,train=230
 # train samples/s (h100-g, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,infer_plain,infer_fast,train_hf,train_fast,profile_infer --train-rows 384 --test-rows 768 --steps 20 --limits build=60,data=100,train=200,infer=100
-# infer samples/s and its profile (h100-p, nvidia-h100-x1; h100-l added infer_fast_mlp)
+# the infer profile before the host-built ids (h100-p, nvidia-h100-x1; h100-l added infer_fast_mlp)
 python3 bench/gpu_bench.py --out $OUT --deadline 580 --phases build,data,infer_plain,infer_fast,infer_fast_generate,profile_infer --train-rows 128 --test-rows 1280 --limits build=60,data=130,train=200,infer=110,infer_plain=150
 # infer 2-GPU scaling and a 2-rank training profile (h200x2-m, nvidia-h100-x2, which gave 2 H200s)
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,infer_fast,infer_fast_2gpu,profile_train_2gpu --train-rows 256 --test-rows 1280 --steps 16 --limits build=60,data=140,train=200,infer=100
