@@ -167,6 +167,8 @@ class ShardStream(IterableDataset):
     shuffle: shard order and a buffer of `shuffle_buffer` samples, reseeded per epoch.
     infinite: epochs follow each other forever (training plans its steps from the index instead).
     normalize: False keeps the uint8 patches (stages 6 and 7 normalize them on the device).
+    skip_corrupt: an unreadable shard is read up to where it breaks, a bad sample is left out alone; each is
+    logged and listed in `corrupt` (this process's), instead of raising.
     """
 
     def __init__(self, folder: Path, spec: ImageSpec, shuffle: bool = False, shuffle_buffer: int = 1000,
@@ -202,12 +204,27 @@ class ShardStream(IterableDataset):
                     raise ShardError(problem)
                 for raw in iter_shard(path):
                     if keep():
-                        yield decode(raw, self.spec, self.normalize)
+                        sample = self._decoded(raw)
+                        if sample is not None:
+                            yield sample
             except ShardError as err:
                 if not self.skip_corrupt:
                     raise
                 self.corrupt.append(str(path))
                 log.warning("%s (skipped: --skip-corrupt-shards)", err)
+
+    def _decoded(self, raw: dict) -> dict | None:
+        """The sample, or None for a bad one under skip_corrupt. Only the bad sample goes: were the rest of its
+        shard dropped, this reader's count of the shard's samples would fall behind the count of the shard's
+        other readers (where samples, not shards, are dealt), and they would then read some samples twice."""
+        try:
+            return decode(raw, self.spec, self.normalize)
+        except ShardError as err:
+            if not self.skip_corrupt:
+                raise
+            self.corrupt.append(str(err))
+            log.warning("%s (skipped: --skip-corrupt-shards)", err)
+            return None
 
     def _shuffled(self, samples, epoch: int):
         slot, _ = _slot(self.split_by_rank)

@@ -246,3 +246,25 @@ def test_indexable_dataset_agrees_with_the_stream(encoded_demo):
         assert [s["original_index"] for s in stream] == list(range(len(stream)))
         with pytest.raises(IndexError):
             ds[len(ds)]
+
+
+def test_a_bad_sample_is_left_out_alone_when_ranks_share_a_shard(encoded_demo, monkeypatch, tmp_path):
+    """With fewer shards than ranks, every rank reads every shard and keeps every n-th sample. A sample that
+    fails to decode (skip_corrupt) is left out and every other sample is still read exactly once."""
+    spec = encoded_demo.spec()
+    rows = encoded_demo.rows("train")
+    folder = tmp_path / "shards"
+    pack_split(rows, encoded_demo.pre_dir("train"), folder, "train", 20)
+    index = load_index(folder)
+    assert len(index["shards"]) == 3
+    victim = folder / index["shards"][0]["name"]
+    samples = [dict(s) for s in iter_shard(victim)]
+    bad = json.loads(samples[2]["metadata.json"])["sample_id"]
+    samples[2]["input_ids.npy"] = b"not an array"
+    index["shards"][0]["bytes"] = write_tar(victim, [(s.pop("__key__"), {k: v for k, v in s.items()
+                                                                         if not k.startswith("__")}) for s in samples])
+    save_index(folder, index)
+    per_rank = [_read_as_rank(monkeypatch, folder, spec, rank, 4, 1, skip_corrupt=True) for rank in range(4)]
+    seen = [sid for p in per_rank for sid in p]
+    assert len(seen) == len(set(seen)), "a sample read twice"
+    assert set(seen) == {r["sample_id"] for r in rows} - {bad}
