@@ -109,6 +109,8 @@ def _prepared_ahead(batches, prepare, depth: int = 2):
     finally:
         stop.set()
         thread.join(timeout=30)
+        if thread.is_alive():
+            log.warning("the batch-preparing thread did not stop within 30 s (a loader read still pending)")
 
 
 _END = object()
