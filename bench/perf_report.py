@@ -190,8 +190,9 @@ def render(runs: dict[str, dict]) -> str:
               "| yes, default |",
               "| shards dealt to ranks first, then to each rank's workers | dealt by (rank, worker) slot, rank 0 of 2 "
               "got 12 batches and rank 1 got 8 (h200x2-m) | 10 and 10 (h200x2-t) | yes |",
-              "| the Trainer's batch copy to the GPU without waiting (pinned batches) | 11 of the 20 host syncs per "
-              "2 steps (h100-r) | not measured on the GPU (device time ran out) | yes |",
+              "| the Trainer's batch copy to the GPU without waiting (pinned batches); the pixel mean and std sent "
+              "to the GPU once | 11 and 2 of the 20 host syncs per 2 steps (h100-r) | not measured on the GPU "
+              "(device time ran out) | yes |",
               f"| what 120 samples/s needs | - | the prefill alone is 686 ms per 64 rows (h100-q, ~93 samples/s if "
               f"nothing else ran), GPU-bound at ~95% busy; the language model's eager prefill runs {lm_only:.0f} "
               f"samples/s at 608 tokens. 120 needs a faster prefill (fused or FP8 matmuls, packing without padding), "
