@@ -195,8 +195,11 @@ def render(runs: dict[str, dict]) -> str:
               "(device time ran out) | yes |",
               f"| what 120 samples/s needs | - | the prefill alone is 686 ms per 64 rows (h100-q, ~93 samples/s if "
               f"nothing else ran), GPU-bound at ~95% busy; the language model's eager prefill runs {lm_only:.0f} "
-              f"samples/s at 608 tokens. 120 needs a faster prefill (fused or FP8 matmuls, packing without padding), "
-              f"not a faster decode or data path | open |", ""]
+              f"samples/s at 608 tokens. `bench/prefill_flops.py`: a batch of 64 at 615 padded tokens is 308 TFLOP "
+              f"of matmuls (218 language model, 84 vision tower), so 686 ms is 449 TFLOP/s; 120 samples/s leaves "
+              f"457 ms after the 76 ms of decoding, 673 TFLOP/s through the whole prefill (68% of the H100's dense "
+              f"bf16 peak, elementwise work included). It needs a faster prefill (FP8 matmuls, fused elementwise "
+              f"work, packing without padding), not a faster decode or data path | open |", ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
           "(mean) | rows | peak GiB | GPU busy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

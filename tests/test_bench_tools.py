@@ -42,3 +42,27 @@ def test_busy_share_and_gaps_charged_to_the_host_code_running_then(tmp_path):
         json.dump({"traceEvents": events}, fh)
     assert analyse(load(path), "train_unit") == r
     assert "error" in analyse(events, "no such window")
+
+
+def test_prefill_flop_count_matches_the_models_own_linear_layers():
+    """bench/prefill_flops.py's formula for the linear layers equals 2 x the parameters of the 3B model's
+    nn.Linear layers (built on the meta device: shapes only) x the tokens each sees."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from gpu_build_model import config
+    from prefill_flops import prefill_flops
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config("3b"))
+
+    def linear_params(module):
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    rows, tokens = 3, 100
+    parts = prefill_flops(rows, tokens)
+    lm = linear_params(model.model.language_model)
+    assert abs(parts["language model linear"] * 1e12 - 2 * lm * rows * tokens) < 1e6
+    visual = model.model.visual
+    patches = (448 // 14) ** 2
+    tower = (visual.patch_embed.proj.weight.numel() + linear_params(visual.blocks)) * patches
+    merger = linear_params(visual.merger) * patches // 4
+    assert abs(parts["vision tower linear"] * 1e12 - 2 * rows * (tower + merger)) < 1e6
