@@ -85,7 +85,7 @@ def normalize_patches_torch(patches: "torch.Tensor", spec: ImageSpec) -> "torch.
     import torch
     n = patches.shape[0]
     c, p, t = 3, spec.patch_size, spec.temporal_patch_size
-    mean, std = (_on_device(v, patches.device).reshape(1, c, 1, 1) for v in (spec.mean, spec.std))
+    mean, std = (device_constant(v, patches.device).reshape(1, c, 1, 1) for v in (spec.mean, spec.std))
     x = patches.reshape(n, c, 1, p * p).to(torch.float32) * np.float32(1 / 255).item()
     x = (x - mean) / std
     return x.expand(n, c, t, p * p).reshape(n, c * t * p * p)
@@ -94,10 +94,12 @@ def normalize_patches_torch(patches: "torch.Tensor", spec: ImageSpec) -> "torch.
 _DEVICE_CONSTANTS: dict = {}
 
 
-def _on_device(values: np.ndarray, device) -> "torch.Tensor":
-    """A small constant copied to its device once per process: from pageable host memory each copy waits for
-    the device's queue (two such waits a training step and an inference batch, profiled: h100-r)."""
+def device_constant(values, device) -> "torch.Tensor":
+    """A small constant (array or tuple of numbers) copied to its device once per process: from pageable host
+    memory each copy waits for the device's queue (the pixel mean and std were two such waits in every training
+    step and inference batch, profiled: h100-r; the constraint's token ids one per decode step)."""
     import torch
+    values = np.asarray(values)
     key = (values.tobytes(), str(values.dtype), str(device))
     if key not in _DEVICE_CONSTANTS:
         _DEVICE_CONSTANTS[key] = torch.as_tensor(values, device=device)

@@ -10,9 +10,9 @@ import csv
 import io
 import logging
 import math
-import time
 import queue
 import threading
+import time
 from pathlib import Path
 
 import torch

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from common.encode import normalize_patches_torch
+from common.encode import device_constant, normalize_patches_torch
 from common.positions import VISION_KEYS
 from common.prompt import parse_price
 
@@ -60,20 +60,9 @@ class NumberConstraint(LogitsProcessor):
         return torch.cat([digit[:, None].expand(-1, 10), dot[:, None], end[:, None]], dim=1)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        ids = _on_device(self.candidate_ids, scores.device)
+        ids = device_constant(self.candidate_ids, scores.device)
         kept = torch.where(self.allowed(input_ids[:, self.prompt_length:]), scores[:, ids], float("-inf"))
         return torch.full_like(scores, float("-inf")).index_copy_(1, ids, kept)
-
-
-_DEVICE_IDS: dict[tuple, torch.Tensor] = {}
-
-
-def _on_device(ids: tuple[int, ...], device) -> torch.Tensor:
-    """A token-id tensor on the scores' device, copied there once per process (a copy is a host sync)."""
-    key = (ids, str(device))
-    if key not in _DEVICE_IDS:
-        _DEVICE_IDS[key] = torch.tensor(ids, device=device)
-    return _DEVICE_IDS[key]
 
 
 def max_new_tokens() -> int:
@@ -108,14 +97,21 @@ def generation_positions(model, batch: dict) -> torch.Tensor | None:
         inner.rope_deltas = saved
 
 
+def with_generation_positions(model, batch: dict) -> dict:
+    """The batch with generate()'s position ids: as the collator built them, else from the model's method (when
+    it has one)."""
+    if "position_ids" in batch:
+        return batch
+    positions = generation_positions(model, batch)
+    return batch if positions is None else {**batch, "position_ids": positions}
+
+
 def prepare_batch(model, batch: dict, host_positions: bool) -> dict:
     """A collated batch made ready on the host: generate()'s position ids added (when asked, the collator did
     not add them and the model has them) and, on a GPU machine, its tensors pinned so that the copy to the GPU
     does not block. Pure host work: stage 7 runs it in a thread for the next batch while the GPU works on this
     one."""
-    positions = generation_positions(model, batch) if host_positions and "position_ids" not in batch else None
-    if positions is not None:
-        batch = {**batch, "position_ids": positions}
+    batch = with_generation_positions(model, batch) if host_positions else batch
     if torch.cuda.is_available():
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return batch
@@ -131,9 +127,8 @@ def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=No
     decoder: a `common.decode.StaticDecoder` to decode with instead of generate() (the same greedy tokens in
     exact arithmetic; bf16 kernels may round near-ties differently; it needs the host position ids)."""
     device = next(model.parameters()).device
-    if (host_positions or decoder is not None) and "position_ids" not in batch:
-        positions = generation_positions(model, batch)
-        batch = batch if positions is None else {**batch, "position_ids": positions}
+    if host_positions or decoder is not None:
+        batch = with_generation_positions(model, batch)
     if decoder is not None and "position_ids" not in batch:
         raise ValueError(f"{type(model).__name__} has no host position ids: decode with generate()")
     inputs = with_normalized_pixels({k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
