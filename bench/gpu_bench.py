@@ -152,7 +152,8 @@ def train_args(b: Bench, name: str, backend: str, batch: int, extra: list) -> li
     a = b.a
     return ["--work-dir", b.work, "--model", a.model_dir, "--backend", backend, "--batch-size", batch,
             "--grad-accum", 1, "--max-steps", a.steps, "--eval-steps", 0, "--eval-samples", 16,
-            "--eval-batch-size", 16, "--save-steps", 100000, "--logging-steps", 1, "--workers", 4,
+            # the loss is logged every 10 steps, the stage's default (a log reads it back: one host sync)
+            "--eval-batch-size", 16, "--save-steps", 100000, "--workers", 4,
             "--output-dir", b.work / f"train_{name}", "--overwrite",
             *(["--no-load-in-4bit"] if backend == "hf" else []), *extra]
 

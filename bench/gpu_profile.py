@@ -6,8 +6,10 @@ GPU waited, and every host<->GPU synchronization with the code that caused it.
 
 After --skip steps (train) or batches (infer) of warm-up (compilation, allocator growth):
   1. --units of them under torch.profiler (CPU + CUDA, no Python stacks): GPU busy share and idle gaps
-     (bench/trace_gaps.py), the trace kept as DIR/{mode}_trace.json.gz. A training unit runs from the
-     Trainer's on_step_begin to on_step_end: fetching the next batch lies outside it;
+     (bench/trace_gaps.py), the trace kept as DIR/{mode}_trace.json.gz. For training the --units steps are one
+     window, from the first one's on_step_begin until the last one's kernels have finished, batch fetching in
+     between included and no sync inside; the profiler starts a step earlier, so that the window opens with
+     the GPU still working as in steady state. An infer unit is one batch's predict call;
   2. one more with Python stacks, to charge each idle gap to the pipeline code running on the host then;
   3. one more under torch.cuda.set_sync_debug_mode("warn"): each synchronizing call, counted by call site.
 For infer, every model forward (or static decoder step, CUDA-graphed or not) is also timed with CUDA events: the
@@ -47,44 +49,48 @@ class Phases:
 
     def __init__(self, out: Path, mode: str, skip: int, units: int):
         self.out, self.mode, self.skip, self.units = out, mode, skip, units
+        self.continuous = mode == "train"  # one window over consecutive steps (see the module's docstring)
         rank = int(os.environ.get("RANK", 0))
         self.suffix = f".rank{rank}" if rank else ""
         self.n, self.prof, self.range = 0, None, None
         self.syncs, self.report = collections.Counter(), {}
         self.window = f"{mode}_unit"
 
-    def _profiler(self, stacks: bool):
+    def _profiler(self, stacks: bool, drain: bool = True):
         import torch
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         p = profile(activities=activities, with_stack=stacks)
         p.start()
-        sync()
+        if drain:
+            sync()
         return p
 
     def begin(self):
         import torch
         i = self.n - self.skip
-        if i == 0:
-            self.prof = self._profiler(False)
+        if i == (-1 if self.continuous else 0):
+            self.prof = self._profiler(False, drain=not self.continuous)
         elif i == self.units:
             self.prof = self._profiler(True)
         elif i == self.units + 1:
             sync()
             if torch.cuda.is_available():
                 torch.cuda.set_sync_debug_mode("warn")
-        if 0 <= i <= self.units:
+        if 0 <= i <= self.units and self.range is None:
             self.range = torch.autograd.profiler.record_function(self.window)
             self.range.__enter__()
 
     def end(self):
         import torch
         i = self.n - self.skip
-        if self.range is not None:
+        last = i == self.units - 1 or i == self.units
+        if last:
+            sync()  # the window ends when its kernels do
+        if self.range is not None and (last or not self.continuous):
             self.range.__exit__(None, None, None)
             self.range = None
-        if i == self.units - 1 or i == self.units:
-            sync()
+        if last:
             self.prof.stop()
             name = "plain" if i < self.units else "with_stacks"
             path = self.out / f"{self.mode}_trace{'' if i < self.units else '_stacks'}{self.suffix}.json"
@@ -141,8 +147,6 @@ def run_train(argv: list[str], phases: Phases) -> dict:
             phases.begin()
 
         def on_step_end(self, *a, **kw):
-            if phases.range is not None:  # a profiled step ends when its kernels do
-                sync()
             phases.end()
 
     class ProfiledTrainer(ct.PriceTrainer):

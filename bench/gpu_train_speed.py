@@ -6,14 +6,17 @@ One run = one process (importing Unsloth patches transformers process-wide, so b
 
     torchrun --standalone --nproc_per_node 2 bench/gpu_train_speed.py --result R.json -- ...   (rank 0 writes)
 
-The arguments after `--` go to 6_train.py unchanged. A callback added to its PriceTrainer times every
-optimizer step with the GPU synchronized: `step` = on_step_begin -> on_step_end, `interval` = from one step's
-end to the next (data wait included; an interval that holds an evaluation is left out). The first
---warmup steps (Unsloth compiles in its first) are left out of the medians. Peak GPU memory is
-torch.cuda.max_memory_allocated() over the training steps, the weights included; an evaluation's
-generation is measured apart. The result JSON is written when training ends, before 6_train's final
-evaluation, and again with that evaluation once main() returns. `steady_epoch_s` is the wall-clock window
-of the timed steps (time.time()), for matching against GPU-utilization samples taken outside.
+The arguments after `--` go to 6_train.py unchanged. A callback added to its PriceTrainer marks every
+optimizer step's begin and end with CUDA events, which wait for nothing: the host runs ahead of the GPU as it
+does in 6_train.py alone. Read on the GPU's timeline, `step` = on_step_begin -> on_step_end, `interval` =
+from one step's end to the next (data wait included; an interval that holds an evaluation is left out);
+`samples_per_s` is from the median interval, `samples_per_s_window` from the whole timed window. The first
+--warmup steps (Unsloth compiles in its first) are left out. Each step's loss (this rank's) is kept as a
+tensor and read once training ends. Peak GPU memory is torch.cuda.max_memory_allocated() over the training
+steps, the weights included; an evaluation's generation is measured apart. The result JSON is written when
+training ends, before 6_train's final evaluation, and again with that evaluation once main() returns.
+`steady_start_epoch`/`steady_end_epoch` bound the timed steps in wall-clock time (time.time()), for matching
+against GPU-utilization samples taken outside.
 """
 from __future__ import annotations
 
@@ -55,10 +58,27 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
         if cuda:
             torch.cuda.synchronize()
 
+    def mark():
+        """A point on the GPU's stream (a CUDA event: recording one does not wait), or the host clock."""
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def reached(m) -> bool:
+        return m.query() if cuda else True
+
+    def seconds(a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if cuda else b - a
+
     class StepTimer(TrainerCallback):
+        """Times steps without waiting for the GPU: a host sync per step would leave the GPU idle while the host
+        prepares the next step, which 6_train.py on its own never does (it overlaps the two)."""
+
         def __init__(self):
-            self.steps, self.logs, self.evals = [], [], []
-            self.t_begin = self.t_prev_end = None
+            self.begins, self.ends, self.after_eval_flags, self.loss_tensors, self.logs, self.evals = \
+                [], [], [], [], [], []
             self.after_eval = False
             self.train_peak = 0
             self.result = dict(meta)
@@ -71,23 +91,20 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
             self.t_train = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kw):
-            sync()
-            self.t_begin = time.perf_counter()
+            self.begins.append(mark())
 
         def on_step_end(self, args, state, control, **kw):
-            sync()
-            now = time.perf_counter()
-            if len(self.steps) == warmup:
+            self.ends.append(mark())
+            self.after_eval_flags.append(self.after_eval)
+            self.after_eval = False
+            self.t_eval_from = time.perf_counter()
+            if len(self.ends) == warmup:  # host time, refined from the GPU's events when training ends
                 self.result["steady_start_epoch"] = time.time()
-            self.steps.append({"step": state.global_step, "step_s": now - self.t_begin,
-                               "interval_s": None if self.t_prev_end is None or self.after_eval
-                               else now - self.t_prev_end})
-            self.t_prev_end, self.after_eval = now, False
             if cuda:
                 self.train_peak = max(self.train_peak, torch.cuda.max_memory_allocated())
                 self.result["train_peak_reserved_gib"] = gib(torch.cuda.max_memory_reserved())
-            if len(self.steps) % 5 == 0:  # partial results, in case a later phase hangs or is killed
-                self.summarize(args, state, now)
+            if len(self.ends) % 5 == 0:  # partial results, in case a later phase hangs or is killed
+                self.summarize(args, state, time.perf_counter(), final=False)
                 self.write()
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -96,47 +113,61 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             sync()
             now = time.perf_counter()
-            since = getattr(self, "t_end", None) or self.t_prev_end  # after training: since its end
-            ev = {"step": state.global_step, "seconds": round(now - since, 2), "at": now, "metrics": metrics}
+            ev = {"step": state.global_step, "seconds": round(now - getattr(self, "t_eval_from", now), 2),
+                  "metrics": metrics}
             if cuda:
                 ev["peak_gib"] = gib(torch.cuda.max_memory_allocated())
                 torch.cuda.reset_peak_memory_stats()
             self.evals.append(ev)
             self.after_eval = True
-            self.result["evals"] = [{k: v for k, v in e.items() if k != "at"} for e in self.evals]
+            self.result["evals"] = self.evals
             self.write()
 
         def on_train_end(self, args, state, control, **kw):
             sync()
-            self.t_end = time.perf_counter()
+            self.t_end = self.t_eval_from = time.perf_counter()
+            self.summarize(args, state, self.t_end, final=True)
             self.result["steady_end_epoch"] = time.time()
-            self.summarize(args, state, self.t_end)
+            if len(self.ends) > warmup:
+                self.result["steady_start_epoch"] = self.result["steady_end_epoch"] - seconds(
+                    self.ends[warmup - 1] if warmup else self.begins[0], self.ends[-1])
             self.result["train_finished"] = True
             self.write()
 
-        def summarize(self, args, state, end: float):
+        def summarize(self, args, state, end: float, final: bool):
             world = int(os.environ.get("WORLD_SIZE", 1))
             per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-            timed = self.steps[warmup:]
-            step_s = [s["step_s"] for s in timed]
-            interval_s = [s["interval_s"] for s in timed if s["interval_s"] is not None]
-            losses = [x["loss"] for x in self.logs if "loss" in x]
+            done = len(self.ends)
+            while done and not final and not reached(self.ends[done - 1]):
+                done -= 1
+            step_s = [seconds(self.begins[k], self.ends[k]) for k in range(done)]
+            interval_s = [None if k == 0 or self.after_eval_flags[k] else seconds(self.ends[k - 1], self.ends[k])
+                          for k in range(done)]
+            timed_steps = step_s[warmup:]
+            timed_intervals = [x for x in interval_s[warmup:] if x is not None]
             r = self.result
             r.update({
                 "samples_per_step": per_step, "steps_done": state.global_step, "warmup_steps": warmup,
-                "timed_steps": len(timed), "first_step_s": round(self.steps[0]["step_s"], 2) if self.steps else None,
-                "median_step_s": round(statistics.median(step_s), 4) if step_s else None,
-                "median_interval_s": round(statistics.median(interval_s), 4) if interval_s else None,
+                "timed_steps": len(timed_steps), "first_step_s": round(step_s[0], 2) if step_s else None,
+                "median_step_s": round(statistics.median(timed_steps), 4) if timed_steps else None,
+                "median_interval_s": round(statistics.median(timed_intervals), 4) if timed_intervals else None,
                 "train_wall_s": round(end - self.t_train, 1),
-                "losses": losses, "loss_first": losses[0] if losses else None,
-                "loss_last": losses[-1] if losses else None,
-                "all_losses_finite": all(x == x and abs(x) != float("inf") for x in losses),
-                "step_times_s": [round(s["step_s"], 3) for s in self.steps],
+                "step_times_s": [round(x, 3) for x in step_s],
+                "interval_times_s": [None if x is None else round(x, 3) for x in interval_s],
+                "logged_losses": [x["loss"] for x in self.logs if "loss" in x],
             })
-            if interval_s:
-                r["samples_per_s"] = round(per_step / statistics.median(interval_s), 2)
-            if step_s:
-                r["samples_per_s_compute"] = round(per_step / statistics.median(step_s), 2)
+            if final and self.loss_tensors:
+                # each step's own loss (this rank's), read once at the end: reading it per step would sync
+                losses = torch.stack([x.float().reshape(()) for x in self.loss_tensors]).tolist()
+                r.update({"losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
+                          "all_losses_finite": all(x == x and abs(x) != float("inf") for x in losses)})
+            if timed_intervals:
+                r["samples_per_s"] = round(per_step / statistics.median(timed_intervals), 2)
+                if len(timed_intervals) == len(timed_steps):  # no evaluation inside the window
+                    window = seconds(self.ends[warmup - 1] if warmup else self.begins[0], self.ends[done - 1])
+                    r["samples_per_s_window"] = round(per_step * len(timed_steps) / window, 2)
+            if timed_steps:
+                r["samples_per_s_compute"] = round(per_step / statistics.median(timed_steps), 2)
             if cuda:
                 r["train_peak_gib"] = gib(self.train_peak)
 
@@ -176,6 +207,11 @@ def main() -> None:
             super().__init__(*a, **kw)
             self.add_callback(timer)
             timer.result["model_load_s"] = round(time.time() - started, 1)
+
+        def training_step(self, *a, **kw):
+            loss = super().training_step(*a, **kw)
+            timer.loss_tensors.append(loss.detach())
+            return loss
 
     ct.PriceTrainer = TimedTrainer
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
