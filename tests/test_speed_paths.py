@@ -389,3 +389,33 @@ def test_both_decoders_ignore_the_models_repetition_penalty(tiny_model_dir, enco
     model.config.text_config._attn_implementation = "eager"
     with pytest.raises(ValueError, match="sdpa"):
         StaticDecoder(model, graphs=False)
+
+
+def test_cheap_train_calls_still_set_every_modules_mode(tiny_model_dir, tmp_path):
+    """PriceTrainer makes model.train() skip its module walk when nothing would change; every mode change,
+    including one made to a single submodule behind the model's back, still reaches every module."""
+    from transformers import TrainingArguments
+
+    from common.modeling import LoraSettings, load_for_training
+    from common.training import PriceTrainer
+    model, _ = load_for_training(str(tiny_model_dir), "hf", LoraSettings(r=4, alpha=8, dropout=0.1), False, False, 0)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = PriceTrainer(model=model, args=args, loader_options={}, eval_options={})
+    modules = list(model.modules())
+
+    def modes():
+        return {m.training for m in modules}
+    assert trainer.model.train() is model and modes() == {True}
+    model.eval()
+    assert modes() == {False}
+    model.train()
+    assert modes() == {True}
+    dropout = next(m for m in modules if isinstance(m, torch.nn.Dropout))
+    dropout.eval()  # switched on its own, as evaluation helpers or libraries may do
+    model.train()
+    assert dropout.training and modes() == {True}
+    block = model.base_model.model.model.language_model.layers[0]
+    model.train(False)
+    block.train(True)
+    model.eval()
+    assert modes() == {False}
