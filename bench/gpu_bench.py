@@ -248,7 +248,8 @@ def main() -> None:
     def train(name: str) -> None:
         backend, batch, extra, gpus = trains[name]
         res = a.root / f"{name}.json"
-        res.unlink(missing_ok=True)
+        for old in [res, *res.parent.glob(res.stem + ".rank*.json")]:
+            old.unlink(missing_ok=True)
         cmd = [*torchrun(gpus), "bench/gpu_train_speed.py", "--result", res, "--name", name, "--",
                *train_args(b, name.removeprefix("train_"), backend, batch, extra)]
         got = b.run(name, cmd, f"{name}.log", limits.get(name, limits["train"]), res, min_needed=60)

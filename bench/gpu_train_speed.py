@@ -4,7 +4,7 @@ One run = one process (importing Unsloth patches transformers process-wide, so b
 
     python bench/gpu_train_speed.py --result R.json -- --work-dir W --model M --backend unsloth --batch-size 16 ...
 
-    torchrun --standalone --nproc_per_node 2 bench/gpu_train_speed.py --result R.json -- ...   (rank 0 writes)
+    torchrun --standalone --nproc_per_node 2 bench/gpu_train_speed.py --result R.json -- ...   (rank r > 0: R.rank{r}.json)
 
 The arguments after `--` go to 6_train.py unchanged. A callback added to its PriceTrainer marks every
 optimizer step's begin and end with CUDA events, which wait for nothing: the host runs ahead of the GPU as it
@@ -79,6 +79,7 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
         def __init__(self):
             self.begins, self.ends, self.after_eval_flags, self.loss_tensors, self.logs, self.evals = \
                 [], [], [], [], [], []
+            self.batch_shapes = []  # (rows, padded length) per step: how evenly the ranks' steps cost
             self.after_eval = False
             self.train_peak = 0
             self.result = dict(meta)
@@ -155,6 +156,7 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
                 "step_times_s": [round(x, 3) for x in step_s],
                 "interval_times_s": [None if x is None else round(x, 3) for x in interval_s],
                 "logged_losses": [x["loss"] for x in self.logs if "loss" in x],
+                "batch_shapes": self.batch_shapes, "rank": int(os.environ.get("RANK", 0)),
             })
             if final and self.loss_tensors:
                 # each step's own loss (this rank's), read once at the end: reading it per step would sync
@@ -172,8 +174,9 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
                 r["train_peak_gib"] = gib(self.train_peak)
 
         def write(self):
-            if int(os.environ.get("RANK", 0)) == 0:
-                result_path.write_text(json.dumps(self.result, indent=1, default=str))
+            rank = int(os.environ.get("RANK", 0))
+            path = result_path if rank == 0 else result_path.with_suffix(f".rank{rank}.json")
+            path.write_text(json.dumps(self.result, indent=1, default=str))
 
     return StepTimer()
 
@@ -208,8 +211,9 @@ def main() -> None:
             self.add_callback(timer)
             timer.result["model_load_s"] = round(time.time() - started, 1)
 
-        def training_step(self, *a, **kw):
-            loss = super().training_step(*a, **kw)
+        def training_step(self, model, inputs, *a, **kw):
+            timer.batch_shapes.append(list(inputs["input_ids"].shape))
+            loss = super().training_step(model, inputs, *a, **kw)
             timer.loss_tensors.append(loss.detach())
             return loss
 
