@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -52,6 +53,29 @@ def card(run: dict) -> str:
 def busy(run: dict, phase: str) -> str:
     b = (run.get(phase) or {}).get("gpu_busy") or {}
     return " / ".join(f"{v['mean_util_pct']}%" for v in b.values() if v.get("mean_util_pct")) or "-"
+
+
+def step_cost_fit(entry: dict) -> dict | None:
+    """A training phase's step-to-step interval fitted as fixed + per-token cost (least squares over the timed
+    steps; a step over twice the median, a recompile, is left out). A step's tokens = rows x the longest padded
+    length among the ranks at that step, since every rank waits for the slowest at the gradient all-reduce.
+    rank_token_balance = mean over steps of (the ranks' mean tokens / their max)."""
+    ranks = [x for x in [entry.get("result"), *entry.get("other_ranks", [])] if x and x.get("batch_shapes")]
+    if not ranks:
+        return None
+    warm, intervals = ranks[0].get("warmup_steps", 5), ranks[0].get("interval_times_s") or []
+    steps = min(len(intervals), *(len(r["batch_shapes"]) for r in ranks))
+    per_rank = [[r["batch_shapes"][k][0] * r["batch_shapes"][k][1] for r in ranks] for k in range(steps)]
+    points = [(max(per_rank[k]), intervals[k]) for k in range(warm, steps) if intervals[k] is not None]
+    if len(points) < 3:
+        return None
+    median = statistics.median(y for _, y in points)
+    kept = [(x, y) for x, y in points if y <= 2 * median]
+    mx, my = statistics.fmean(x for x, _ in kept), statistics.fmean(y for _, y in kept)
+    slope = sum((x - mx) * (y - my) for x, y in kept) / sum((x - mx) ** 2 for x, _ in kept)
+    return {"fixed_ms": round(1e3 * (my - slope * mx), 1), "ms_per_1k_tokens": round(1e6 * slope, 2),
+            "mean_tokens": round(mx), "steps": len(kept), "left_out": len(points) - len(kept),
+            "rank_token_balance": round(statistics.fmean(sum(t) / len(t) / max(t) for t in per_rank[warm:steps]), 3)}
 
 
 def train_rows(label: str, run: dict) -> list[str]:
@@ -193,6 +217,10 @@ def render(runs: dict[str, dict]) -> str:
               "| the Trainer's batch copy to the GPU without waiting (pinned batches); the pixel mean and std sent "
               "to the GPU once | 11 and 2 of the 20 host syncs per 2 steps (h100-r) | not measured on the GPU "
               "(device time ran out) | yes |",
+              "| the Trainer's per-step `model.train()` walk over ~3,400 modules skipped when every module is "
+              "already training (`common.training.skip_needless_train_walks`) | the h100-s profile: ~18 ms of host "
+              "time a step with the GPU idle, ~5% | nvidia-smi busy 81.7% (h100-s) -> 86.6% (h100-x), 47.15 -> "
+              "48.16 samples/s; two runs on the same bench (batches and recompiles differ between runs) | yes |",
               f"| what 120 samples/s needs | - | the prefill alone is 686 ms per 64 rows (h100-q, ~93 samples/s if "
               f"nothing else ran), GPU-bound at ~95% busy; the language model's eager prefill runs {lm_only:.0f} "
               f"samples/s at 608 tokens. `bench/prefill_flops.py`: a batch of 64 at 615 padded tokens is 308 TFLOP "
@@ -287,7 +315,50 @@ def profile_section(runs: dict[str, dict]) -> list[str]:
           "loss all-gather and a host read-back on both ranks, so each rank's host work between steps runs with "
           "its GPU empty and the slower rank's sets the pace), which a real run logging every 10 steps has 10x "
           "less of. Not profiled on two ranks after the changes (device time ran out).", ""]
+    L += bench_timing_paragraphs(runs)
     return L
+
+
+def bench_timing_paragraphs(runs: dict[str, dict]) -> list[str]:
+    """The runs after the step timer stopped synchronizing (from commit 263c32a), and what their steps cost."""
+    fits = {(label, phase): step_cost_fit(runs[label][phase]) for label in ("h100-x", "h200x2-w")
+            for phase in ("train_fast", "train_fast_2gpu") if runs.get(label, {}).get(phase)}
+    if len(fits) < 3:
+        return []
+    one, two, h100 = fits[("h200x2-w", "train_fast")], fits[("h200x2-w", "train_fast_2gpu")], fits[("h100-x", "train_fast")]
+    v1, v2 = res(runs["h200x2-v"], "train_fast"), res(runs["h200x2-v"], "train_fast_2gpu")
+    return [
+        "The bench's own syncs (from commit 263c32a, runs h100-s on): until then the training timer synchronized "
+        "the GPU at every step's begin and end and the bench logged the loss every step, and the training profile "
+        "synchronized after each profiled step. Each of these left the GPU idle while the host prepared the next "
+        "step, which `6_train.py` alone never does, so training speed and GPU busy were under-stated, and more so "
+        "on two ranks. Steps are now marked with CUDA events read when training ends, each step's loss is kept "
+        "as a tensor and read once, the loss is logged every 10 steps (the stage's default), and a training "
+        "profile is one window over consecutive steps with no sync inside. Rates before and after the change "
+        "are not comparable.", "",
+        f"Training GPU busy on the H100 after skipping the Trainer's per-step `model.train()` walk (h100-x): "
+        f"{busy(runs['h100-x'], 'train_fast')} by nvidia-smi over the timed steps (h100-s, the same bench before "
+        f"that change: {busy(runs['h100-s'], 'train_fast')}); on an H200, {busy(runs['h200x2-v'], 'train_fast')} "
+        f"(h200x2-v) and {busy(runs['h200x2-w'], 'train_fast')} (h200x2-w, whose timed window holds a 1.46 s step "
+        f"that recompiled for a new length). The h100-x profile was cut when the device time ran out.", "",
+        f"What a training step costs (`step_cost_fit`: interval = fixed + per-token cost, tokens = rows x the "
+        f"longest padded length among the ranks). One H100 (h100-x): {h100['fixed_ms']} ms + "
+        f"{h100['ms_per_1k_tokens']} ms per 1,000 tokens (a batch of 16 averages {h100['mean_tokens']:,}). "
+        f"h200x2-w, one H200: {one['fixed_ms']} ms + {one['ms_per_1k_tokens']} ms per 1,000; two H200s: "
+        f"{two['fixed_ms']} ms + {two['ms_per_1k_tokens']} ms per 1,000, with the ranks' tokens balanced to "
+        f"{100 * two['rank_token_balance']:.1f}% per step. So two ranks add a fixed "
+        f"~{two['fixed_ms'] - one['fixed_ms']:.0f} ms to every step whatever its length, and imbalance is not "
+        f"the cause. NCCL runs over NVLink (`P2P/CUMEM`, NCCL_DEBUG=INFO in h200x2-w), at whose bandwidth the 120 MB of "
+        f"fp32 LoRA gradients should take well under a millisecond (not timed). Not located, as the 2-rank profile was skipped when the "
+        f"device time ran out. The suspect: DDP all-reduces each 25 MB gradient bucket while the backward still "
+        f"runs, and an NCCL kernel that waits for the other rank holds its SMs (24 channels here), slowing the "
+        f"backward on both ranks. Levers to measure next: one bucket after the backward "
+        f"(`ddp_bucket_cap_mb`), fewer NCCL channels, `static_graph`. Scaling with the bench's syncs gone: "
+        f"{v1['samples_per_s']} -> {v2['samples_per_s']} samples/s, {v2['samples_per_s'] / v1['samples_per_s']:.2f}x "
+        f"(h200x2-v; 1.58x with them, h200x2-s). By the same fit about half of a one-GPU step does not grow with "
+        f"its length (an extrapolation: batches run from ~350 to 768 tokens a row). The likely parts are the "
+        f"frozen vision tower over 16 images (~53 ms at 3.3 ms an image), the optimizer and launch-bound LoRA "
+        f"kernels. A faster single-GPU step lies there.", ""]
 
 
 def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "") -> tuple[str, str]:
@@ -297,11 +368,12 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
 def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
     """(metric, row) for the perf rows of the headline table."""
     rows = []
-    g = runs.get("h100-g", {})
+    g = runs.get("h100-x", {})
     hf, fast = res(g, "train_hf"), res(g, "train_fast")
     if hf and fast:
         rows.append(row("train samples/s", f"{hf['samples_per_s']} (transformers+peft, batch 4; 3B, real lengths)",
-                        f"{fast['samples_per_s']} ({fast['samples_per_s'] / hf['samples_per_s']:.2f}x; goal 40: met)", g))
+                        f"{fast['samples_per_s']} ({fast['samples_per_s'] / hf['samples_per_s']:.2f}x; goal 40: met. "
+                        "h100-g, with the bench's old per-step syncs: 7.79 -> 45.52)", g))
     a = runs.get("h100-a", {})
     hf_a, uns = res(a, "train_hf"), res(a, "train_unsloth")
     if hf_a and uns:
@@ -326,22 +398,28 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
                         f"{e2} (torchrun, 2 GPUs: {e2 / e1:.2f}x, each rank from its first batch's end to its last; "
                         f"goal 1.9x: met. A whole 1,280-row job: {job1} -> {job2} s, {job1 / job2:.2f}x, as model "
                         "loading and compiling are a fixed cost per job)", u, " (H100s not given)"))
-    s = runs.get("h200x2-s", {})
+    s = runs.get("h200x2-v", {})
     t1, t2 = res(s, "train_fast"), res(s, "train_fast_2gpu")
     if t1 and t2:
+        w = runs.get("h200x2-w", {})
+        w1, w2 = res(w, "train_fast"), res(w, "train_fast_2gpu")
+        fit1, fit2 = step_cost_fit(w["train_fast"]), step_cost_fit(w["train_fast_2gpu"])
         rows.append(row("train 2-GPU scaling", f"{t1['samples_per_s']} samples/s (6_train, 1 GPU, batch 16, 1,024 "
                         "rows)", f"{t2['samples_per_s']} (torchrun, 2 GPUs x 16: "
-                        f"{t2['samples_per_s'] / t1['samples_per_s']:.2f}x; median step "
-                        f"{t1['median_step_s']} -> {t2['median_step_s']} s; goal 1.9x: not met)", s, " (H100s not given)"))
-    r = runs.get("h100-r", {})
+                        f"{t2['samples_per_s'] / t1['samples_per_s']:.2f}x; "
+                        f"{w2['samples_per_s'] / w1['samples_per_s']:.2f}x in h200x2-w; goal 1.9x: not met. Two "
+                        f"ranks add a fixed ~{fit2['fixed_ms'] - fit1['fixed_ms']:.0f} ms to every step, with their "
+                        f"tokens balanced to {100 * fit2['rank_token_balance']:.0f}%)", s, " (H100s not given)"))
+    r, x = runs.get("h100-s", {}), runs.get("h100-x", {})
     prof_i, prof_t = prof.get("plain") or {}, res(r, "profile_train").get("plain") or {}
     if hf and fast:
         rows.append(row("GPU busy (steady state)", f"nvidia-smi: train {busy(g, 'train_hf')} (infer not sampled)",
                         f"nvidia-smi: infer {busy(h, 'infer_fast')} (h100-q; goal 90%: met), train "
-                        f"{busy(r, 'train_fast')} (h100-r; not met); profiler (kernel time / wall): infer "
+                        f"{busy(x, 'train_fast')} (h100-x; not met; {busy(runs['h200x2-v'], 'train_fast')} on an H200, "
+                        f"h200x2-v); profiler (kernel time / wall): infer "
                         f"{prof_i.get('gpu_busy_pct', '-')}% over 2 batches, one re-capturing a decode graph, "
                         f"{(prof.get('with_stacks') or {}).get('gpu_busy_pct', '-')}% over the next; train "
-                        f"{prof_t.get('gpu_busy_pct', '-')}% (h100-r)", r))
+                        f"{prof_t.get('gpu_busy_pct', '-')}% over 2 steps (h100-s, before the `model.train()` fix)", x))
     return rows
 
 
@@ -351,15 +429,21 @@ COMMANDS = """Commands (one device call each; wheels from `../shared/device/whee
 ```
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# train samples/s and GPU busy, the bench without per-step syncs (h100-x, nvidia-h100-x1; its profile_train was cut
+# when the device time ran out; h100-s: the same before the model.train() fix, profile included)
+python3 bench/gpu_bench.py --out $OUT --deadline 470 --phases build,data,train_hf,train_fast,profile_train --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=180,profile_train=125
+# train 2-GPU scaling (h200x2-v, nvidia-h100-x2, which gave 2 H200s; h200x2-w: the same with NCCL_DEBUG=INFO
+# NCCL_DEBUG_SUBSYS=INIT,P2P set and profile_train_2gpu added, which the deadline skipped)
+python3 bench/gpu_bench.py --out $OUT --deadline 580 --phases build,data,train_fast,train_fast_2gpu --train-rows 1024 --test-rows 64 --steps 40 --fast-extra "--workers 2" --limits build=60,data=130,train=230
 # infer samples/s and its profile (h100-q, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 580 --phases build,data,infer_plain,infer_fast,infer_fast_generate,profile_infer --train-rows 128 --test-rows 1280 --limits build=60,data=130,train=200,infer=110,infer_plain=150
 # training speed and profile after the host-built ids (h100-r, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,train_fast,profile_train --train-rows 384 --test-rows 64 --steps 20 --limits build=60,data=100,train=220
 # infer 2-GPU scaling (h200x2-u, nvidia-h100-x2, which gave 2 H200s; h200x2-t: the same before the bench's steady-window fix)
 python3 bench/gpu_bench.py --out $OUT --deadline 330 --phases build,data,infer_fast,infer_fast_2gpu --train-rows 128 --test-rows 1280 --limits build=60,data=130,infer=110
-# train 2-GPU scaling, 1,024 rows (h200x2-s, nvidia-h100-x2, which gave 2 H200s)
+# train 2-GPU scaling, 1,024 rows, with the bench's per-step syncs (h200x2-s, nvidia-h100-x2, which gave 2 H200s)
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast,train_fast_2gpu --train-rows 1024 --test-rows 64 --steps 20 --fast-extra "--workers 2" --limits build=60,data=130,train=230
-# train samples/s (h100-g, nvidia-h100-x1)
+# train samples/s with the bench's per-step syncs (h100-g, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,infer_plain,infer_fast,train_hf,train_fast,profile_infer --train-rows 384 --test-rows 768 --steps 20 --limits build=60,data=100,train=200,infer=100
 # the infer profile before the host-built ids (h100-p, nvidia-h100-x1; h100-l added infer_fast_mlp)
 python3 bench/gpu_bench.py --out $OUT --deadline 580 --phases build,data,infer_plain,infer_fast,infer_fast_generate,profile_infer --train-rows 128 --test-rows 1280 --limits build=60,data=130,train=200,infer=110,infer_plain=150

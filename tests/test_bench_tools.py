@@ -66,3 +66,22 @@ def test_prefill_flop_count_matches_the_models_own_linear_layers():
     tower = (visual.patch_embed.proj.weight.numel() + linear_params(visual.blocks)) * patches
     merger = linear_params(visual.merger) * patches // 4
     assert abs(parts["vision tower linear"] * 1e12 - 2 * rows * (tower + merger)) < 1e6
+
+
+def test_step_cost_fit_recovers_the_fixed_and_per_token_cost_of_the_slowest_rank():
+    """perf_report.step_cost_fit: intervals made as 100 ms + 20 ms per 1,000 tokens of the longer rank's batch,
+    with a recompile among them, give back those costs, leave the recompile out and report the ranks' balance."""
+    from perf_report import step_cost_fit
+    lengths0 = [300, 700, 400, 600, 350, 500, 450, 650, 380, 720, 420, 560]
+    lengths1 = [320, 680, 420, 560, 400, 500, 430, 700, 360, 700, 450, 600]
+    intervals = [None] + [0.1 + 16 * max(a, b) * 2e-5 for a, b in zip(lengths0[1:], lengths1[1:])]
+    intervals[8] += 2.0  # a recompile
+    entry = {"result": {"warmup_steps": 2, "interval_times_s": intervals,
+                        "batch_shapes": [[16, n] for n in lengths0]},
+             "other_ranks": [{"batch_shapes": [[16, n] for n in lengths1]}]}
+    fit = step_cost_fit(entry)
+    assert abs(fit["fixed_ms"] - 100) < 0.1 and abs(fit["ms_per_1k_tokens"] - 20) < 0.01
+    assert fit["left_out"] == 1 and fit["steps"] == 9
+    expected = sum((a + b) / 2 / max(a, b) for a, b in zip(lengths0[2:], lengths1[2:])) / 10
+    assert abs(fit["rank_token_balance"] - round(expected, 3)) < 1e-9
+    assert step_cost_fit({"result": {"interval_times_s": [None, 0.3]}}) is None
