@@ -74,6 +74,9 @@ class TrainOptions:
     save_steps: int = options.opt("checkpoint every N steps", 100)
     save_total_limit: int = options.opt("checkpoints kept", 2)
     logging_steps: int = options.opt("log the loss every N steps", 10)
+    ddp_bucket_mb: int = options.opt("under torchrun: MB of gradients per all-reduce bucket (0: DDP's 25 MB); 256 "
+                                     "holds all ~120 MB of the 3B's LoRA gradients, all-reduced once after the "
+                                     "backward (unmeasured lever, see bench/RESULTS.md)", 0)
     resume: bool = options.opt("continue from the newest complete checkpoint if there is one", True)
     overwrite: bool = options.opt("train again even if OUTPUT_DIR holds a finished run", False)
     text_only: bool = options.opt("ablation: drop every image (the image tokens too)", False)
@@ -98,6 +101,8 @@ class TrainOptions:
             out.append("--learning-rate must be > 0")
         if self.workers < 0:
             out.append("--workers must be >= 0")
+        if self.ddp_bucket_mb < 0:
+            out.append("--ddp-bucket-mb must be >= 0")
         needed = ["train", "validation"]
         for split in needed:
             path = (layout.shards_dir(self.work_dir, split) / "index.json" if self.source == "shards"
@@ -140,7 +145,7 @@ def training_arguments(cfg: TrainOptions, max_steps: int, cuda: bool):
         optim="adamw_torch_fused" if cuda else "adamw_torch", report_to=["tensorboard"],
         seed=cfg.seed, remove_unused_columns=False, label_names=["labels"],
         ddp_backend=("nccl" if cuda else "gloo") if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
-        ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=False, ddp_bucket_cap_mb=cfg.ddp_bucket_mb or None,
         logging_nan_inf_filter=False,  # its per-step isnan() check stalls the GPU; NonFiniteGuard stops on NaN instead
         accelerator_config={"dispatch_batches": False, "split_batches": False},
         gradient_checkpointing=False,  # set up by common.modeling, with the frozen-vision fix
@@ -264,7 +269,8 @@ def main(cfg: TrainOptions) -> dict:
     stats = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "backend": backend,
              "seconds": round(time.time() - started, 1), "resumed_from": str(resume_from) if resume_from else None,
              "samples_seen": trainer.state.global_step * world * cfg.batch_size * cfg.grad_accum,
-             "final_eval": final_eval, "log_history": trainer.state.log_history, "world_size": world}
+             "final_eval": final_eval, "log_history": trainer.state.log_history, "world_size": world,
+             "ddp_bucket_mb": getattr(trainer.model_wrapped, "bucket_bytes_cap", 0) / 2**20 or None}
     if trainer.is_world_process_zero():
         save_final(cfg, trainer.accelerator.unwrap_model(trainer.model), tokenizer, model_path, backend, stats)
         log.info("saved to %s: %s", cfg.out, json.dumps(final_eval))

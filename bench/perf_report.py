@@ -80,7 +80,8 @@ def step_cost_fit(entry: dict) -> dict | None:
 
 def train_rows(label: str, run: dict) -> list[str]:
     out = []
-    for phase in ("train_hf", "train_fast", "train_unsloth", "train_unsloth16", "train_fast_2gpu"):
+    for phase in ("train_hf", "train_fast", "train_unsloth", "train_unsloth16", "train_fast_2gpu",
+                  "train_fast_2gpu_bucket"):
         x = res(run, phase)
         if not x.get("samples_per_s"):
             continue
@@ -353,7 +354,8 @@ def bench_timing_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"device time ran out. The suspect: DDP all-reduces each 25 MB gradient bucket while the backward still "
         f"runs, and an NCCL kernel that waits for the other rank holds its SMs (24 channels here), slowing the "
         f"backward on both ranks. Levers to measure next: one bucket after the backward "
-        f"(`ddp_bucket_cap_mb`), fewer NCCL channels, `static_graph`. Scaling with the bench's syncs gone: "
+        f"(`6_train.py --ddp-bucket-mb 256`; bench phase `train_fast_2gpu_bucket` beside `train_fast_2gpu`), "
+        f"fewer NCCL channels (`NCCL_MAX_NCHANNELS`), `static_graph`. Scaling with the bench's syncs gone: "
         f"{v1['samples_per_s']} -> {v2['samples_per_s']} samples/s, {v2['samples_per_s'] / v1['samples_per_s']:.2f}x "
         f"(h200x2-v; 1.58x with them, h200x2-s). By the same fit about half of a one-GPU step does not grow with "
         f"its length (an extrapolation: batches run from ~350 to 768 tokens a row). The likely parts are the "

@@ -73,7 +73,7 @@ def test_torchrun_two_ranks_see_disjoint_samples(shard_work, tmp_path):
     out, seen = tmp_path / "train", tmp_path / "seen"
     r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out), "--max-steps",
                    "3", "--eval-steps", "0", "--save-steps", "100", "--record-samples", str(seen),
-                   "--prefetch-factor", "1", "--group-window", "1", *FAST, torchrun=2)  # read ahead one batch only
+                   "--prefetch-factor", "1", "--group-window", "1", "--ddp-bucket-mb", "64", *FAST, torchrun=2)  # read ahead one batch only
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     per_rank = {}
     for f in seen.glob("rank*-worker*.txt"):
@@ -83,6 +83,7 @@ def test_torchrun_two_ranks_see_disjoint_samples(shard_work, tmp_path):
     assert a and b and not (a & b)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["steps"] == 3 and stats["world_size"] == 2
+    assert stats["ddp_bucket_mb"] == 64  # the option reached DDP's reducer
 
 
 def test_nan_loss_stops_before_saving(shard_work, tmp_path):
@@ -96,7 +97,9 @@ def test_nan_loss_stops_before_saving(shard_work, tmp_path):
 
 
 def test_bad_options_are_all_reported_at_once(tmp_path):
-    r = run_script("6_train.py", "--work-dir", str(tmp_path), "--batch-size", "0", "--learning-rate", "-1")
+    r = run_script("6_train.py", "--work-dir", str(tmp_path), "--batch-size", "0", "--learning-rate", "-1",
+                   "--ddp-bucket-mb", "-5")
     assert r.returncode == 2
-    for text in ("--batch-size must be >= 1", "--learning-rate must be > 0", "run the earlier stages first"):
+    for text in ("--batch-size must be >= 1", "--learning-rate must be > 0", "--ddp-bucket-mb must be >= 0",
+                 "run the earlier stages first"):
         assert text in r.stderr
