@@ -46,8 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_fast_2gpu_bucket", "train_unsloth", "train_unsloth16", "vision",
-       "infer_plain",
+ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_fast_2gpu_bucket", "train_unsloth",
+       "train_unsloth16", "vision", "infer_plain",
        "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate", "infer_fast_mlp",
        "infer_free", "profile_train",
        "profile_infer", "profile_train_2gpu"]

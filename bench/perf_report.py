@@ -315,7 +315,8 @@ def profile_section(runs: dict[str, dict]) -> list[str]:
           "is not located: the likely cost is the per-step synchronization of the bench's per-step logging (a "
           "loss all-gather and a host read-back on both ranks, so each rank's host work between steps runs with "
           "its GPU empty and the slower rank's sets the pace), which a real run logging every 10 steps has 10x "
-          "less of. Not profiled on two ranks after the changes (device time ran out).", ""]
+          "less of. Not profiled on two ranks after the changes (device time ran out). The next paragraphs "
+          "measure it with those syncs gone: they were part of it, not all.", ""]
     L += bench_timing_paragraphs(runs)
     return L
 
@@ -326,7 +327,8 @@ def bench_timing_paragraphs(runs: dict[str, dict]) -> list[str]:
             for phase in ("train_fast", "train_fast_2gpu") if runs.get(label, {}).get(phase)}
     if len(fits) < 3:
         return []
-    one, two, h100 = fits[("h200x2-w", "train_fast")], fits[("h200x2-w", "train_fast_2gpu")], fits[("h100-x", "train_fast")]
+    one, two = fits[("h200x2-w", "train_fast")], fits[("h200x2-w", "train_fast_2gpu")]
+    h100 = fits[("h100-x", "train_fast")]
     v1, v2 = res(runs["h200x2-v"], "train_fast"), res(runs["h200x2-v"], "train_fast_2gpu")
     return [
         "The bench's own syncs (from commit 263c32a, runs h100-s on): until then the training timer synchronized "
@@ -349,9 +351,9 @@ def bench_timing_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"{two['fixed_ms']} ms + {two['ms_per_1k_tokens']} ms per 1,000, with the ranks' tokens balanced to "
         f"{100 * two['rank_token_balance']:.1f}% per step. So two ranks add a fixed "
         f"~{two['fixed_ms'] - one['fixed_ms']:.0f} ms to every step whatever its length, and imbalance is not "
-        f"the cause. NCCL runs over NVLink (`P2P/CUMEM`, NCCL_DEBUG=INFO in h200x2-w), at whose bandwidth the 120 MB of "
-        f"fp32 LoRA gradients should take well under a millisecond (not timed). Not located, as the 2-rank profile was skipped when the "
-        f"device time ran out. The suspect: DDP all-reduces each 25 MB gradient bucket while the backward still "
+        f"the cause. NCCL runs over NVLink (`P2P/CUMEM`, NCCL_DEBUG=INFO in h200x2-w), at whose bandwidth "
+        f"the 120 MB of fp32 LoRA gradients should take well under a millisecond (not timed). Not located, as "
+        f"the 2-rank profile was skipped when the device time ran out. The suspect: DDP all-reduces each 25 MB gradient bucket while the backward still "
         f"runs, and an NCCL kernel that waits for the other rank holds its SMs (24 channels here), slowing the "
         f"backward on both ranks. Levers to measure next: one bucket after the backward "
         f"(`6_train.py --ddp-bucket-mb 256`; bench phase `train_fast_2gpu_bucket` beside `train_fast_2gpu`), "
