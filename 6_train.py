@@ -77,6 +77,9 @@ class TrainOptions:
     ddp_bucket_mb: int = options.opt("under torchrun: MB of gradients per all-reduce bucket (0: DDP's 25 MB); 256 "
                                      "holds all ~120 MB of the 3B's LoRA gradients, all-reduced once after the "
                                      "backward (unmeasured lever, see bench/RESULTS.md)", 0)
+    ddp_split_graphs: bool = options.opt("under torchrun: let torch.compile cut each compiled block's graph at DDP's "
+                                         "bucket edges (PyTorch's default). Off: one graph per block; its gradients "
+                                         "still reach DDP as the block's backward ends", False)
     resume: bool = options.opt("continue from the newest complete checkpoint if there is one", True)
     overwrite: bool = options.opt("train again even if OUTPUT_DIR holds a finished run", False)
     text_only: bool = options.opt("ablation: drop every image (the image tokens too)", False)
@@ -193,7 +196,8 @@ def load_model(cfg: TrainOptions, model_path: str):
     """(LoRA model with the speed options applied, backend actually used)."""
     from transformers import set_seed
 
-    from common.modeling import LoraSettings, compile_blocks, load_for_training, use_cudnn_attention
+    from common.modeling import (LoraSettings, compile_blocks, load_for_training, split_compiled_graphs_for_ddp,
+                                 use_cudnn_attention)
     from common.vision_attention import use_bucketed_vision_attention
     set_seed(cfg.seed)  # before the LoRA weights are drawn: the Trainer seeds only after the model exists
     model, backend = load_for_training(model_path, cfg.backend,
@@ -201,6 +205,7 @@ def load_model(cfg: TrainOptions, model_path: str):
                                        cfg.load_in_4bit, cfg.gradient_checkpointing, cfg.seed)
     if cfg.vision_attention == "bucketed":
         use_bucketed_vision_attention(model)
+    split_compiled_graphs_for_ddp(cfg.ddp_split_graphs)
     compile_blocks(model, cfg.compile, backend)
     use_cudnn_attention(cfg.cudnn_attention)
     return model, backend
@@ -236,7 +241,7 @@ def main(cfg: TrainOptions) -> dict:
     from common.modeling import import_backend
     import_backend(cfg.backend)  # Unsloth, if chosen, must be imported before transformers
     from common.encode import ImageSpec
-    from common.modeling import bind_local_gpu, load_tokenizer, resolve_model
+    from common.modeling import bind_local_gpu, compiled_graphs_split_for_ddp, load_tokenizer, resolve_model
     from common.training import latest_complete_checkpoint, plan_steps, remove_incomplete_checkpoints
     log = logs.setup("train")
     if (cfg.out / "COMPLETE").exists() and not cfg.overwrite:
@@ -270,7 +275,8 @@ def main(cfg: TrainOptions) -> dict:
              "seconds": round(time.time() - started, 1), "resumed_from": str(resume_from) if resume_from else None,
              "samples_seen": trainer.state.global_step * world * cfg.batch_size * cfg.grad_accum,
              "final_eval": final_eval, "log_history": trainer.state.log_history, "world_size": world,
-             "ddp_bucket_mb": getattr(trainer.model_wrapped, "bucket_bytes_cap", 0) / 2**20 or None}
+             "ddp_bucket_mb": getattr(trainer.model_wrapped, "bucket_bytes_cap", 0) / 2**20 or None,
+             "ddp_split_graphs": compiled_graphs_split_for_ddp()}
     if trainer.is_world_process_zero():
         save_final(cfg, trainer.accelerator.unwrap_model(trainer.model), tokenizer, model_path, backend, stats)
         log.info("saved to %s: %s", cfg.out, json.dumps(final_eval))

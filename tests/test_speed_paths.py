@@ -419,3 +419,41 @@ def test_cheap_train_calls_still_set_every_modules_mode(tiny_model_dir, tmp_path
     block.train(True)
     model.eval()
     assert modes() == {False}
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_compiled_blocks_stay_one_graph_each_under_ddp_unless_split(tmp_path, split):
+    """A compiled block with more trainable bytes than DDP's 1 MB first bucket (a 3B decoder layer holds 3.3 MB of
+    LoRA weights) is cut in two by torch.compile under DDP unless 6_train.py turns the cut off (its default)."""
+    import torch.distributed as dist
+    from torch._dynamo.testing import CompileCounter
+
+    from common.modeling import compiled_graphs_split_for_ddp, split_compiled_graphs_for_ddp
+    class Block(torch.nn.Module):  # a class of its own: dynamo does not compile torch.nn's own forwards
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+    torch.manual_seed(0)
+    block = Block()
+    assert sum(p.numel() * 4 for p in block.parameters()) > 2**20
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), block, torch.nn.Linear(256, 1))
+    counter = CompileCounter()
+    block.compile(backend=counter)
+    before = compiled_graphs_split_for_ddp()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        split_compiled_graphs_for_ddp(split)
+        torch._dynamo.reset()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp(torch.randn(8, 256)).sum().backward()
+        assert compiled_graphs_split_for_ddp() is split
+        assert counter.frame_count == (2 if split else 1)
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+        split_compiled_graphs_for_ddp(before)
+        torch._dynamo.reset()

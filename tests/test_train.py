@@ -84,6 +84,7 @@ def test_torchrun_two_ranks_see_disjoint_samples(shard_work, tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["steps"] == 3 and stats["world_size"] == 2
     assert stats["ddp_bucket_mb"] == 64  # the option reached DDP's reducer
+    assert stats["ddp_split_graphs"] is False  # compiled blocks stay whole under DDP by default
 
 
 def test_nan_loss_stops_before_saving(shard_work, tmp_path):
