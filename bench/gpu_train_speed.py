@@ -17,6 +17,11 @@ steps, the weights included; an evaluation's generation is measured apart. The r
 training ends, before 6_train's final evaluation, and again with that evaluation once main() returns.
 `steady_start_epoch`/`steady_end_epoch` bound the timed steps in wall-clock time (time.time()), for matching
 against GPU-utilization samples taken outside.
+
+Each timed step is also cut at its forward's end, its backward's end (under DDP: after the last gradient
+all-reduce), the gradient clipping's end and the optimizer's end (`segments_ms`, medians; one micro-step per
+step only): the GPU time each part takes, with `handover` = from the previous step's end to this step's begin.
+Under torchrun each rank also times a lone all-reduce of all its trainable gradients (`allreduce_ms`).
 """
 from __future__ import annotations
 
@@ -80,9 +85,11 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
             self.begins, self.ends, self.after_eval_flags, self.loss_tensors, self.logs, self.evals = \
                 [], [], [], [], [], []
             self.batch_shapes = []  # (rows, padded length) per step: how evenly the ranks' steps cost
+            self.cuts = {"forward": [], "backward": [], "clip": [], "optimizer": []}  # each step's part ends
             self.after_eval = False
             self.train_peak = 0
             self.result = dict(meta)
+            self.mark = mark
 
         def on_train_begin(self, args, state, control, **kw):
             sync()
@@ -108,6 +115,12 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
                 self.summarize(args, state, time.perf_counter(), final=False)
                 self.write()
 
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            self.cuts["clip"].append(mark())
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            self.cuts["optimizer"].append(mark())
+
         def on_log(self, args, state, control, logs=None, **kw):
             self.logs.append({"step": state.global_step, **(logs or {})})
 
@@ -124,8 +137,10 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
             self.result["evals"] = self.evals
             self.write()
 
-        def on_train_end(self, args, state, control, **kw):
+        def on_train_end(self, args, state, control, model=None, **kw):
             sync()
+            if cuda and int(os.environ.get("WORLD_SIZE", 1)) > 1 and model is not None:
+                self.result["allreduce_ms"] = time_allreduce(model)
             self.t_end = self.t_eval_from = time.perf_counter()
             self.summarize(args, state, self.t_end, final=True)
             self.result["steady_end_epoch"] = time.time()
@@ -163,6 +178,9 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
                 losses = torch.stack([x.float().reshape(()) for x in self.loss_tensors]).tolist()
                 r.update({"losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
                           "all_losses_finite": all(x == x and abs(x) != float("inf") for x in losses)})
+            segments = step_segments(self.begins, self.ends, self.cuts, warmup, done, seconds)
+            if segments:
+                r["segments_ms"] = segments
             if timed_intervals:
                 r["samples_per_s"] = round(per_step / statistics.median(timed_intervals), 2)
                 if len(timed_intervals) == len(timed_steps):  # no evaluation inside the window
@@ -178,7 +196,38 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
             path = result_path if rank == 0 else result_path.with_suffix(f".rank{rank}.json")
             path.write_text(json.dumps(self.result, indent=1, default=str))
 
+    def time_allreduce(model) -> dict:
+        """A lone all-reduce of this rank's trainable gradients' size (fp32), as DDP's buckets carry them."""
+        import torch.distributed as dist
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        grads = torch.zeros(numel, dtype=torch.float32, device="cuda")
+        times = []
+        for k in range(13):
+            dist.barrier()
+            begin = mark()
+            dist.all_reduce(grads)
+            end = mark()
+            torch.cuda.synchronize()
+            if k >= 3:
+                times.append(seconds(begin, end) * 1e3)
+        return {"mb": round(numel * 4 / 2**20, 1), "median_ms": round(statistics.median(times), 3),
+                "min_ms": round(min(times), 3)}
+
     return StepTimer()
+
+
+def step_segments(begins, ends, cuts, warmup: int, done: int, seconds) -> dict | None:
+    """Median GPU ms of each part of the timed steps (handover, forward, backward, clip, optimizer, rest), read from
+    the events that cut them; None when the cuts do not line up one per step (gradient accumulation)."""
+    order = ["forward", "backward", "clip", "optimizer"]
+    if done <= warmup or any(len(cuts[name]) < done for name in order):
+        return None
+    parts = {name: [] for name in ["handover", *order, "rest"]}
+    for k in range(max(warmup, 1), done):
+        marks = [ends[k - 1], begins[k], *(cuts[name][k] for name in order), ends[k]]
+        for name, a, b in zip(parts, marks, marks[1:]):
+            parts[name].append(seconds(a, b) * 1e3)
+    return {name: round(statistics.median(v), 2) for name, v in parts.items() if v}
 
 
 def main() -> None:
@@ -214,8 +263,14 @@ def main() -> None:
         def training_step(self, model, inputs, *a, **kw):
             timer.batch_shapes.append(list(inputs["input_ids"].shape))
             loss = super().training_step(model, inputs, *a, **kw)
+            timer.cuts["backward"].append(timer.mark())
             timer.loss_tensors.append(loss.detach())
             return loss
+
+        def compute_loss(self, *a, **kw):
+            out = super().compute_loss(*a, **kw)
+            timer.cuts["forward"].append(timer.mark())
+            return out
 
     ct.PriceTrainer = TimedTrainer
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
