@@ -215,11 +215,14 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
     import torch
 
     from common.collate import for_tokenizer
+    from common.modeling import skip_image_readbacks
     from common.positions import HostLayout
     from common.training import CheckpointMarker, NonFiniteGuard, PriceTrainer
     # position ids and vision indices built by the collator (in the loader's workers), not on the GPU; measured
     # on the transformers backend, whose forward takes them (Unsloth builds its own)
     host_ids = HostLayout.from_model(model) if backend == "hf" else None
+    if host_ids is not None:
+        skip_image_readbacks(model)  # the collator checks each sample's image tokens instead
     median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
     eval_options = {"tokenizer": tokenizer, "dataset": val_ds, "median": median, "max_samples": cfg.eval_samples,
                     "batch_size": cfg.eval_batch_size, "spec": spec, "host_positions": backend == "hf",

@@ -7,7 +7,11 @@ the ids: without it Qwen2.5-VL silently falls back to 1-D rotary positions.
 
 Given the model's `HostLayout`, the batch also carries the position ids and vision-tower indices the model
 would otherwise build on the GPU (common/positions.py): three rotary rows for a training forward, four (a
-text row first) for generation.
+text row first) for generation. A training batch then also carries its attention mask ready-made: the 4-D
+causal-and-padding mask transformers would build (none at all when no row is padded, which lets attention
+run causal), because building it on the GPU reads two flags back to the host every forward; and each
+sample's image tokens are checked here against its image grid, which the model re-checks on the GPU (another
+read-back) unless `common.modeling.skip_image_readbacks` trusts this check.
 """
 from __future__ import annotations
 
@@ -84,6 +88,11 @@ class Collator:
                                                  if s.get("pixel_values") is not None])
         if self.host_ids is not None:
             batch.update(self.host_built(samples, columns, longest, batch.get("image_grid_thw")))
+            if self.with_labels and self.padding_side == "right":
+                if bool(mask.all()):
+                    del batch["attention_mask"]
+                else:
+                    batch["attention_mask"] = causal_padding_mask(mask)
         if self.with_labels:
             batch["labels"] = labels
         return batch
@@ -92,12 +101,31 @@ class Collator:
         """position_ids (a text row first when generating, as generate() lays them out) and, with images, the
         vision tower's indices."""
         layout = self.host_ids
+        for s in samples:
+            if s.get("pixel_values") is not None:
+                check_image_tokens(s, layout)
         per_sample = [sample_positions(s["input_ids"], s.get("image_grid_thw") if s.get("pixel_values") is not None
                                        else None, layout.image_token_id, layout.merge_size) for s in samples]
         out = {"position_ids": batch_positions(per_sample, columns, width, text_row=not self.with_labels)}
         if grids is not None:
             out.update(vision_indices(grids, layout))
         return out
+
+
+def causal_padding_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, length, length) bool, True where query i may attend key j: j <= i and j is not padding; the
+    mask transformers' sdpa_mask builds for a right-padded batch without a cache."""
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return (causal[None] & mask.bool()[:, None, :])[:, None]
+
+
+def check_image_tokens(sample: dict, layout: HostLayout) -> None:
+    expected = int(sample["image_grid_thw"].prod(-1).sum()) // layout.merge_size ** 2
+    found = int((sample["input_ids"] == layout.image_token_id).sum())
+    if found != expected:
+        raise ValueError(f"sample {sample.get('sample_id', '?')}: {found} image tokens for an image grid of "
+                         f"{sample['image_grid_thw'].tolist()} ({expected} expected); re-run stage 4 for it")
 
 
 def for_tokenizer(tokenizer, padding_side: str = "right", with_labels: bool = True,

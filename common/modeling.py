@@ -90,6 +90,30 @@ def compiled_graphs_split_for_ddp() -> bool:
     return bool(torch._dynamo.config.optimize_ddp)
 
 
+def skip_image_readbacks(model) -> None:
+    """Let the model's forward merge image features without two GPU -> host read-backs per forward: the split of
+    the vision tower's output per image (`.tolist()` of the grids), undone by the forward's next line, and the
+    image-token count check (formatted into its message before the check runs). The collator checks the same
+    count on the host (`common.collate.check_image_tokens`); use only with batches from a host-ids collator."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    inner = next(m for m in model.modules() if isinstance(m, Qwen2_5_VLModel))
+    checked_placeholder_mask = inner.get_placeholder_mask
+    image_token_id, video_token_id = inner.config.image_token_id, inner.config.video_token_id
+
+    def image_features(pixel_values, image_grid_thw=None, **kwargs):
+        out = inner.visual(pixel_values.type(inner.visual.dtype), grid_thw=image_grid_thw, **kwargs)
+        out.pooler_output = (out.pooler_output,)
+        return out
+
+    def placeholder_mask(input_ids, inputs_embeds, image_features=None, video_features=None):
+        if input_ids is None:
+            return checked_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
+        return (input_ids == image_token_id).unsqueeze(-1), (input_ids == video_token_id).unsqueeze(-1)
+
+    inner.get_image_features = image_features
+    inner.get_placeholder_mask = placeholder_mask
+
+
 def use_cudnn_attention(enabled: bool) -> None:
     """Whether PyTorch's scaled_dot_product_attention may pick cuDNN's kernel, its first choice on an H100.
     cuDNN builds an execution plan for every new sequence length; with real catalog lengths every batch is a

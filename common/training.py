@@ -76,6 +76,9 @@ def remove_incomplete_checkpoints(output_dir: Path) -> list[str]:
     return removed
 
 
+ANSWER_POSITIONS = "answer_positions"  # batch key: set by PriceTrainer._prepare_inputs, taken out before the forward
+
+
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     """Sequence positions (over the whole batch) whose next token carries a label: the logits the loss needs."""
     return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
@@ -216,6 +219,15 @@ class PriceTrainer(Trainer):
             return data.to(self.args.device, non_blocking=True)
         return super()._prepare_input(data)
 
+    def _prepare_inputs(self, inputs):
+        """The answer positions found on the host, from the loader's labels, before the batch moves: found on the
+        GPU they are a read-back that waits for the previous step to finish."""
+        labels = inputs.get("labels")
+        if self.answer_only and labels is not None and labels.device.type == "cpu":
+            positions = answer_positions(labels)
+            inputs = {**inputs, ANSWER_POSITIONS: positions.pin_memory() if labels.is_pinned() else positions}
+        return super()._prepare_inputs(inputs)
+
     def floating_point_ops(self, inputs) -> int:
         """The Trainer's estimate, 6 x tokens x parameters, with the parameters counted once: the Trainer walks
         every parameter again on every step (profiled: tens of ms per step with the GPU idle)."""
@@ -225,10 +237,12 @@ class PriceTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**with_normalized_pixels(inputs, self.pixel_spec), **self.forward_kwargs}
+        positions = inputs.pop(ANSWER_POSITIONS, None)
         if self.answer_only and "labels" in inputs:
             # The model's own loss, reduced the same way (a mean per micro-batch: Qwen2.5-VL takes no loss
             # kwargs, so the Trainer then divides by the accumulation steps as it does for that loss).
-            positions = answer_positions(inputs["labels"])
+            if positions is None:
+                positions = answer_positions(inputs["labels"])
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=positions)
             loss = answer_only_loss(outputs.logits, inputs["labels"], positions)
             result = (loss, outputs) if return_outputs else loss

@@ -457,3 +457,51 @@ def test_compiled_blocks_stay_one_graph_each_under_ddp_unless_split(tmp_path, sp
         dist.destroy_process_group()
         split_compiled_graphs_for_ddp(before)
         torch._dynamo.reset()
+
+
+def test_ready_made_mask_and_host_checked_image_tokens_give_the_same_loss_and_gradients(tiny_model_dir,
+                                                                                        encoded_demo):
+    """A training batch from the host-ids collator carries the 4-D mask transformers would build, and the model
+    merges image features without its GPU check (skip_image_readbacks): same loss and gradients as the model's
+    own path on the same batch with the plain 2-D mask."""
+    from common.modeling import skip_image_readbacks
+    from common.positions import HostLayout
+    from common.predict import with_normalized_pixels
+    model = tiny(tiny_model_dir, lora=True)
+    host = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=HostLayout.from_model(model)), None)
+    assert host["attention_mask"].ndim == 4 and "pixel_values" in host  # the demo batch is padded, with images
+    plain = dict(host, attention_mask=host["attention_mask"][:, 0, -1].long())  # the last query row: the padding
+    assert plain["attention_mask"].sum() < plain["attention_mask"].numel()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    want = loss_and_grads(plain)
+    skip_image_readbacks(model)
+    got = loss_and_grads(host)
+    assert torch.equal(got[0], want[0])
+    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
+
+
+def test_training_collator_drops_a_needless_mask_and_names_a_sample_with_wrong_image_tokens(tiny_model_dir,
+                                                                                            encoded_demo):
+    from common.collate import check_image_tokens, for_tokenizer
+    from common.encode import ImageSpec
+    from common.modeling import load_tokenizer
+    from common.positions import HostLayout
+    from common.shards import ShardStream
+    layout = HostLayout.from_model(tiny(tiny_model_dir))
+    spec = ImageSpec.from_model(str(encoded_demo.model_path))
+    sample = next(s for s in ShardStream(encoded_demo.work_dir / "webdataset_train", spec, split_by_rank=False)
+                  if s.get("pixel_values") is not None)
+    batch = for_tokenizer(load_tokenizer(str(encoded_demo.model_path)), host_ids=layout)([sample])
+    assert "attention_mask" not in batch and "position_ids" in batch  # nothing padded: attention runs causal
+    check_image_tokens(sample, layout)
+    cut = (sample["input_ids"] == layout.image_token_id).nonzero()[0, 0]
+    broken = dict(sample, input_ids=torch.cat([sample["input_ids"][:cut], sample["input_ids"][cut + 1:]]))
+    with pytest.raises(ValueError, match=f"sample {sample['sample_id']}: .* image tokens"):
+        check_image_tokens(broken, layout)
