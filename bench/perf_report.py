@@ -81,12 +81,13 @@ def step_cost_fit(entry: dict) -> dict | None:
 def train_rows(label: str, run: dict) -> list[str]:
     out = []
     for phase in ("train_hf", "train_fast", "train_unsloth", "train_unsloth16", "train_fast_2gpu",
-                  "train_fast_2gpu_bucket"):
+                  "train_fast_2gpu_bucket", "train_fast_2gpu_split"):
         x = res(run, phase)
         if not x.get("samples_per_s"):
             continue
         wait = (1 - x["samples_per_s"] / x["samples_per_s_compute"]) * 100 if x.get("samples_per_s_compute") else None
-        out.append(f"| {label} | {phase} | {x.get('backend')} | {x.get('samples_per_step')} | **{x['samples_per_s']}** | "
+        backend = x.get("backend") or x.get("backend_requested")  # unset when the phase was cut after training
+        out.append(f"| {label} | {phase} | {backend} | {x.get('samples_per_step')} | **{x['samples_per_s']}** | "
                    f"{x.get('median_interval_s')} | {x.get('train_peak_gib')} | {busy(run, phase)} | "
                    f"{'-' if wait is None else f'{wait:.1f}%'} | {x.get('loss_first', 0):.2f} -> {x.get('loss_last', 0):.2f} |")
     return out
@@ -222,6 +223,16 @@ def render(runs: dict[str, dict]) -> str:
               "already training (`common.training.skip_needless_train_walks`) | the h100-s profile: ~18 ms of host "
               "time a step with the GPU idle, ~5% | nvidia-smi busy 81.7% (h100-s) -> 86.6% (h100-x), 47.15 -> "
               "48.16 samples/s; two runs on the same bench (batches and recompiles differ between runs) | yes |",
+              "| each compiled block one graph under DDP (`torch._dynamo.config.optimize_ddp` off; "
+              "`--ddp-split-graphs` restores PyTorch's default) | the default cut every decoder layer in two at "
+              "DDP's 1 MB first bucket: lost fusions and 9 GiB more activations, for an overlap per-layer regions "
+              "already give | 2 H200s (h200x2-y, same run, same batches): 87.56 -> 92.12 samples/s, 1.70x -> "
+              "1.79x one GPU; 18 ms a step (median); peak 61.12 -> 52.1 GiB | yes, default |",
+              "| no read-backs in a training forward: answer positions from the loader's labels, the 4-D mask "
+              "built by the collator, image tokens checked on the host | 6 host syncs per step (h100-s profile) | "
+              "h100-x -> h100-z over the same batches: 48.16 -> 51.33 samples/s and 86.6% -> 88.5% busy, but per "
+              "step within the noise (median +3 ms, mean -5 ms); same first loss | yes (same loss and gradients; "
+              "fewer syncs for a deeper queue) |",
               f"| what 120 samples/s needs | - | the prefill alone is 686 ms per 64 rows (h100-q, ~93 samples/s if "
               f"nothing else ran), GPU-bound at ~95% busy; the language model's eager prefill runs {lm_only:.0f} "
               f"samples/s at 608 tokens. `bench/prefill_flops.py`: a batch of 64 at 615 padded tokens is 308 TFLOP "
@@ -352,17 +363,75 @@ def bench_timing_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"{100 * two['rank_token_balance']:.1f}% per step. So two ranks add a fixed "
         f"~{two['fixed_ms'] - one['fixed_ms']:.0f} ms to every step whatever its length, and imbalance is not "
         f"the cause. NCCL runs over NVLink (`P2P/CUMEM`, NCCL_DEBUG=INFO in h200x2-w), at whose bandwidth "
-        f"the 120 MB of fp32 LoRA gradients should take well under a millisecond (not timed). Not located, as "
-        f"the 2-rank profile was skipped when the device time ran out. The suspect: DDP all-reduces each 25 MB gradient bucket while the backward still "
-        f"runs, and an NCCL kernel that waits for the other rank holds its SMs (24 channels here), slowing the "
-        f"backward on both ranks. Levers to measure next: one bucket after the backward "
-        f"(`6_train.py --ddp-bucket-mb 256`; bench phase `train_fast_2gpu_bucket` beside `train_fast_2gpu`), "
-        f"fewer NCCL channels (`NCCL_MAX_NCHANNELS`), `static_graph`. Scaling with the bench's syncs gone: "
+        f"the 120 MB of fp32 LoRA gradients should take well under a millisecond (timed in h200x2-y: 0.47 ms). "
+        f"Not located in that session; the next paragraphs locate most of it: torch.compile cut every compiled "
+        f"decoder layer in two under DDP. Scaling with the bench's syncs gone: "
         f"{v1['samples_per_s']} -> {v2['samples_per_s']} samples/s, {v2['samples_per_s'] / v1['samples_per_s']:.2f}x "
         f"(h200x2-v; 1.58x with them, h200x2-s). By the same fit about half of a one-GPU step does not grow with "
         f"its length (an extrapolation: batches run from ~350 to 768 tokens a row). The likely parts are the "
         f"frozen vision tower over 16 images (~53 ms at 3.3 ms an image), the optimizer and launch-bound LoRA "
-        f"kernels. A faster single-GPU step lies there.", ""]
+        f"kernels. A faster single-GPU step lies there.", ""] + step_parts_paragraphs(runs)
+
+
+def step_parts_paragraphs(runs: dict[str, dict]) -> list[str]:
+    """Each step cut into its parts (`segments_ms`, from commit 19004e4) and what the 2-GPU cost turned out to be."""
+    y, z = runs.get("h200x2-y"), runs.get("h100-z")
+    if not y or not z:
+        return []
+    one, two, cut = (y[p]["result"] for p in ("train_fast", "train_fast_2gpu", "train_fast_2gpu_split"))
+    rank1, cut1 = y["train_fast_2gpu"]["other_ranks"][0], y["train_fast_2gpu_split"]["other_ranks"][0]
+    fit1, fit2, fit_cut = (step_cost_fit(y[p]) for p in ("train_fast", "train_fast_2gpu", "train_fast_2gpu_split"))
+    paired = [1e3 * (b - a) for a, b in zip(two["interval_times_s"][5:], cut["interval_times_s"][5:])
+              if a and b and a < 2 * two["median_interval_s"]]
+    seg = lambda r: ", ".join(f"{k} {v:g}" for k, v in r["segments_ms"].items())  # noqa: E731
+    h1, hx = res(z, "train_fast"), res(runs["h100-x"], "train_fast")
+    h100_paired = [1e3 * (b - a) for a, b in zip(hx["interval_times_s"][5:], h1["interval_times_s"][5:])
+                   if a and b and max(a, b) < 2 * hx["median_interval_s"]]
+    return [
+        f"Where a step's time goes (from commit 19004e4 each timed step is cut by CUDA events at its forward's "
+        f"end, its backward's end, the clipping's end and the optimizer's end; medians in ms). One H200 "
+        f"(h200x2-y): {seg(one)}. Two H200s, rank 0: {seg(two)}; rank 1: {seg(rank1)}. A lone all-reduce of "
+        f"the {two['allreduce_ms']['mb']} MB of fp32 LoRA gradients takes {two['allreduce_ms']['median_ms']} ms "
+        f"over NVLink. So the step is all forward and backward: the handover between steps and the optimizer "
+        f"are ~1 ms, and the GPU's queue never empties between steps.", "",
+        f"Why two ranks cost more (h200x2-y, three runs over the same batches): under DDP, torch.compile's "
+        f"DDPOptimizer cuts each compiled region at DDP's gradient-bucket edges so that all-reduces can start "
+        f"inside it. Our regions are single decoder layers, whose gradients reach DDP as each layer's backward "
+        f"ends anyway; a layer's 3.3 MB of fp32 LoRA weights passes DDP's 1 MB first bucket, so every layer "
+        f"compiled as two graphs, with the fusions across the cut lost, {cut['train_peak_gib']} GiB peak "
+        f"against {two['train_peak_gib']} GiB, and no overlap gained. `6_train.py` now keeps each block one "
+        f"graph (`--ddp-split-graphs` restores the cut). Step by step over identical batches the cut costs "
+        f"{statistics.median(paired):.0f} ms (median; {sum(d > 0 for d in paired)} of {len(paired)} steps slower): "
+        f"{cut['samples_per_s']} samples/s with it ({cut['samples_per_s'] / one['samples_per_s']:.2f}x one GPU), "
+        f"{two['samples_per_s']} without ({two['samples_per_s'] / one['samples_per_s']:.2f}x). By the fit, two "
+        f"ranks now add {fit2['fixed_ms'] - fit1['fixed_ms']:.0f} ms to a step's fixed cost "
+        f"({fit1['fixed_ms']} -> {fit2['fixed_ms']} ms; {fit_cut['fixed_ms']} ms with the cut). What remains, by "
+        f"the parts: each rank's backward is {two['segments_ms']['backward'] - one['segments_ms']['backward']:.0f} "
+        f"and {rank1['segments_ms']['backward'] - one['segments_ms']['backward']:.0f} ms longer than on one GPU "
+        f"(rank 0's includes waiting for rank 1, whose forward ran "
+        f"{rank1['segments_ms']['forward'] - two['segments_ms']['forward']:.0f} ms longer: its batches are "
+        f"{100 * fit2['rank_token_balance']:.0f}% balanced against rank 0's). The all-reduce itself is under "
+        f"half a millisecond, so the rest of the backward's extra time is the reducer's work and the NCCL "
+        f"kernels running beside the backward; 1.9x needs a 2-GPU step of "
+        f"{1e3 * one['median_interval_s'] * 2 / 1.9:.0f} ms against {1e3 * two['median_interval_s']:.0f}. The "
+        f"one-bucket lever (`--ddp-bucket-mb 256`) is built and was not measured (device time ran out).", "",
+        f"The training forward's read-backs (from commit e3da4db): the h100-s profile found 6 host syncs in "
+        f"each training forward: the answer positions (a `nonzero` on the GPU labels, which waits for the "
+        f"previous step to finish), transformers' two padding checks before it builds the causal mask, the "
+        f"per-image split of the vision output (`.tolist()` of the grids, undone on the next line) and the "
+        f"image-token check with its message. Now the positions come from the loader's labels on the host, the "
+        f"collator hands a training batch its 4-D causal-and-padding mask (none when nothing is padded) and "
+        f"checks each sample's image tokens against its grid, so the forward merges image features without a "
+        f"check on the GPU. Same loss and gradients on the CPU; on the H100 the first loss is "
+        f"{h1['loss_first']:.4f} as before ({hx['loss_first']:.4f}, h100-x). h100-z: {h1['samples_per_s']} "
+        f"samples/s and {busy(z, 'train_fast')} busy, against {hx['samples_per_s']} and "
+        f"{busy(runs['h100-x'], 'train_fast')} in h100-x, two runs over the same batches; but step by step "
+        f"the change is within the noise (median {statistics.median(h100_paired):+.0f} ms, mean "
+        f"{statistics.fmean(h100_paired):+.0f} ms, {sum(d < 0 for d in h100_paired)} of {len(h100_paired)} steps "
+        f"faster), so the gain in the rate is not the read-backs' to claim. Its parts: {seg(h1)}. A likely "
+        f"reason (not profiled): a read-back drains the queue only for as long as the host takes to launch the "
+        f"next kernels, short beside a 170 ms forward. The host syncs left were not counted: h100-y's profile "
+        f"ran out of time.", ""]
 
 
 def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "") -> tuple[str, str]:
@@ -372,12 +441,12 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
 def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
     """(metric, row) for the perf rows of the headline table."""
     rows = []
-    g = runs.get("h100-x", {})
+    g = runs.get("h100-z", {})
     hf, fast = res(g, "train_hf"), res(g, "train_fast")
     if hf and fast:
         rows.append(row("train samples/s", f"{hf['samples_per_s']} (transformers+peft, batch 4; 3B, real lengths)",
                         f"{fast['samples_per_s']} ({fast['samples_per_s'] / hf['samples_per_s']:.2f}x; goal 40: met. "
-                        "h100-g, with the bench's old per-step syncs: 7.79 -> 45.52)", g))
+                        "h100-x, the same bench a session earlier: 7.34 -> 48.16)", g))
     a = runs.get("h100-a", {})
     hf_a, uns = res(a, "train_hf"), res(a, "train_unsloth")
     if hf_a and uns:
@@ -402,25 +471,25 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
                         f"{e2} (torchrun, 2 GPUs: {e2 / e1:.2f}x, each rank from its first batch's end to its last; "
                         f"goal 1.9x: met. A whole 1,280-row job: {job1} -> {job2} s, {job1 / job2:.2f}x, as model "
                         "loading and compiling are a fixed cost per job)", u, " (H100s not given)"))
-    s = runs.get("h200x2-v", {})
-    t1, t2 = res(s, "train_fast"), res(s, "train_fast_2gpu")
-    if t1 and t2:
-        w = runs.get("h200x2-w", {})
-        w1, w2 = res(w, "train_fast"), res(w, "train_fast_2gpu")
-        fit1, fit2 = step_cost_fit(w["train_fast"]), step_cost_fit(w["train_fast_2gpu"])
+    s = runs.get("h200x2-y", {})
+    t1, t2, tc = res(s, "train_fast"), res(s, "train_fast_2gpu"), res(s, "train_fast_2gpu_split")
+    if t1 and t2 and tc:
+        fit1, fit2 = step_cost_fit(s["train_fast"]), step_cost_fit(s["train_fast_2gpu"])
         rows.append(row("train 2-GPU scaling", f"{t1['samples_per_s']} samples/s (6_train, 1 GPU, batch 16, 1,024 "
                         "rows)", f"{t2['samples_per_s']} (torchrun, 2 GPUs x 16: "
-                        f"{t2['samples_per_s'] / t1['samples_per_s']:.2f}x; "
-                        f"{w2['samples_per_s'] / w1['samples_per_s']:.2f}x in h200x2-w; goal 1.9x: not met. Two "
-                        f"ranks add a fixed ~{fit2['fixed_ms'] - fit1['fixed_ms']:.0f} ms to every step, with their "
-                        f"tokens balanced to {100 * fit2['rank_token_balance']:.0f}%)", s, " (H100s not given)"))
-    r, x = runs.get("h100-s", {}), runs.get("h100-x", {})
+                        f"{t2['samples_per_s'] / t1['samples_per_s']:.2f}x; goal 1.9x: not met. With PyTorch's "
+                        f"default cut of each compiled layer at DDP's buckets, same run: {tc['samples_per_s']}, "
+                        f"{tc['samples_per_s'] / t1['samples_per_s']:.2f}x. Two ranks add "
+                        f"~{fit2['fixed_ms'] - fit1['fixed_ms']:.0f} ms to a step, most of it in the backward; "
+                        f"the all-reduce alone is {t2['allreduce_ms']['median_ms']} ms)", s, " (H100s not given)"))
+    r, x = runs.get("h100-s", {}), runs.get("h100-z", {})
     prof_i, prof_t = prof.get("plain") or {}, res(r, "profile_train").get("plain") or {}
     if hf and fast:
         rows.append(row("GPU busy (steady state)", f"nvidia-smi: train {busy(g, 'train_hf')} (infer not sampled)",
                         f"nvidia-smi: infer {busy(h, 'infer_fast')} (h100-q; goal 90%: met), train "
-                        f"{busy(x, 'train_fast')} (h100-x; not met; {busy(runs['h200x2-v'], 'train_fast')} on an H200, "
-                        f"h200x2-v); profiler (kernel time / wall): infer "
+                        f"{busy(x, 'train_fast')} (h100-z; not met; {busy(runs['h100-x'], 'train_fast')} in h100-x; "
+                        f"{busy(runs['h200x2-v'], 'train_fast')} on an H200, h200x2-v); profiler (kernel time / wall): "
+                        f"infer "
                         f"{prof_i.get('gpu_busy_pct', '-')}% over 2 batches, one re-capturing a decode graph, "
                         f"{(prof.get('with_stacks') or {}).get('gpu_busy_pct', '-')}% over the next; train "
                         f"{prof_t.get('gpu_busy_pct', '-')}% over 2 steps (h100-s, before the `model.train()` fix)", x))
@@ -433,6 +502,12 @@ COMMANDS = """Commands (one device call each; wheels from `../shared/device/whee
 ```
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# train samples/s and GPU busy (h100-z, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,train_hf,train_fast --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=260
+# train 2-GPU scaling, with and without the compiled-graph cut (h200x2-y, nvidia-h100-x2, which gave 2 H200s)
+python3 bench/gpu_bench.py --out $OUT --deadline 570 --phases build,data,train_fast,train_fast_2gpu,train_fast_2gpu_split --train-rows 1024 --test-rows 64 --steps 40 --fast-extra "--workers 2" --limits build=60,data=130,train=200
+# the same as h100-z with a profile, whose train limit of 180 s cut train_fast mid-run (h100-y, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_hf,train_fast,profile_train --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=180,profile_train=130
 # train samples/s and GPU busy, the bench without per-step syncs (h100-x, nvidia-h100-x1; its profile_train was cut
 # when the device time ran out; h100-s: the same before the model.train() fix, profile included)
 python3 bench/gpu_bench.py --out $OUT --deadline 470 --phases build,data,train_hf,train_fast,profile_train --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=180,profile_train=125
