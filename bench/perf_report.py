@@ -373,20 +373,27 @@ def bench_timing_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"kernels. A faster single-GPU step lies there.", ""] + step_parts_paragraphs(runs)
 
 
+def paired_step_ms(base: dict, variant: dict) -> list[float]:
+    """variant minus base, ms, step by step over the timed steps of two runs over the same batches; a step over
+    twice base's median in either run (a recompile) is left out."""
+    cap = 2 * base["median_interval_s"]
+    return [1e3 * (b - a) for a, b in zip(base["interval_times_s"][base["warmup_steps"]:],
+                                          variant["interval_times_s"][variant["warmup_steps"]:])
+            if a and b and max(a, b) < cap]
+
+
 def step_parts_paragraphs(runs: dict[str, dict]) -> list[str]:
     """Each step cut into its parts (`segments_ms`, from commit 19004e4) and what the 2-GPU cost turned out to be."""
     y, z = runs.get("h200x2-y"), runs.get("h100-z")
     if not y or not z:
         return []
     one, two, cut = (y[p]["result"] for p in ("train_fast", "train_fast_2gpu", "train_fast_2gpu_split"))
-    rank1, cut1 = y["train_fast_2gpu"]["other_ranks"][0], y["train_fast_2gpu_split"]["other_ranks"][0]
+    rank1 = y["train_fast_2gpu"]["other_ranks"][0]
     fit1, fit2, fit_cut = (step_cost_fit(y[p]) for p in ("train_fast", "train_fast_2gpu", "train_fast_2gpu_split"))
-    paired = [1e3 * (b - a) for a, b in zip(two["interval_times_s"][5:], cut["interval_times_s"][5:])
-              if a and b and a < 2 * two["median_interval_s"]]
+    paired = paired_step_ms(two, cut)
     seg = lambda r: ", ".join(f"{k} {v:g}" for k, v in r["segments_ms"].items())  # noqa: E731
     h1, hx = res(z, "train_fast"), res(runs["h100-x"], "train_fast")
-    h100_paired = [1e3 * (b - a) for a, b in zip(hx["interval_times_s"][5:], h1["interval_times_s"][5:])
-                   if a and b and max(a, b) < 2 * hx["median_interval_s"]]
+    h100_paired = paired_step_ms(hx, h1)
     return [
         f"Where a step's time goes (from commit 19004e4 each timed step is cut by CUDA events at its forward's "
         f"end, its backward's end, the clipping's end and the optimizer's end; medians in ms). One H200 "
