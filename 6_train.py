@@ -77,6 +77,13 @@ class TrainOptions:
     ddp_bucket_mb: int = options.opt("under torchrun: MB of gradients per all-reduce bucket (0: DDP's 25 MB); 256 "
                                      "holds all ~120 MB of the 3B's LoRA gradients, all-reduced once after the "
                                      "backward (unmeasured lever, see bench/RESULTS.md)", 0)
+    ddp_broadcast_buffers: bool = options.opt("under torchrun: send rank 0's buffers to every rank before each forward "
+                                              "(DDP's default). Off: Qwen2.5-VL's only buffers are its rotary "
+                                              "frequencies, built the same on every rank; the broadcast is a "
+                                              "collective a step that makes each rank wait for the other", False)
+    ddp_grads_in_buckets: bool = options.opt("under torchrun: keep the gradients inside DDP's all-reduce buckets "
+                                             "(gradient_as_bucket_view). Off: DDP copies each LoRA gradient into "
+                                             "its bucket and back, ~1,000 small copies a step on the 3B", True)
     ddp_split_graphs: bool = options.opt("under torchrun: let torch.compile cut each compiled block's graph at DDP's "
                                          "bucket edges (PyTorch's default). Off: one graph per block; its gradients "
                                          "still reach DDP as the block's backward ends", False)
@@ -149,6 +156,7 @@ def training_arguments(cfg: TrainOptions, max_steps: int, cuda: bool):
         seed=cfg.seed, remove_unused_columns=False, label_names=["labels"],
         ddp_backend=("nccl" if cuda else "gloo") if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
         ddp_find_unused_parameters=False, ddp_bucket_cap_mb=cfg.ddp_bucket_mb or None,
+        ddp_broadcast_buffers=cfg.ddp_broadcast_buffers,
         logging_nan_inf_filter=False,  # its per-step isnan() check stalls the GPU; NonFiniteGuard stops on NaN instead
         accelerator_config={"dispatch_batches": False, "split_batches": False},
         gradient_checkpointing=False,  # set up by common.modeling, with the frozen-vision fix
@@ -235,7 +243,8 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
                                            "persistent_workers": cfg.persistent_workers,
                                            "prefetch_factor": cfg.prefetch_factor},
                            eval_options=eval_options, answer_only=cfg.loss_positions == "answer" and backend == "hf",
-                           pixel_spec=spec, no_cache=backend == "hf", callbacks=[CheckpointMarker()])
+                           pixel_spec=spec, no_cache=backend == "hf", grads_in_buckets=cfg.ddp_grads_in_buckets,
+                           callbacks=[CheckpointMarker()])
     trainer.add_callback(NonFiniteGuard(trainer))
     return trainer
 
@@ -245,7 +254,8 @@ def main(cfg: TrainOptions) -> dict:
     import_backend(cfg.backend)  # Unsloth, if chosen, must be imported before transformers
     from common.encode import ImageSpec
     from common.modeling import bind_local_gpu, compiled_graphs_split_for_ddp, load_tokenizer, resolve_model
-    from common.training import latest_complete_checkpoint, plan_steps, remove_incomplete_checkpoints
+    from common.training import (latest_complete_checkpoint, plan_steps, ranks_hold_same_weights,
+                                 remove_incomplete_checkpoints)
     log = logs.setup("train")
     if (cfg.out / "COMPLETE").exists() and not cfg.overwrite:
         log.info("%s holds a finished run; pass --overwrite to train again", cfg.out)
@@ -274,12 +284,18 @@ def main(cfg: TrainOptions) -> dict:
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.raise_if_nonfinite(trainer.state.global_step)
     final_eval = trainer.evaluate()
+    in_step = ranks_hold_same_weights(trainer.model)
+    if in_step is False:
+        log.error("the ranks ended with different LoRA weights: DDP did not keep them in step; rank 0's are saved")
     stats = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "backend": backend,
              "seconds": round(time.time() - started, 1), "resumed_from": str(resume_from) if resume_from else None,
              "samples_seen": trainer.state.global_step * world * cfg.batch_size * cfg.grad_accum,
              "final_eval": final_eval, "log_history": trainer.state.log_history, "world_size": world,
              "ddp_bucket_mb": getattr(trainer.model_wrapped, "bucket_bytes_cap", 0) / 2**20 or None,
-             "ddp_split_graphs": compiled_graphs_split_for_ddp()}
+             "ddp_split_graphs": compiled_graphs_split_for_ddp(),
+             "ddp_broadcast_buffers": getattr(trainer.model_wrapped, "broadcast_buffers", None),
+             "ddp_grads_in_buckets": getattr(trainer.model_wrapped, "gradient_as_bucket_view", None),
+             "ranks_hold_same_weights": in_step}
     if trainer.is_world_process_zero():
         save_final(cfg, trainer.accelerator.unwrap_model(trainer.model), tokenizer, model_path, backend, stats)
         log.info("saved to %s: %s", cfg.out, json.dumps(final_eval))

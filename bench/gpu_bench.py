@@ -11,8 +11,11 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   train_fast       ours: 6_train.py --backend hf, bf16, batch --fast-batch --group-by-length, otherwise its      } train_
                    defaults (bucketed vision attention, answer-only logits, compile, uint8 pixels)           } speed
   train_fast_2gpu  ours under torchrun --nproc_per_node 2 (same per-GPU batch)                               } .py
+  train_fast_2gpu_stock   the same with DDP as PyTorch sets it up: buffers broadcast before every forward,     }
+                          gradients copied into the all-reduce buckets and back                            }
   train_fast_2gpu_bucket  the same with --ddp-bucket-mb 256: one gradient all-reduce after the backward      }
   train_fast_2gpu_split   the same with --ddp-split-graphs: compiled blocks cut at DDP's bucket edges        }
+  train_fast_big   train_fast at batch --fast-big-batch                                                       }
   train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
   train_unsloth16  6_train.py --backend unsloth --no-load-in-4bit (bf16 base), batch --unsloth-batch
   vision           bench/gpu_vision_speed.py: vision tower and prefill, per-window against bucketed
@@ -47,8 +50,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ALL = ["build", "data", "train_hf", "train_fast", "train_fast_2gpu", "train_fast_2gpu_bucket",
-       "train_fast_2gpu_split", "train_unsloth", "train_unsloth16", "vision", "infer_plain", "infer_fast",
+ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_2gpu", "train_fast_2gpu_stock",
+       "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16", "vision", "infer_plain", "infer_fast",
        "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate", "infer_fast_mlp", "infer_free", "profile_train",
        "profile_infer", "profile_train_2gpu"]
 # the baseline: what transformers + peft do out of the box
@@ -206,6 +209,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--hf-batch", type=int, default=4)
     ap.add_argument("--fast-batch", type=int, default=16)
+    ap.add_argument("--fast-big-batch", type=int, default=20)
     ap.add_argument("--unsloth-batch", type=int, default=16)
     ap.add_argument("--infer-batch", type=int, default=64)
     ap.add_argument("--infer-big-batch", type=int, default=256)
@@ -243,7 +247,10 @@ def main() -> None:
             b.save()
     fast = ["--group-by-length", *a.fast_extra.split()]
     trains = {"train_hf": ("hf", a.hf_batch, LIBRARY_DEFAULTS, 1), "train_fast": ("hf", a.fast_batch, fast, 1),
+              "train_fast_big": ("hf", a.fast_big_batch, fast, 1),
               "train_fast_2gpu": ("hf", a.fast_batch, fast, 2),
+              "train_fast_2gpu_stock": ("hf", a.fast_batch, [*fast, "--ddp-broadcast-buffers",
+                                                             "--no-ddp-grads-in-buckets"], 2),
               "train_fast_2gpu_bucket": ("hf", a.fast_batch, [*fast, "--ddp-bucket-mb", 256], 2),
               "train_fast_2gpu_split": ("hf", a.fast_batch, [*fast, "--ddp-split-graphs"], 2),
               "train_unsloth": ("unsloth", a.unsloth_batch, [], 1),

@@ -80,8 +80,8 @@ def step_cost_fit(entry: dict) -> dict | None:
 
 def train_rows(label: str, run: dict) -> list[str]:
     out = []
-    for phase in ("train_hf", "train_fast", "train_unsloth", "train_unsloth16", "train_fast_2gpu",
-                  "train_fast_2gpu_bucket", "train_fast_2gpu_split"):
+    for phase in ("train_hf", "train_fast", "train_fast_big", "train_unsloth", "train_unsloth16", "train_fast_2gpu",
+                  "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split"):
         x = res(run, phase)
         if not x.get("samples_per_s"):
             continue

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from accelerate.utils import DistributedDataParallelKwargs
 from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -187,9 +188,25 @@ def nonfinite_on_any_rank(flag: torch.Tensor | None) -> bool:
     return bool(bad.item())
 
 
+def ranks_hold_same_weights(model: torch.nn.Module) -> bool | None:
+    """Whether every rank ends training with the same trainable weights, i.e. DDP kept the ranks in step: each
+    rank's per-tensor sums, compared by an all-reduce MIN and MAX (same values in, same kernels: equal bit for bit).
+    None outside torchrun."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad])
+    if dist.get_backend() == "nccl":
+        sums = sums.cuda()
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
 class PriceTrainer(Trainer):
     def __init__(self, *args, loader_options: dict, eval_options: dict, answer_only: bool = False,
-                 pixel_spec=None, no_cache: bool = False, **kwargs):
+                 pixel_spec=None, no_cache: bool = False, grads_in_buckets: bool = False, **kwargs):
+        self.grads_in_buckets = grads_in_buckets  # read while the base class builds its accelerator
         super().__init__(*args, **kwargs)
         skip_needless_train_walks(self.model)
         self.loader_options = loader_options
@@ -201,6 +218,14 @@ class PriceTrainer(Trainer):
         # compiled decoder layers one recompilation per layer (each guards on its own cache slot)
         self.forward_kwargs = {"use_cache": False} if no_cache else {}
         self._flops_per_token = None
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """DDP's options as the Trainer sets them, plus gradient_as_bucket_view, which TrainingArguments lacks."""
+        args = super()._build_accelerator_args(**kwargs)
+        for handler in args.get("kwargs_handlers", []):
+            if isinstance(handler, DistributedDataParallelKwargs):
+                handler.gradient_as_bucket_view = self.grads_in_buckets
+        return args
 
     def get_train_dataloader(self) -> DataLoader:
         # The stream splits itself by rank and worker; accelerate must not shard or dispatch it again.

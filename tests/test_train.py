@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 
 from conftest import ROOT, run_script
 
@@ -85,6 +87,8 @@ def test_torchrun_two_ranks_see_disjoint_samples(shard_work, tmp_path):
     assert stats["steps"] == 3 and stats["world_size"] == 2
     assert stats["ddp_bucket_mb"] == 64  # the option reached DDP's reducer
     assert stats["ddp_split_graphs"] is False  # compiled blocks stay whole under DDP by default
+    assert stats["ddp_broadcast_buffers"] is False and stats["ddp_grads_in_buckets"] is True  # the defaults reached DDP
+    assert stats["ranks_hold_same_weights"] is True  # gradients in DDP's buckets still all-reduced every step
 
 
 def test_nan_loss_stops_before_saving(shard_work, tmp_path):
@@ -104,3 +108,31 @@ def test_bad_options_are_all_reported_at_once(tmp_path):
     for text in ("--batch-size must be >= 1", "--learning-rate must be > 0", "--ddp-bucket-mb must be >= 0",
                  "run the earlier stages first"):
         assert text in r.stderr
+
+
+def _weights_check_rank(rank: int, store_dir: str, differ: bool, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from common.training import ranks_hold_same_weights
+    dist.init_process_group("gloo", store=dist.FileStore(f"{store_dir}/store", 2), rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+        model[0].weight.requires_grad_(False)  # frozen weights may differ; only trainable ones are compared
+        with torch.no_grad():
+            model[0].weight.add_(rank)
+            if differ and rank == 1:
+                model[1].bias.add_(1e-6)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(ranks_hold_same_weights(model)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_ranks_holding_different_trainable_weights_are_caught(tmp_path, differ):
+    import torch.multiprocessing as mp
+    mp.spawn(_weights_check_rank, args=(str(tmp_path), differ, str(tmp_path)), nprocs=2)
+    verdicts = {json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert verdicts == {not differ}
+    from common.training import ranks_hold_same_weights
+    assert ranks_hold_same_weights(torch.nn.Linear(2, 2)) is None  # outside torchrun
