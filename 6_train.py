@@ -76,7 +76,7 @@ class TrainOptions:
     logging_steps: int = options.opt("log the loss every N steps", 10)
     ddp_bucket_mb: int = options.opt("under torchrun: MB of gradients per all-reduce bucket (0: DDP's 25 MB); 256 "
                                      "holds all ~120 MB of the 3B's LoRA gradients, all-reduced once after the "
-                                     "backward (unmeasured lever, see bench/RESULTS.md)", 0)
+                                     "backward (measured no faster on two H200s, bench/RESULTS.md)", 0)
     ddp_broadcast_buffers: bool = options.opt("under torchrun: send rank 0's buffers to every rank before each forward "
                                               "(DDP's default). Off: Qwen2.5-VL's only buffers are its rotary "
                                               "frequencies, built the same on every rank; the broadcast is a "
@@ -87,6 +87,8 @@ class TrainOptions:
     ddp_split_graphs: bool = options.opt("under torchrun: let torch.compile cut each compiled block's graph at DDP's "
                                          "bucket edges (PyTorch's default). Off: one graph per block; its gradients "
                                          "still reach DDP as the block's backward ends", False)
+    gc_every: int = options.opt("Python's automatic garbage collector off while training; collect every N steps "
+                                "on every rank at once, and fully at evaluations and saves (0: leave it on)", 50)
     resume: bool = options.opt("continue from the newest complete checkpoint if there is one", True)
     overwrite: bool = options.opt("train again even if OUTPUT_DIR holds a finished run", False)
     text_only: bool = options.opt("ablation: drop every image (the image tokens too)", False)
@@ -111,6 +113,8 @@ class TrainOptions:
             out.append("--learning-rate must be > 0")
         if self.workers < 0:
             out.append("--workers must be >= 0")
+        if self.gc_every < 0:
+            out.append("--gc-every must be >= 0")
         if self.ddp_bucket_mb < 0:
             out.append("--ddp-bucket-mb must be >= 0")
         needed = ["train", "validation"]
@@ -225,7 +229,7 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
     from common.collate import for_tokenizer
     from common.modeling import skip_image_readbacks
     from common.positions import HostLayout
-    from common.training import CheckpointMarker, NonFiniteGuard, PriceTrainer
+    from common.training import CheckpointMarker, NonFiniteGuard, PriceTrainer, ScheduledGarbageCollection
     # position ids and vision indices built by the collator (in the loader's workers), not on the GPU; measured
     # on the transformers backend, whose forward takes them (Unsloth builds its own)
     host_ids = HostLayout.from_model(model) if backend == "hf" else None
@@ -246,6 +250,8 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
                            pixel_spec=spec, no_cache=backend == "hf", grads_in_buckets=cfg.ddp_grads_in_buckets,
                            callbacks=[CheckpointMarker()])
     trainer.add_callback(NonFiniteGuard(trainer))
+    if cfg.gc_every:
+        trainer.add_callback(ScheduledGarbageCollection(cfg.gc_every))
     return trainer
 
 

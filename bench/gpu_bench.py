@@ -16,6 +16,7 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   train_fast_2gpu_bucket  the same with --ddp-bucket-mb 256: one gradient all-reduce after the backward      }
   train_fast_2gpu_split   the same with --ddp-split-graphs: compiled blocks cut at DDP's bucket edges        }
   train_fast_big   train_fast at batch --fast-big-batch                                                       }
+  train_fast_autogc  train_fast with --gc-every 0: Python's automatic garbage collector left on              }
   train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
   train_unsloth16  6_train.py --backend unsloth --no-load-in-4bit (bf16 base), batch --unsloth-batch
   vision           bench/gpu_vision_speed.py: vision tower and prefill, per-window against bucketed
@@ -50,10 +51,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_2gpu", "train_fast_2gpu_stock",
-       "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16", "vision", "infer_plain", "infer_fast",
-       "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate", "infer_fast_mlp", "infer_free", "profile_train",
-       "profile_infer", "profile_train_2gpu"]
+ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_2gpu",
+       "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16",
+       "vision", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate",
+       "infer_fast_mlp", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",
                     "--cudnn-attention"]
@@ -248,6 +249,7 @@ def main() -> None:
     fast = ["--group-by-length", *a.fast_extra.split()]
     trains = {"train_hf": ("hf", a.hf_batch, LIBRARY_DEFAULTS, 1), "train_fast": ("hf", a.fast_batch, fast, 1),
               "train_fast_big": ("hf", a.fast_big_batch, fast, 1),
+              "train_fast_autogc": ("hf", a.fast_batch, [*fast, "--gc-every", 0], 1),
               "train_fast_2gpu": ("hf", a.fast_batch, fast, 2),
               "train_fast_2gpu_stock": ("hf", a.fast_batch, [*fast, "--ddp-broadcast-buffers",
                                                              "--no-ddp-grads-in-buckets"], 2),

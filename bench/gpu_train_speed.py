@@ -22,10 +22,13 @@ Each timed step is also cut at its forward's end, its backward's end (under DDP:
 all-reduce), the gradient clipping's end and the optimizer's end (`segments_ms`, medians; one micro-step per
 step only): the GPU time each part takes, with `handover` = from the previous step's end to this step's begin.
 Under torchrun each rank also times a lone all-reduce of all its trainable gradients (`allreduce_ms`).
+Every garbage collection during training is logged with its step, generation and host ms (`gc_collections`;
+`gc_full_ms_timed`: the full ones' sum over the timed steps).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -85,6 +88,7 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
             self.begins, self.ends, self.after_eval_flags, self.loss_tensors, self.logs, self.evals = \
                 [], [], [], [], [], []
             self.batch_shapes = []  # (rows, padded length) per step: how evenly the ranks' steps cost
+            self.gc_log = []
             self.cuts = {"forward": [], "backward": [], "clip": [], "optimizer": []}  # each step's part ends
             self.after_eval = False
             self.train_peak = 0
@@ -92,11 +96,21 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
             self.mark = mark
 
         def on_train_begin(self, args, state, control, **kw):
+            gc.callbacks.append(self.record_gc)
             sync()
             if cuda:
                 self.result["memory_before_train_gib"] = gib(torch.cuda.memory_allocated())
                 torch.cuda.reset_peak_memory_stats()
             self.t_train = time.perf_counter()
+
+        def record_gc(self, phase, info):
+            """Each garbage collection during training, on the host: [step (0 = before the first step ends),
+            generation, ms]."""
+            if phase == "start":
+                self.gc_start = time.perf_counter()
+            else:
+                self.gc_log.append([len(self.ends), info["generation"],
+                                    round(1e3 * (time.perf_counter() - self.gc_start), 1)])
 
         def on_step_begin(self, args, state, control, **kw):
             self.begins.append(mark())
@@ -138,6 +152,7 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
             self.write()
 
         def on_train_end(self, args, state, control, model=None, **kw):
+            gc.callbacks.remove(self.record_gc)
             sync()
             if cuda and int(os.environ.get("WORLD_SIZE", 1)) > 1 and model is not None:
                 self.result["allreduce_ms"] = time_allreduce(model)
@@ -172,6 +187,9 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
                 "interval_times_s": [None if x is None else round(x, 3) for x in interval_s],
                 "logged_losses": [x["loss"] for x in self.logs if "loss" in x],
                 "batch_shapes": self.batch_shapes, "rank": int(os.environ.get("RANK", 0)),
+                "gc_collections": self.gc_log,
+                "gc_full_ms_timed": round(sum(ms for step, gen, ms in self.gc_log if gen == 2 and warmup <= step < done),
+                                          1),
             })
             if final and self.loss_tensors:
                 # each step's own loss (this rank's), read once at the end: reading it per step would sync

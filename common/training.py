@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -167,6 +168,36 @@ class CheckpointMarker(TrainerCallback):
                                              "files": sorted(p.name for p in ckpt.iterdir())})
 
 
+class ScheduledGarbageCollection(TrainerCallback):
+    """Python's automatic garbage collector off while training; instead the young generations are collected
+    every `every` optimizer steps, on every rank at the same step, and everything at evaluations and saves.
+    An automatic full collection walks every live object (torch.compile's graphs and guards are hundreds of
+    thousands): hundreds of ms at a step nobody chose, with the GPU idle and, under torchrun, every other rank
+    waiting for this one in the next all-reduce (torchtitan schedules its collections for the same reason)."""
+
+    def __init__(self, every: int):
+        self.every, self.was_enabled = every, gc.isenabled()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.was_enabled = gc.isenabled()
+        gc.collect()
+        gc.disable()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            gc.collect(1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        gc.collect()
+
+    def on_save(self, args, state, control, **kwargs):
+        gc.collect()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.was_enabled:
+            gc.enable()
+
+
 class NonFiniteGuard(TrainerCallback):
     """Checks the loss flag (no per-step GPU sync) before anything is logged, evaluated or saved."""
 
@@ -186,6 +217,21 @@ def nonfinite_on_any_rank(flag: torch.Tensor | None) -> bool:
             bad = bad.cuda()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bool(bad.item())
+
+
+def collect_garbage_automatically(_worker_id: int) -> None:
+    gc.enable()
+
+
+def train_loader(dataset, batch_size: int, collate_fn, loader_options: dict) -> DataLoader:
+    """The training DataLoader. Its workers collect their own garbage as usual: they start (fork) while
+    ScheduledGarbageCollection has the trainer process's collector off, which they would otherwise inherit."""
+    workers = loader_options["num_workers"]
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=workers,
+                      pin_memory=loader_options["pin_memory"] and torch.cuda.is_available(),
+                      persistent_workers=workers > 0 and loader_options["persistent_workers"],
+                      prefetch_factor=loader_options["prefetch_factor"] if workers > 0 else None,
+                      worker_init_fn=collect_garbage_automatically if workers > 0 else None)
 
 
 def ranks_hold_same_weights(model: torch.nn.Module) -> bool | None:
@@ -229,12 +275,8 @@ class PriceTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         # The stream splits itself by rank and worker; accelerate must not shard or dispatch it again.
-        workers = self.loader_options["num_workers"]
-        return DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
-                          collate_fn=self.data_collator, num_workers=workers,
-                          pin_memory=self.loader_options["pin_memory"] and torch.cuda.is_available(),
-                          persistent_workers=workers > 0 and self.loader_options["persistent_workers"],
-                          prefetch_factor=self.loader_options["prefetch_factor"] if workers > 0 else None)
+        return train_loader(self.train_dataset, self.args.per_device_train_batch_size, self.data_collator,
+                            self.loader_options)
 
     def _prepare_input(self, data):
         """The Trainer's move to the device, without waiting: a batch the loader pinned is copied asynchronously

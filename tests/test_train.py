@@ -136,3 +136,64 @@ def test_ranks_holding_different_trainable_weights_are_caught(tmp_path, differ):
     assert verdicts == {not differ}
     from common.training import ranks_hold_same_weights
     assert ranks_hold_same_weights(torch.nn.Linear(2, 2)) is None  # outside torchrun
+
+
+class _Cycle:
+    def __init__(self):
+        self.me = self  # freed only by the cycle collector
+
+
+def test_garbage_collector_off_while_training_and_collected_on_schedule():
+    import gc
+    import weakref
+
+    from transformers import TrainerControl, TrainerState
+
+    from common.training import ScheduledGarbageCollection
+    collections = []
+
+    def record(phase, info):
+        if phase == "stop":
+            collections.append(info["generation"])
+    was_enabled = gc.isenabled()
+    gc.enable()
+    gc.callbacks.append(record)
+    try:
+        callback, state, control = ScheduledGarbageCollection(every=3), TrainerState(), TrainerControl()
+        callback.on_train_begin(None, state, control)
+        assert not gc.isenabled() and collections == [2]
+        collections.clear()
+        cycles, freed_at = {}, {}
+        for step in range(1, 8):
+            state.global_step = step
+            cycles[step] = weakref.ref(_Cycle())
+            _ = [[i] for i in range(20_000)]  # allocations that would start automatic collections
+            callback.on_step_end(None, state, control)
+            freed_at.update({k: step for k, ref in cycles.items() if ref() is None and k not in freed_at})
+        assert collections == [1, 1]  # the young generations at steps 3 and 6, nothing automatic
+        assert freed_at == {1: 3, 2: 3, 3: 3, 4: 6, 5: 6, 6: 6}
+        callback.on_evaluate(None, state, control)
+        assert collections[-1] == 2 and 7 in {k for k, ref in cycles.items() if ref() is None}
+        callback.on_train_end(None, state, control)
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(record)
+        gc.enable() if was_enabled else gc.disable()
+
+
+class _GcState(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        import gc
+        yield int(gc.isenabled())
+
+
+def test_loader_workers_collect_garbage_while_the_trainer_does_not():
+    import gc
+
+    from common.training import train_loader
+    options = {"num_workers": 1, "pin_memory": False, "persistent_workers": False, "prefetch_factor": 1}
+    gc.disable()
+    try:
+        assert [int(x) for x in train_loader(_GcState(), 1, None, options)] == [1]
+    finally:
+        gc.enable()
