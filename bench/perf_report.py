@@ -80,8 +80,8 @@ def step_cost_fit(entry: dict) -> dict | None:
 
 def train_rows(label: str, run: dict) -> list[str]:
     out = []
-    for phase in ("train_hf", "train_fast", "train_fast_big", "train_unsloth", "train_unsloth16", "train_fast_2gpu",
-                  "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split"):
+    for phase in ("train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_unsloth", "train_unsloth16",
+                  "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split"):
         x = res(run, phase)
         if not x.get("samples_per_s"):
             continue
@@ -233,6 +233,20 @@ def render(runs: dict[str, dict]) -> str:
               "h100-x -> h100-z over the same batches: 48.16 -> 51.33 samples/s and 86.6% -> 88.5% busy, but per "
               "step within the noise (median +3 ms, mean -5 ms); same first loss | yes (same loss and gradients; "
               "fewer syncs for a deeper queue) |",
+              "| DDP without the per-forward buffer broadcast, gradients kept in its buckets (`--no-ddp-broadcast-"
+              "buffers`, `--ddp-grads-in-buckets`, defaults) | the broadcast syncs the ranks before each forward for "
+              "constant rotary buffers; the copies are ~1,000 small kernels a step | 2 H200s (h200x2-z, same "
+              "batches): 84.48 -> 90.07 samples/s, 1.78x -> 1.89x one GPU; 29 ms a step (median, 31 of 34 steps "
+              "faster); same losses; 1.82x in a second call (h200x2-za) | yes, default |",
+              "| one all-reduce after the backward (`--ddp-bucket-mb 256`) | NCCL kernels no longer beside the "
+              "backward | 92.8 -> 92.64 samples/s, -2 ms a step (median, 21 of 35 faster; h200x2-za): noise | no: "
+              "option |",
+              "| batch 20 instead of 16 on the H100 | longer kernels, fewer launch gaps | 44.82 -> 46.36 samples/s "
+              "(+3.4%), 63.09 GiB peak (h100-za; that H100 ran batch 16 13% slower than h100-z's) | no: option "
+              "(near the card's memory) |",
+              "| Python's automatic garbage collector off while training, collected every 50 steps on every rank "
+              "(`--gc-every`) | ~1 s stalls at steps that differ between runs of the same batches | not measured on "
+              "the GPU (device time ran out); same losses on the CPU | yes, default (torchtitan's practice) |",
               f"| what 120 samples/s needs | - | the prefill alone is 686 ms per 64 rows (h100-q, ~93 samples/s if "
               f"nothing else ran), GPU-bound at ~95% busy; the language model's eager prefill runs {lm_only:.0f} "
               f"samples/s at 608 tokens. `bench/prefill_flops.py`: a batch of 64 at 615 padded tokens is 308 TFLOP "
@@ -370,7 +384,7 @@ def bench_timing_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"(h200x2-v; 1.58x with them, h200x2-s). By the same fit about half of a one-GPU step does not grow with "
         f"its length (an extrapolation: batches run from ~350 to 768 tokens a row). The likely parts are the "
         f"frozen vision tower over 16 images (~53 ms at 3.3 ms an image), the optimizer and launch-bound LoRA "
-        f"kernels. A faster single-GPU step lies there.", ""] + step_parts_paragraphs(runs)
+        f"kernels. A faster single-GPU step lies there.", ""] + step_parts_paragraphs(runs) + ddp_setup_paragraphs(runs)
 
 
 def paired_step_ms(base: dict, variant: dict) -> list[float]:
@@ -421,7 +435,7 @@ def step_parts_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"half a millisecond, so the rest of the backward's extra time is the reducer's work and the NCCL "
         f"kernels running beside the backward; 1.9x needs a 2-GPU step of "
         f"{1e3 * one['median_interval_s'] * 2 / 1.9:.0f} ms against {1e3 * two['median_interval_s']:.0f}. The "
-        f"one-bucket lever (`--ddp-bucket-mb 256`) is built and was not measured (device time ran out).", "",
+        f"next paragraphs find most of that extra time in DDP's own setup, and measure the one-bucket lever.", "",
         f"The training forward's read-backs (from commit e3da4db): the h100-s profile found 6 host syncs in "
         f"each training forward: the answer positions (a `nonzero` on the GPU labels, which waits for the "
         f"previous step to finish), transformers' two padding checks before it builds the causal mask, the "
@@ -439,6 +453,93 @@ def step_parts_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"reason (not profiled): a read-back drains the queue only for as long as the host takes to launch the "
         f"next kernels, short beside a 170 ms forward. The host syncs left were not counted: h100-y's profile "
         f"ran out of time.", ""]
+
+
+def long_steps(x: dict) -> list[str]:
+    """Steps after the first two (which compile) over twice the median: 'index (padded length): seconds'."""
+    cap = 2 * x["median_step_s"]
+    return [f"{k} ({x['batch_shapes'][k][1]}): {t:.2f} s{' (warm-up)' if k < x['warmup_steps'] else ''}"
+            for k, t in enumerate(x["step_times_s"]) if k >= 2 and t > cap]
+
+
+def imbalance_ms(run: dict) -> float:
+    """What a 2-GPU step pays for its ranks' unequal batches: the slower rank's tokens over the ranks' mean,
+    priced at the one-GPU fit's cost per token (timed steps, rank 0 and rank 1)."""
+    two = run["train_fast_2gpu"]
+    ranks = [two["result"], *two.get("other_ranks", [])]
+    warm = ranks[0]["warmup_steps"]
+    per_step = list(zip(*[[rows * length for rows, length in r["batch_shapes"]][warm:] for r in ranks]))
+    extra = statistics.fmean(max(t) - statistics.fmean(t) for t in per_step)
+    return extra * step_cost_fit(run["train_fast"])["ms_per_1k_tokens"] / 1e3
+
+
+def ddp_setup_paragraphs(runs: dict[str, dict]) -> list[str]:
+    """DDP as PyTorch sets it up against ours (from commit cb1545b), the one-bucket lever, a larger batch on the
+    H100, and the long steps that cost the GPU-busy figure."""
+    z, za, hza = runs.get("h200x2-z"), runs.get("h200x2-za"), runs.get("h100-za")
+    if not z or not za or not hza:
+        return []
+    one_z, stock, lean = (res(z, p) for p in ("train_fast", "train_fast_2gpu_stock", "train_fast_2gpu"))
+    stock1, lean1 = (z[p]["other_ranks"][0] for p in ("train_fast_2gpu_stock", "train_fast_2gpu"))
+    one_za, two_za, bucket = (res(za, p) for p in ("train_fast", "train_fast_2gpu", "train_fast_2gpu_bucket"))
+    d_lean, d_bucket = paired_step_ms(stock, lean), paired_step_ms(two_za, bucket)
+    b16, b20 = res(hza, "train_fast"), res(hza, "train_fast_big")
+    seg = lambda r: ", ".join(f"{k} {v:g}" for k, v in r["segments_ms"].items())  # noqa: E731
+    ratio = lambda a, b: f"{a['samples_per_s'] / b['samples_per_s']:.2f}x"  # noqa: E731
+    stalls = {f"{label} {phase}": long_steps(res(runs[label], phase)) for label, phase in
+              (("h100-z", "train_fast"), ("h200x2-z", "train_fast"), ("h200x2-za", "train_fast"),
+               ("h100-za", "train_fast"))}
+    return [
+        f"DDP's own setup (from commit cb1545b; h200x2-z, the two variants over the same batches). PyTorch's DDP "
+        f"broadcasts rank 0's buffers to every rank before each forward, and copies each gradient into its "
+        f"all-reduce bucket and back. Qwen2.5-VL's only buffers are its rotary frequencies, built the same on "
+        f"every rank, so the broadcast is a collective a step that syncs the ranks for nothing; the copies are "
+        f"two small kernels per LoRA tensor, ~1,000 a step on the 3B. `6_train.py` now turns the broadcast off "
+        f"and keeps the gradients in the buckets (`gradient_as_bucket_view`; `--ddp-broadcast-buffers` and "
+        f"`--no-ddp-grads-in-buckets` restore PyTorch's setup). Step by step it saves "
+        f"{-statistics.median(d_lean):.0f} ms (median; {sum(d < 0 for d in d_lean)} of {len(d_lean)} steps "
+        f"faster): {stock['samples_per_s']} -> {lean['samples_per_s']} samples/s, {ratio(stock, one_z)} -> "
+        f"{ratio(lean, one_z)} one GPU ({one_z['samples_per_s']}). Rank 1's parts with PyTorch's setup: "
+        f"{seg(stock1)}; with ours: {seg(lean1)}. Same losses (first {stock['loss_first']:.4f} both). Every "
+        f"rank ends with the same LoRA weights; `stats.json` now says so (`ranks_hold_same_weights`, an "
+        f"all-reduce of per-tensor sums at the end), and the CPU torchrun test checks it.", "",
+        f"The same code in a second call (h200x2-za, another pair of H200s): {one_za['samples_per_s']} -> "
+        f"{two_za['samples_per_s']} samples/s, {ratio(two_za, one_za)}. The one-GPU rate moves between calls "
+        f"({one_z['samples_per_s']} and {one_za['samples_per_s']}, 7%), and so does the ratio: 1.9x is met in "
+        f"neither call, {ratio(lean, one_z)} being the closer. One all-reduce after the backward "
+        f"(`--ddp-bucket-mb 256`, same call, same batches): {bucket['samples_per_s']} samples/s, "
+        f"{statistics.median(d_bucket):+.0f} ms a step (median; {sum(d < 0 for d in d_bucket)} of {len(d_bucket)} "
+        f"steps faster): within the noise, so DDP's 25 MB buckets stay the default. What two ranks still add "
+        f"(h200x2-za, ms): one GPU {seg(one_za)}; two, rank 0: {seg(two_za)}; rank 1: "
+        f"{seg(za['train_fast_2gpu']['other_ranks'][0])}. Part of rank 0's longer backward is waiting for "
+        f"rank 1's longer forward: each rank groups its own share of the data by length, so the ranks' batches "
+        f"differ at a step ({100 * step_cost_fit(za['train_fast_2gpu'])['rank_token_balance']:.1f}% token "
+        f"balance). Priced by the one-GPU cost fit ({step_cost_fit(za['train_fast'])['ms_per_1k_tokens']} ms per "
+        f"1,000 tokens), the slower rank's extra tokens cost ~{imbalance_ms(za):.0f} ms a step; the rest of the "
+        f"{1e3 * (two_za['median_interval_s'] - one_za['median_interval_s']):.0f} ms is DDP's and NCCL's work "
+        f"beside the backward. Evening the batches out needs the ranks to plan them together (not built).", "",
+        f"A larger batch on the H100 (h100-za, same call): batch 16 {b16['samples_per_s']} samples/s, "
+        f"{busy(hza, 'train_fast')} busy; batch 20 {b20['samples_per_s']} samples/s "
+        f"({b20['samples_per_s'] / b16['samples_per_s'] - 1:+.1%}), {busy(hza, 'train_fast_big')} busy, "
+        f"{b20['train_peak_gib']} GiB peak ({b20['train_peak_reserved_gib']} reserved) of the H100's 80. This "
+        f"H100 ran batch 16 slower than h100-z's ({res(runs['h100-z'], 'train_fast')['samples_per_s']}; forward "
+        f"{b16['segments_ms']['forward']:g} against {res(runs['h100-z'], 'train_fast')['segments_ms']['forward']:g} "
+        f"ms), and its batch-16 window holds a long step (below). Batch 20 stays an option: the gain is small, "
+        f"memory is near the card's limit, and it does not lift the GPU-busy figure past h100-z's.", "",
+        f"Long steps after the first two, which compile (over twice the median; step index (padded length): "
+        f"seconds; the timed window starts at step 5): "
+        + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in stalls.items()) + ". Runs of the same batches "
+        f"stall at different steps (the two H100 runs at 4 and 6, the two 2-GPU calls' one-GPU phases at 16 and "
+        f"18), so it is not a recompile for a new shape. Each stall leaves the GPU idle for "
+        f"about a second, which costs nvidia-smi's busy figure ~10 points over a 25-step window and the median "
+        f"rate nothing. A likely cause is Python's automatic full garbage collection, which walks every live "
+        f"object (torch.compile's graphs and guards among them): this bench's CPU dry run (the small model, its "
+        f"blocks compiled) logs full collections of 240-370 ms in its first steps; the 3B's were not "
+        f"measured. From this commit, "
+        f"`6_train.py` turns the automatic collector off while training. It collects the young generations every "
+        f"50 steps (`--gc-every`) on every rank at the same step, and everything at evaluations and saves, as "
+        f"torchtitan does. The bench now logs every collection with its step (`gc_collections`). On the GPU this "
+        f"is not measured yet (device time ran out); the next call is `train_fast` against `train_fast_autogc`.", ""]
 
 
 def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "") -> tuple[str, str]:
@@ -478,23 +579,26 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
                         f"{e2} (torchrun, 2 GPUs: {e2 / e1:.2f}x, each rank from its first batch's end to its last; "
                         f"goal 1.9x: met. A whole 1,280-row job: {job1} -> {job2} s, {job1 / job2:.2f}x, as model "
                         "loading and compiling are a fixed cost per job)", u, " (H100s not given)"))
-    s = runs.get("h200x2-y", {})
-    t1, t2, tc = res(s, "train_fast"), res(s, "train_fast_2gpu"), res(s, "train_fast_2gpu_split")
-    if t1 and t2 and tc:
-        fit1, fit2 = step_cost_fit(s["train_fast"]), step_cost_fit(s["train_fast_2gpu"])
+    s, z = runs.get("h200x2-za", {}), runs.get("h200x2-z", {})
+    t1, t2, tb = res(s, "train_fast"), res(s, "train_fast_2gpu"), res(s, "train_fast_2gpu_bucket")
+    z1, z2, zs = res(z, "train_fast"), res(z, "train_fast_2gpu"), res(z, "train_fast_2gpu_stock")
+    if t1 and t2 and z1 and z2 and zs:
         rows.append(row("train 2-GPU scaling", f"{t1['samples_per_s']} samples/s (6_train, 1 GPU, batch 16, 1,024 "
                         "rows)", f"{t2['samples_per_s']} (torchrun, 2 GPUs x 16: "
-                        f"{t2['samples_per_s'] / t1['samples_per_s']:.2f}x; goal 1.9x: not met. With PyTorch's "
-                        f"default cut of each compiled layer at DDP's buckets, same run: {tc['samples_per_s']}, "
-                        f"{tc['samples_per_s'] / t1['samples_per_s']:.2f}x. Two ranks add "
-                        f"~{fit2['fixed_ms'] - fit1['fixed_ms']:.0f} ms to a step, most of it in the backward; "
-                        f"the all-reduce alone is {t2['allreduce_ms']['median_ms']} ms)", s, " (H100s not given)"))
+                        f"{t2['samples_per_s'] / t1['samples_per_s']:.2f}x; goal 1.9x: not met. The same code in "
+                        f"h200x2-z: {z1['samples_per_s']} -> {z2['samples_per_s']}, "
+                        f"{z2['samples_per_s'] / z1['samples_per_s']:.2f}x, against {zs['samples_per_s']} "
+                        f"({zs['samples_per_s'] / z1['samples_per_s']:.2f}x) with DDP as PyTorch sets it up. The "
+                        "ranks' unequal batch lengths explain ~6 ms of the 20-30 ms two ranks add to a step)", s,
+                        " (H100s not given)"))
     r, x = runs.get("h100-s", {}), runs.get("h100-z", {})
     prof_i, prof_t = prof.get("plain") or {}, res(r, "profile_train").get("plain") or {}
     if hf and fast:
         rows.append(row("GPU busy (steady state)", f"nvidia-smi: train {busy(g, 'train_hf')} (infer not sampled)",
                         f"nvidia-smi: infer {busy(h, 'infer_fast')} (h100-q; goal 90%: met), train "
                         f"{busy(x, 'train_fast')} (h100-z; not met; {busy(runs['h100-x'], 'train_fast')} in h100-x; "
+                        f"{busy(runs['h100-za'], 'train_fast')} in h100-za, same code, with a 1.46 s stall in its "
+                        f"window; "
                         f"{busy(runs['h200x2-v'], 'train_fast')} on an H200, h200x2-v); profiler (kernel time / wall): "
                         f"infer "
                         f"{prof_i.get('gpu_busy_pct', '-')}% over 2 batches, one re-capturing a decode graph, "
@@ -511,6 +615,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # train samples/s and GPU busy (h100-z, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,train_hf,train_fast --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=260
+# train 2-GPU scaling, and one bucket (h200x2-za, nvidia-h100-x2, which gave 2 H200s)
+python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast,train_fast_2gpu,train_fast_2gpu_bucket --train-rows 1024 --test-rows 64 --steps 40 --fast-extra "--workers 2" --limits build=60,data=130,train=200
+# train 2-GPU scaling, DDP as PyTorch sets it up against ours (h200x2-z, nvidia-h100-x2, which gave 2 H200s)
+python3 bench/gpu_bench.py --out $OUT --deadline 570 --phases build,data,train_fast,train_fast_2gpu_stock,train_fast_2gpu --train-rows 1024 --test-rows 64 --steps 40 --fast-extra "--workers 2" --limits build=60,data=130,train=200
+# batch 20 against 16 on the H100 (h100-za, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 500 --phases build,data,train_fast,train_fast_big --train-rows 384 --test-rows 64 --steps 30 --fast-big-batch 20 --limits build=60,data=100,train=215
 # train 2-GPU scaling, with and without the compiled-graph cut (h200x2-y, nvidia-h100-x2, which gave 2 H200s)
 python3 bench/gpu_bench.py --out $OUT --deadline 570 --phases build,data,train_fast,train_fast_2gpu,train_fast_2gpu_split --train-rows 1024 --test-rows 64 --steps 40 --fast-extra "--workers 2" --limits build=60,data=130,train=200
 # the same as h100-z with a profile, whose train limit of 180 s cut train_fast mid-run (h100-y, nvidia-h100-x1)
