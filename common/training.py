@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from accelerate.utils import DistributedDataParallelKwargs
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss
 
