@@ -16,7 +16,9 @@ tensor and read once training ends. Peak GPU memory is torch.cuda.max_memory_all
 steps, the weights included; an evaluation's generation is measured apart. The result JSON is written when
 training ends, before 6_train's final evaluation, and again with that evaluation once main() returns.
 `steady_start_epoch`/`steady_end_epoch` bound the timed steps in wall-clock time (time.time()), for matching
-against GPU-utilization samples taken outside.
+against GPU-utilization samples taken outside: the end is when the last step ended on the GPU (until commit
+5783b44 it was when training ended, after the Trainer's closing checkpoint, which moved the window up to ~1.5 s
+past the steps, onto an idle GPU).
 
 Each timed step is also cut at its forward's end, its backward's end (under DDP: after the last gradient
 all-reduce), the gradient clipping's end and the optimizer's end (`segments_ms`, medians; one micro-step per
@@ -153,12 +155,16 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
 
         def on_train_end(self, args, state, control, model=None, **kw):
             gc.callbacks.remove(self.record_gc)
+            now = mark()
             sync()
+            # the wall-clock time the last step ended on the GPU: the Trainer's closing save (and this
+            # callback's own work) come after it, with the GPU idle, and are no part of the steady window
+            last_step_end = time.time() - (seconds(self.ends[-1], now) if self.ends else 0.0)
             if cuda and int(os.environ.get("WORLD_SIZE", 1)) > 1 and model is not None:
                 self.result["allreduce_ms"] = time_allreduce(model)
             self.t_end = self.t_eval_from = time.perf_counter()
             self.summarize(args, state, self.t_end, final=True)
-            self.result["steady_end_epoch"] = time.time()
+            self.result["steady_end_epoch"] = last_step_end
             if len(self.ends) > warmup:
                 self.result["steady_start_epoch"] = self.result["steady_end_epoch"] - seconds(
                     self.ends[warmup - 1] if warmup else self.begins[0], self.ends[-1])

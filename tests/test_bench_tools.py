@@ -85,3 +85,28 @@ def test_step_cost_fit_recovers_the_fixed_and_per_token_cost_of_the_slowest_rank
     expected = sum((a + b) / 2 / max(a, b) for a, b in zip(lengths0[2:], lengths1[2:])) / 10
     assert abs(fit["rank_token_balance"] - round(expected, 3)) < 1e-9
     assert step_cost_fit({"result": {"interval_times_s": [None, 0.3]}}) is None
+
+
+def test_training_timer_window_ends_with_the_last_step_not_the_closing_save(tmp_path):
+    """The GPU-busy window is matched against nvidia-smi samples by wall-clock time: it must cover the timed
+    steps, not the idle seconds of the Trainer's closing checkpoint after them."""
+    import time
+    from types import SimpleNamespace
+
+    from gpu_train_speed import make_timer
+    timer = make_timer(tmp_path / "r.json", {}, warmup=2)
+    args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    state, control = SimpleNamespace(global_step=0), None
+    timer.on_train_begin(args, state, control)
+    for step in range(1, 6):
+        timer.on_step_begin(args, state, control)
+        time.sleep(0.05)
+        state.global_step = step
+        timer.on_step_end(args, state, control)
+    last_step_end = time.time()
+    time.sleep(0.6)  # the closing save
+    timer.on_train_end(args, state, control)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert abs(r["steady_end_epoch"] - last_step_end) < 0.1
+    assert abs((r["steady_end_epoch"] - r["steady_start_epoch"]) - 3 * 0.05) < 0.05  # steps 3-5
+    assert r["timed_steps"] == 3 and r["train_finished"]
