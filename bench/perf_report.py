@@ -55,6 +55,12 @@ def busy(run: dict, phase: str) -> str:
     return " / ".join(f"{v['mean_util_pct']}%" for v in b.values() if v.get("mean_util_pct")) or "-"
 
 
+def busy_moved(run: dict, phase: str) -> str:
+    """GPU busy over the window moved back onto the steps (bench/rewindow_busy.py), where estimated."""
+    b = (run.get(phase) or {}).get("gpu_busy_rewindowed") or {}
+    return " / ".join(f"{v['mean_util_pct']}%" for v in b.values() if v) or ""
+
+
 def step_cost_fit(entry: dict) -> dict | None:
     """A training phase's step-to-step interval fitted as fixed + per-token cost (least squares over the timed
     steps; a step over twice the median, a recompile, is left out). A step's tokens = rows x the longest padded
@@ -88,7 +94,8 @@ def train_rows(label: str, run: dict) -> list[str]:
         wait = (1 - x["samples_per_s"] / x["samples_per_s_compute"]) * 100 if x.get("samples_per_s_compute") else None
         backend = x.get("backend") or x.get("backend_requested")  # unset when the phase was cut after training
         out.append(f"| {label} | {phase} | {backend} | {x.get('samples_per_step')} | **{x['samples_per_s']}** | "
-                   f"{x.get('median_interval_s')} | {x.get('train_peak_gib')} | {busy(run, phase)} | "
+                   f"{x.get('median_interval_s')} | {x.get('train_peak_gib')} | {busy(run, phase)}"
+                   f"{f' [{busy_moved(run, phase)}]' if busy_moved(run, phase) else ''} | "
                    f"{'-' if wait is None else f'{wait:.1f}%'} | {x.get('loss_first', 0):.2f} -> {x.get('loss_last', 0):.2f} |")
     return out
 
@@ -133,7 +140,10 @@ def render(runs: dict[str, dict]) -> str:
         L += train_rows(label, r)
     L += ["", "samples/s = samples per optimizer step / median step-to-step interval (after 5 warm-up steps; the first "
           "steps compile). Data wait = 1 - interval-based / compute-only rate. GPU busy = mean of nvidia-smi's "
-          "utilization.gpu, sampled every 200 ms over the timed steps. From run h100-g on, SDPA no longer uses cuDNN "
+          "utilization.gpu, sampled every 200 ms over the timed steps; before commit 2f1d6b6 that window ended "
+          "after the Trainer's closing checkpoint instead of at the last step, so it took in up to ~1.5 s of idle "
+          "GPU and the figure is low; [in brackets]: the same window moved back to the last busy sample "
+          "(`bench/rewindow_busy.py`, an estimate, for the runs whose samples were kept). From run h100-g on, SDPA no longer uses cuDNN "
           "(see the profile below) and the baseline keeps it (`--cudnn-attention`), as the libraries do by default: its "
           "steps that meet a new length take 2.5 s instead of 0.5 s (median unaffected, mean worse).", ""]
     L += profile_section(runs)
@@ -484,6 +494,16 @@ def ddp_setup_paragraphs(runs: dict[str, dict]) -> list[str]:
     one_za, two_za, bucket = (res(za, p) for p in ("train_fast", "train_fast_2gpu", "train_fast_2gpu_bucket"))
     d_lean, d_bucket = paired_step_ms(stock, lean), paired_step_ms(two_za, bucket)
     b16, b20 = res(hza, "train_fast"), res(hza, "train_fast_big")
+    zb_run = runs.get("h100-zb") or {}
+    zb = res(zb_run, "train_fast_autogc")
+    if not zb:
+        return []
+    full_zb = [ms for step, gen, ms in zb["gc_collections"] if gen == 2]
+    steps_zb = [step for step, gen, ms in zb["gc_collections"] if gen == 2]
+    young_zb = sum(ms for step, gen, ms in zb["gc_collections"]
+                   if gen < 2 and zb["warmup_steps"] <= step < len(zb["step_times_s"]))
+    rz = zb_run["train_fast_autogc"]["gpu_busy_rewindowed"]["gpu0"]
+    zb_busy = f"{busy(zb_run, 'train_fast_autogc')} busy"
     seg = lambda r: ", ".join(f"{k} {v:g}" for k, v in r["segments_ms"].items())  # noqa: E731
     ratio = lambda a, b: f"{a['samples_per_s'] / b['samples_per_s']:.2f}x"  # noqa: E731
     stalls = {f"{label} {phase}": long_steps(res(runs[label], phase)) for label, phase in
@@ -535,11 +555,28 @@ def ddp_setup_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"rate nothing. A likely cause is Python's automatic full garbage collection, which walks every live "
         f"object (torch.compile's graphs and guards among them): this bench's CPU dry run (the small model, its "
         f"blocks compiled) logs full collections of 240-370 ms in its first steps; the 3B's were not "
-        f"measured. From this commit, "
+        f"measured. From commit cdf844a, "
         f"`6_train.py` turns the automatic collector off while training. It collects the young generations every "
         f"50 steps (`--gc-every`) on every rank at the same step, and everything at evaluations and saves, as "
         f"torchtitan does. The bench now logs every collection with its step (`gc_collections`). On the GPU this "
-        f"is not measured yet (device time ran out); the next call is `train_fast` against `train_fast_autogc`.", ""]
+        f"is not measured yet; the next call is `train_fast` against `train_fast_autogc`. One short H100 call "
+        f"(h100-zb, {len(zb['step_times_s'])} steps with the automatic collector on) timed the 3B process's full "
+        f"collections at {min(full_zb):.0f}-{max(full_zb):.0f} ms: the size of the stalls. Its "
+        f"{len(full_zb)} full collections fell at steps {', '.join(str(s) for s in steps_zb)} (0 and 1 compile; "
+        f"{len(zb['step_times_s'])} is after the last step), and none of its steps 2-"
+        f"{len(zb['step_times_s']) - 1} was long: consistent with the cause, not a proof of it. Between full "
+        f"collections it made ~6 young ones a step, {young_zb:.1f} ms in all over its timed steps.", "",
+        f"The GPU-busy window (found with h100-zb): the training timer ended its steady window when training "
+        f"ended, after the Trainer's closing checkpoint, so the nvidia-smi samples matched to it ran past the "
+        f"last step onto an idle GPU: {rz['shift_s']} s in h100-zb, whose {zb_busy} is mostly that tail "
+        f"({rz['util_tail']}). Every training run's busy figure so far is low for the same reason. From commit "
+        f"2f1d6b6 the window ends where the last step ended on the GPU (the gap to the end of training is taken "
+        f"from CUDA events; tested). For the runs of this session, whose samples were kept, `bench/rewindow_busy.py` "
+        f"moves the window back to its last busy sample (an estimate; in brackets in the table): the H100 at "
+        f"batch 16 {busy(hza, 'train_fast')} -> {busy_moved(hza, 'train_fast')} (with its 1.46 s stall), at "
+        f"batch 20 {busy(hza, 'train_fast_big')} -> {busy_moved(hza, 'train_fast_big')}; one H200 "
+        f"{busy(za, 'train_fast')} -> {busy_moved(za, 'train_fast')}. The goal is not claimed on an estimate: the "
+        f"next H100 call measures it with the corrected window.", ""]
 
 
 def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "") -> tuple[str, str]:
@@ -598,7 +635,9 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
                         f"nvidia-smi: infer {busy(h, 'infer_fast')} (h100-q; goal 90%: met), train "
                         f"{busy(x, 'train_fast')} (h100-z; not met; {busy(runs['h100-x'], 'train_fast')} in h100-x; "
                         f"{busy(runs['h100-za'], 'train_fast')} in h100-za, same code, with a 1.46 s stall in its "
-                        f"window; "
+                        f"window, {busy(runs['h100-za'], 'train_fast_big')} at batch 20. These windows ran past the "
+                        f"last step onto the closing save's idle GPU, fixed from commit 2f1d6b6; moved back (an "
+                        f"estimate): {busy_moved(runs['h100-za'], 'train_fast_big')} at batch 20; "
                         f"{busy(runs['h200x2-v'], 'train_fast')} on an H200, h200x2-v); profiler (kernel time / wall): "
                         f"infer "
                         f"{prof_i.get('gpu_busy_pct', '-')}% over 2 batches, one re-capturing a decode graph, "
@@ -619,6 +658,8 @@ python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,train_h
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast,train_fast_2gpu,train_fast_2gpu_bucket --train-rows 1024 --test-rows 64 --steps 40 --fast-extra "--workers 2" --limits build=60,data=130,train=200
 # train 2-GPU scaling, DDP as PyTorch sets it up against ours (h200x2-z, nvidia-h100-x2, which gave 2 H200s)
 python3 bench/gpu_bench.py --out $OUT --deadline 570 --phases build,data,train_fast,train_fast_2gpu_stock,train_fast_2gpu --train-rows 1024 --test-rows 64 --steps 40 --fast-extra "--workers 2" --limits build=60,data=130,train=200
+# the 3B's garbage collections with the automatic collector on (h100-zb, nvidia-h100-x1)
+python3 bench/gpu_bench.py --out $OUT --deadline 330 --phases build,data,train_fast_autogc --train-rows 384 --test-rows 64 --steps 16 --limits build=60,data=100,train=200
 # batch 20 against 16 on the H100 (h100-za, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 500 --phases build,data,train_fast,train_fast_big --train-rows 384 --test-rows 64 --steps 30 --fast-big-batch 20 --limits build=60,data=100,train=215
 # train 2-GPU scaling, with and without the compiled-graph cut (h200x2-y, nvidia-h100-x2, which gave 2 H200s)

@@ -110,3 +110,13 @@ def test_training_timer_window_ends_with_the_last_step_not_the_closing_save(tmp_
     assert abs(r["steady_end_epoch"] - last_step_end) < 0.1
     assert abs((r["steady_end_epoch"] - r["steady_start_epoch"]) - 3 * 0.05) < 0.05  # steps 3-5
     assert r["timed_steps"] == 3 and r["train_finished"]
+
+
+def test_busy_window_moved_back_off_an_idle_tail():
+    from rewindow_busy import rewindow
+    points = [(t / 5, 90 if t < 40 else 0) for t in range(60)]  # 8 s at 90% busy, then an idle save
+    start, end = 2.0, 9.0  # a 7 s window recorded 1 s late
+    moved = rewindow(points, start, end)
+    assert moved["shift_s"] == 1.2 and moved["util_tail"] == [0] * 6  # 8.0 to 9.0 s
+    assert moved["mean_util_pct"] == 90.0
+    assert rewindow(points, 9.0, 11.0) is None  # nothing busy to anchor on
