@@ -24,8 +24,8 @@ Each timed step is also cut at its forward's end, its backward's end (under DDP:
 all-reduce), the gradient clipping's end and the optimizer's end (`segments_ms`, medians; one micro-step per
 step only): the GPU time each part takes, with `handover` = from the previous step's end to this step's begin.
 Under torchrun each rank also times a lone all-reduce of all its trainable gradients (`allreduce_ms`).
-Every garbage collection during training is logged with its step, generation and host ms (`gc_collections`;
-`gc_full_ms_timed`: the full ones' sum over the timed steps).
+Garbage collections during training are logged by step: each full one with its host ms (`gc_full`), the young
+ones counted and summed per step (`gc_young`); `gc_full_ms_timed`: the full ones' sum over the timed steps.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
             self.begins, self.ends, self.after_eval_flags, self.loss_tensors, self.logs, self.evals = \
                 [], [], [], [], [], []
             self.batch_shapes = []  # (rows, padded length) per step: how evenly the ranks' steps cost
-            self.gc_log = []
+            self.gc_full, self.gc_young = [], []
             self.cuts = {"forward": [], "backward": [], "clip": [], "optimizer": []}  # each step's part ends
             self.after_eval = False
             self.train_peak = 0
@@ -106,13 +106,19 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
             self.t_train = time.perf_counter()
 
         def record_gc(self, phase, info):
-            """Each garbage collection during training, on the host: [step (0 = before the first step ends),
-            generation, ms]."""
+            """Garbage collections during training, on the host, by step (0 = before the first step ends):
+            each full one as [step, ms], the young ones (a few a step) as [step, count, ms] per step."""
             if phase == "start":
                 self.gc_start = time.perf_counter()
+                return
+            step, ms = len(self.ends), 1e3 * (time.perf_counter() - self.gc_start)
+            if info["generation"] == 2:
+                self.gc_full.append([step, round(ms, 1)])
+            elif self.gc_young and self.gc_young[-1][0] == step:
+                self.gc_young[-1][1] += 1
+                self.gc_young[-1][2] = round(self.gc_young[-1][2] + ms, 2)
             else:
-                self.gc_log.append([len(self.ends), info["generation"],
-                                    round(1e3 * (time.perf_counter() - self.gc_start), 1)])
+                self.gc_young.append([step, 1, round(ms, 2)])
 
         def on_step_begin(self, args, state, control, **kw):
             self.begins.append(mark())
@@ -193,9 +199,8 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
                 "interval_times_s": [None if x is None else round(x, 3) for x in interval_s],
                 "logged_losses": [x["loss"] for x in self.logs if "loss" in x],
                 "batch_shapes": self.batch_shapes, "rank": int(os.environ.get("RANK", 0)),
-                "gc_collections": self.gc_log,
-                "gc_full_ms_timed": round(sum(ms for step, gen, ms in self.gc_log if gen == 2 and warmup <= step < done),
-                                          1),
+                "gc_full": self.gc_full, "gc_young": self.gc_young,
+                "gc_full_ms_timed": round(sum(ms for step, ms in self.gc_full if warmup <= step < done), 1),
             })
             if final and self.loss_tensors:
                 # each step's own loss (this rank's), read once at the end: reading it per step would sync

@@ -498,10 +498,9 @@ def ddp_setup_paragraphs(runs: dict[str, dict]) -> list[str]:
     zb = res(zb_run, "train_fast_autogc")
     if not zb:
         return []
-    full_zb = [ms for step, gen, ms in zb["gc_collections"] if gen == 2]
-    steps_zb = [step for step, gen, ms in zb["gc_collections"] if gen == 2]
-    young_zb = sum(ms for step, gen, ms in zb["gc_collections"]
-                   if gen < 2 and zb["warmup_steps"] <= step < len(zb["step_times_s"]))
+    full_zb = [ms for step, ms in zb["gc_full"]]
+    steps_zb = [step for step, ms in zb["gc_full"]]
+    young_zb = sum(ms for step, n, ms in zb["gc_young"] if zb["warmup_steps"] <= step < len(zb["step_times_s"]))
     rz = zb_run["train_fast_autogc"]["gpu_busy_rewindowed"]["gpu0"]
     zb_busy = f"{busy(zb_run, 'train_fast_autogc')} busy"
     seg = lambda r: ", ".join(f"{k} {v:g}" for k, v in r["segments_ms"].items())  # noqa: E731
@@ -558,7 +557,7 @@ def ddp_setup_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"measured. From commit cdf844a, "
         f"`6_train.py` turns the automatic collector off while training. It collects the young generations every "
         f"50 steps (`--gc-every`) on every rank at the same step, and everything at evaluations and saves, as "
-        f"torchtitan does. The bench now logs every collection with its step (`gc_collections`). On the GPU this "
+        f"torchtitan does. The bench now logs every collection with its step (`gc_full`, `gc_young`). On the GPU this "
         f"is not measured yet; the next call is `train_fast` against `train_fast_autogc`. One short H100 call "
         f"(h100-zb, {len(zb['step_times_s'])} steps with the automatic collector on) timed the 3B process's full "
         f"collections at {min(full_zb):.0f}-{max(full_zb):.0f} ms: the size of the stalls. Its "
