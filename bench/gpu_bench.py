@@ -119,6 +119,18 @@ class Bench:
         return d if (d / "COMPLETE").exists() else None
 
 
+def util_samples(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """nvidia-smi's samples from UtilSampler's CSV: per GPU index, (epoch seconds, utilization %)."""
+    per_gpu: dict[str, list[tuple[float, float]]] = {}
+    for row in csv.reader(open(path)):
+        try:
+            when = dt.datetime.strptime(row[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            per_gpu.setdefault(row[1].strip(), []).append((when, float(row[2])))
+        except (ValueError, IndexError):
+            continue  # nvidia-smi's occasional "[N/A]" or a cut last line
+    return per_gpu
+
+
 class UtilSampler:
     """nvidia-smi's utilization.gpu (share of time a kernel ran) every 200 ms, to a CSV in OUT."""
 
@@ -133,14 +145,7 @@ class UtilSampler:
     def mean(self, start: float | None, end: float | None) -> dict | None:
         if self.proc is None or not start or not end or not self.path.exists():
             return None
-        per_gpu: dict[str, list[float]] = {}
-        for row in csv.reader(open(self.path)):
-            try:
-                when = dt.datetime.strptime(row[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
-                if start <= when <= end:
-                    per_gpu.setdefault(row[1].strip(), []).append(float(row[2]))
-            except (ValueError, IndexError):
-                continue
+        per_gpu = {k: [u for when, u in v if start <= when <= end] for k, v in util_samples(self.path).items()}
         return {f"gpu{k}": {"mean_util_pct": round(sum(v) / len(v), 1), "samples": len(v)}
                 for k, v in sorted(per_gpu.items()) if v}
 

@@ -12,26 +12,15 @@ the idle samples it moved past, `util_tail`) into bench/gpu_runs/LABEL.json:
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import json
 from pathlib import Path
+
+from gpu_bench import util_samples
 
 RUNS = Path(__file__).resolve().parent / "gpu_runs"
 
 
-def samples(util_csv: Path) -> dict[str, list[tuple[float, int]]]:
-    per_gpu: dict[str, list[tuple[float, int]]] = {}
-    for row in csv.reader(open(util_csv)):
-        try:
-            when = dt.datetime.strptime(row[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
-            per_gpu.setdefault(row[1].strip(), []).append((when, int(row[2])))
-        except (ValueError, IndexError):
-            continue  # nvidia-smi's occasional "[N/A]" or a cut last line
-    return per_gpu
-
-
-def rewindow(points: list[tuple[float, int]], start: float, end: float) -> dict | None:
+def rewindow(points: list[tuple[float, float]], start: float, end: float) -> dict | None:
     inside = [(t, u) for t, u in points if start <= t <= end]
     busy_at = [t for t, u in inside if u >= 50]
     if not busy_at:
@@ -48,7 +37,7 @@ def main() -> None:
     ap.add_argument("util_csv", type=Path)
     a = ap.parse_args()
     path = RUNS / f"{a.label}.json"
-    run, per_gpu = json.loads(path.read_text()), samples(a.util_csv)
+    run, per_gpu = json.loads(path.read_text()), util_samples(a.util_csv)
     for phase, entry in run.items():
         if not phase.startswith("train") or not isinstance(entry, dict) or not entry.get("gpu_busy"):
             continue

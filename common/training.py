@@ -176,7 +176,7 @@ class ScheduledGarbageCollection(TrainerCallback):
     waiting for this one in the next all-reduce (torchtitan schedules its collections for the same reason)."""
 
     def __init__(self, every: int):
-        self.every, self.was_enabled = every, gc.isenabled()
+        self.every, self.was_enabled = every, True  # as found when training begins
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.was_enabled = gc.isenabled()
