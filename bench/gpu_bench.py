@@ -161,7 +161,7 @@ def torchrun(gpus: int) -> list:
 def train_args(b: Bench, name: str, backend: str, batch: int, extra: list) -> list:
     a = b.a
     return ["--work-dir", b.work, "--model", a.model_dir, "--backend", backend, "--batch-size", batch,
-            "--grad-accum", 1, "--max-steps", a.steps, "--eval-steps", 0, "--eval-samples", 16,
+            "--grad-accum", a.grad_accum, "--max-steps", a.steps, "--eval-steps", 0, "--eval-samples", 16,
             # the loss is logged every 10 steps, the stage's default (a log reads it back: one host sync)
             "--eval-batch-size", 16, "--save-steps", 100000, "--workers", 4,
             "--output-dir", b.work / f"train_{name}", "--overwrite",
@@ -212,7 +212,10 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=560, help="seconds for everything")
     ap.add_argument("--train-rows", type=int, default=640)
     ap.add_argument("--test-rows", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per training phase")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step in every training phase (6_train.py's default is 4; 1 "
+                         "is the worst case for 2-GPU scaling: one gradient all-reduce per micro-batch)")
     ap.add_argument("--hf-batch", type=int, default=4)
     ap.add_argument("--fast-batch", type=int, default=16)
     ap.add_argument("--fast-big-batch", type=int, default=20)
