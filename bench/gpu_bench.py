@@ -154,6 +154,15 @@ class UtilSampler:
             self.proc.terminate()
 
 
+def cpu_model() -> str:
+    """The host CPU's model name: training steps are partly launch-bound, so the same GPU runs them at different
+    speeds behind different hosts."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def torchrun(gpus: int) -> list:
     return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", gpus] if gpus > 1 else [PY]
 
@@ -236,6 +245,7 @@ def main() -> None:
                                           "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
            if sampler.proc else "no nvidia-smi",
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "phases": phases, "cpus": os.cpu_count(),
+           "cpu_model": cpu_model(),
            "argv": sys.argv[1:]}
     b.results["env"] = env
     b.save()
