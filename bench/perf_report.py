@@ -635,6 +635,25 @@ def accumulation_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"hold every rank.", ""] + busy_between_hosts(runs)
 
 
+def trace_sentence(run: dict) -> str:
+    """The idle gaps of two training steps traced on an H100 (h100-zg), as a sentence; empty without the trace."""
+    g = run.get("train_trace_gaps")
+    if not g:
+        return ""
+    charged = g["idle_charged_ms"]
+    inside = [c for c in charged if "ompiledFxGraph" in c["host"] or "CompiledFunction" in c["host"]]
+    per_step = g["kernels"] / g["windows"] / 2
+    return (f" A trace of two steps on another H100 (h100-zg, {busy(run, 'train_fast')} busy by nvidia-smi in the "
+            f"same call; `bench/trace_gaps.py`): {g['gpu_busy_pct']}% busy over {g['wall_ms']:.0f} ms, "
+            f"{g['idle_ms']:.0f} ms idle in hundreds of short gaps, the largest charge {charged[0]['ms']:.0f} ms "
+            f"in {charged[0]['gaps']} gaps with no host event; {sum(c['ms'] for c in inside):.0f} ms in "
+            f"{sum(c['gaps'] for c in inside)} gaps fall while the host launches kernels inside the compiled "
+            f"blocks. A step is {per_step:,.0f} kernels, one every {1e3 * g['wall_ms'] / g['kernels']:.0f} us "
+            f"of wall time. The GPU's queue runs dry hundreds of times a step, each time because the host, issuing "
+            f"those kernels one by one, fell behind: no single part is the cause, and a slower host shows as more "
+            f"idle time. Without fewer launches (CUDA graphs) that is the ceiling on these hosts.")
+
+
 def busy_between_hosts(runs: dict[str, dict]) -> list[str]:
     """The training busy figure across H100 calls with the corrected window, and why it moves."""
     calls = [label for label in ("h100-z", "h100-zc", "h100-zd") if res(runs.get(label, {}), "train_fast")]
@@ -647,9 +666,9 @@ def busy_between_hosts(runs: dict[str, dict]) -> list[str]:
                       for label in calls)
     return [
         f"GPU busy between H100s. With the corrected window the same code and the same batches gave "
-        f"{busy(runs['h100-zc'], 'train_fast')} (h100-zc), {busy(runs['h100-zd'], 'train_fast')} (h100-zd) and, at "
-        f"the default accumulation of 4, {busy(runs['h100-ze'], 'train_fast')} (h100-ze): the 90% goal is met in "
-        f"one call of three. The same kernels take different GPU time on different machines (ms, medians, "
+        f"{busy(runs['h100-zc'], 'train_fast')} (h100-zc), {busy(runs['h100-zd'], 'train_fast')} (h100-zd), "
+        f"{busy(runs.get('h100-zg', {}), 'train_fast')} (h100-zg) and, at the default accumulation of 4, "
+        f"{busy(runs['h100-ze'], 'train_fast')} (h100-ze): the 90% goal is met in one call of four. The same kernels take different GPU time on different machines (ms, medians, "
         f"identical batches; h100-z's busy is the old window's): {parts}. h100-zd's steps are "
         f"{statistics.median(d):+.0f} ms (median; {sum(x > 0 for x in d)} of {len(d)} slower) against h100-zc's. "
         f"A forward's GPU time includes the gaps where the GPU waited for the host to launch the next kernels, so "
@@ -658,7 +677,7 @@ def busy_between_hosts(runs: dict[str, dict]) -> list[str]:
         f"host. Kernels launched one by one from eager code between the compiled blocks are what a slow host "
         f"delays. What would lift the figure on any host is fewer launches: CUDA graphs over the compiled "
         f"blocks, which need a fixed set of padded lengths (not built; each length's graph holds its own "
-        f"activation memory). /proc/cpuinfo names the hosts only as "
+        f"activation memory).{trace_sentence(runs.get('h100-zg', {}))} /proc/cpuinfo names the hosts only as "
         f"\"{runs['h100-zf']['env'].get('cpu_model', 'unknown') if 'h100-zf' in runs else 'unknown'}\" (recorded "
         f"from commit ce5c2b2), so the bench cannot tell them apart by name.", ""]
 
@@ -724,7 +743,8 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
                         f"nvidia-smi: infer {busy(h, 'infer_fast')} (h100-q; {busy(now, 'infer_fast')} in h100-zf; "
                         f"goal 90%: met), train {busy(g, 'train_fast')} (goal 90%: not met in this run; the same code "
                         f"on other H100s: {busy(x, 'train_fast')} in h100-zc, {busy(x, 'train_fast_big')} there at "
-                        f"batch 20, {busy(acc, 'train_fast')} at the default accumulation of 4 in h100-ze; "
+                        f"batch 20, {busy(runs.get('h100-zg', {}), 'train_fast')} in h100-zg, {busy(acc, 'train_fast')} at the "
+                        f"default accumulation of 4 in h100-ze; "
                         f"{busy(d, 'train_fast')} on an H200 at the default accumulation, h200x2-zb: the steps are "
                         f"partly launch-bound, so the figure follows the host). Training windows before commit 2f1d6b6 "
                         f"ran past the last step onto the closing save's idle GPU: 88.5% in h100-z is low for that "
@@ -750,6 +770,9 @@ python3 bench/gpu_bench.py --out $OUT --deadline 555 --phases build,data,train_f
 python3 bench/gpu_bench.py --out $OUT --deadline 500 --phases build,data,train_hf,train_fast --train-rows 384 --test-rows 64 --steps 15 --grad-accum 4 --limits build=60,data=100,train=260
 # GPU busy with the corrected window, the garbage-collection A/B and batch 20 (h100-zc, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,train_fast,train_fast_autogc,train_fast_big --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=180
+# GPU busy and a trace of two training steps (h100-zg, nvidia-h100-x1; profile_train timed out in its pass with
+# stacks, after the plain trace was written: bench/trace_gaps.py train_trace.json.gz --window train_unit)
+python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,profile_train,train_fast --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=190,profile_train=150
 # infer samples/s at a later commit (h100-zf, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 480 --phases build,data,infer_plain,infer_fast,infer_fast_generate --train-rows 128 --test-rows 1024 --limits build=60,data=130,train=200,infer=100,infer_plain=130
 # train 2-GPU scaling, and one bucket (h200x2-za, nvidia-h100-x2, which gave 2 H200s)
