@@ -57,6 +57,10 @@ class TrainOptions:
                                         choices=["bucketed", "sdpa"])
     compile: str = options.opt("torch.compile each block: auto (GPU: all, or vision under Unsloth; CPU: none), "
                                "none, vision, all", "auto", choices=["auto", "none", "vision", "all"])
+    padding_mask: bool = options.opt("mask the padding in training attention (a 4-D mask: SDPA's memory-efficient "
+                                     "kernel). Off: causal attention alone, exact for right-padded batches (padding "
+                                     "follows every real token), so SDPA may pick its flash kernel; hf backend. Not "
+                                     "yet measured on a GPU", True)
     cudnn_attention: bool = options.opt("let attention use cuDNN (PyTorch's pick on an H100): it builds a plan for "
                                         "every new sequence length, which varying lengths pay again and again", False)
     group_by_length: bool = options.opt("batch samples of similar length together: less padding on a GPU, but "
@@ -242,7 +246,8 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
                                               host_ids=host_ids)}
     trainer = PriceTrainer(model=model, args=training_arguments(cfg, max_steps, torch.cuda.is_available()),
                            train_dataset=train_ds, eval_dataset=val_ds,
-                           data_collator=for_tokenizer(tokenizer, drop_images=cfg.text_only, host_ids=host_ids),
+                           data_collator=for_tokenizer(tokenizer, drop_images=cfg.text_only, host_ids=host_ids,
+                                                       padding_mask=cfg.padding_mask),
                            loader_options={"num_workers": cfg.workers, "pin_memory": cfg.pin_memory,
                                            "persistent_workers": cfg.persistent_workers,
                                            "prefetch_factor": cfg.prefetch_factor},

@@ -17,6 +17,7 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   train_fast_2gpu_split   the same with --ddp-split-graphs: compiled blocks cut at DDP's bucket edges        }
   train_fast_big   train_fast at batch --fast-big-batch                                                       }
   train_fast_autogc  train_fast with --gc-every 0: Python's automatic garbage collector left on              }
+  train_fast_causal  train_fast with --no-padding-mask: causal attention alone, no 4-D padding mask (flash)   }
   train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
   train_unsloth16  6_train.py --backend unsloth --no-load-in-4bit (bf16 base), batch --unsloth-batch
   vision           bench/gpu_vision_speed.py: vision tower and prefill, per-window against bucketed
@@ -51,7 +52,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_2gpu",
+ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_causal",
+       "train_fast_2gpu",
        "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16",
        "vision", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate",
        "infer_fast_mlp", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
@@ -268,6 +270,7 @@ def main() -> None:
     trains = {"train_hf": ("hf", a.hf_batch, LIBRARY_DEFAULTS, 1), "train_fast": ("hf", a.fast_batch, fast, 1),
               "train_fast_big": ("hf", a.fast_big_batch, fast, 1),
               "train_fast_autogc": ("hf", a.fast_batch, [*fast, "--gc-every", 0], 1),
+              "train_fast_causal": ("hf", a.fast_batch, [*fast, "--no-padding-mask"], 1),
               "train_fast_2gpu": ("hf", a.fast_batch, fast, 2),
               "train_fast_2gpu_stock": ("hf", a.fast_batch, [*fast, "--ddp-broadcast-buffers",
                                                              "--no-ddp-grads-in-buckets"], 2),

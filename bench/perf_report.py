@@ -264,6 +264,13 @@ def render(runs: dict[str, dict]) -> str:
               "the 20-30 ms two ranks add per all-reduce spread over four micro-batches: ~1.95x | 2 H200s "
               "(h200x2-zb, same call): 48.51 -> 97.62 samples/s, 2.01x; step by step -7 ms (median) against one GPU "
               "| default since the first release; the 2-GPU headline is now measured at it |",
+              "| training attention without the padding mask (`--no-padding-mask`): causal alone, exact for "
+              "right-padded batches | h100-zg's trace of two steps (841 ms): the language model's padded batches ran "
+              "SDPA's memory-efficient kernels (a 4-D mask rules out flash), 72 forward calls in 31.5 ms and 72 "
+              "backward in 82.7 ms; its 36 flash calls in the same trace (head dim 128, a batch without padding) "
+              "took 0.19 ms a forward against 0.44 and 0.59 ms a backward against 1.15: ~58 ms of the 841, ~7% | CPU only (small model, same batches, bench CPU dry run): same losses, 21.4 -> 22.25 "
+              "samples/s, within the noise; same loss and gradients on the tiny model (test). GPU: phase "
+              "`train_fast_causal`, not run (device time ran out) | no: option until measured |",
               f"| what 120 samples/s needs | - | the prefill alone is 686 ms per 64 rows (h100-q, ~93 samples/s if "
               f"nothing else ran), GPU-bound at ~95% busy; the language model's eager prefill runs {lm_only:.0f} "
               f"samples/s at 608 tokens. `bench/prefill_flops.py`: a batch of 64 at 615 padded tokens is 308 TFLOP "

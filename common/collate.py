@@ -36,6 +36,10 @@ class Collator:
     vision_start_id: int = -1
     vision_end_id: int = -1
     host_ids: HostLayout | None = None  # set: add position ids and vision indices built here, on the host
+    # Training, right padding, host ids: False gives no padding mask, so attention is causal alone. Padding follows
+    # every real token of its row, so no real token attends to it: the same outputs at every real position, the
+    # same loss and gradients, and SDPA may use its flash kernel, which takes no mask.
+    padding_mask: bool = True
 
     def without_image(self, s: dict) -> dict:
         """The sample as a text-only chat would have encoded it (vision span cut, answer shifted)."""
@@ -89,7 +93,7 @@ class Collator:
         if self.host_ids is not None:
             batch.update(self.host_built(samples, columns, longest, batch.get("image_grid_thw")))
             if self.with_labels and self.padding_side == "right":
-                if bool(mask.all()):
+                if not self.padding_mask or bool(mask.all()):
                     del batch["attention_mask"]
                 else:
                     batch["attention_mask"] = causal_padding_mask(mask)
@@ -129,9 +133,9 @@ def check_image_tokens(sample: dict, layout: HostLayout) -> None:
 
 
 def for_tokenizer(tokenizer, padding_side: str = "right", with_labels: bool = True,
-                  drop_images: bool = False, host_ids: HostLayout | None = None) -> Collator:
+                  drop_images: bool = False, host_ids: HostLayout | None = None, padding_mask: bool = True) -> Collator:
     ids = tokenizer.convert_tokens_to_ids
     return Collator(pad_id=tokenizer.pad_token_id, image_token_id=ids("<|image_pad|>"), end_id=ids("<|im_end|>"),
                     vocab_size=tokenizer.vocab_size, padding_side=padding_side, with_labels=with_labels,
                     drop_images=drop_images, vision_start_id=ids("<|vision_start|>"),
-                    vision_end_id=ids("<|vision_end|>"), host_ids=host_ids)
+                    vision_end_id=ids("<|vision_end|>"), host_ids=host_ids, padding_mask=padding_mask)

@@ -505,3 +505,31 @@ def test_training_collator_drops_a_needless_mask_and_names_a_sample_with_wrong_i
     broken = dict(sample, input_ids=torch.cat([sample["input_ids"][:cut], sample["input_ids"][cut + 1:]]))
     with pytest.raises(ValueError, match=f"sample {sample['sample_id']}: .* image tokens"):
         check_image_tokens(broken, layout)
+
+
+def test_causal_attention_alone_gives_a_right_padded_batch_the_same_loss_and_gradients(tiny_model_dir,
+                                                                                       encoded_demo):
+    """--no-padding-mask: the collator leaves the padding mask out of a right-padded training batch, so attention is
+    causal alone (SDPA's flash kernel takes no mask); padding follows every real token, so nothing real changes."""
+    from common.modeling import skip_image_readbacks
+    from common.positions import HostLayout
+    from common.predict import with_normalized_pixels
+    model = tiny(tiny_model_dir, lora=True)
+    skip_image_readbacks(model)
+    layout = HostLayout.from_model(model)
+    masked = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout), None)
+    causal = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout, padding_mask=False), None)
+    assert masked["attention_mask"].ndim == 4 and "attention_mask" not in causal
+    assert (masked["attention_mask"][:, 0, -1].sum(-1) < masked["input_ids"].shape[1]).any()  # some row is padded, so the two batches attend differently at its padding
+    assert torch.equal(masked["input_ids"], causal["input_ids"]) and torch.equal(masked["labels"], causal["labels"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss  # logits at every position: padding's labels are ignored
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    want, got = loss_and_grads(masked), loss_and_grads(causal)
+    assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
