@@ -239,6 +239,9 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
     host_ids = HostLayout.from_model(model) if backend == "hf" else None
     if host_ids is not None:
         skip_image_readbacks(model)  # the collator checks each sample's image tokens instead
+    elif not cfg.padding_mask:
+        logging.getLogger("train").warning("--no-padding-mask applies to the transformers backend only; %s builds "
+                                           "its own mask", backend)
     median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
     eval_options = {"tokenizer": tokenizer, "dataset": val_ds, "median": median, "max_samples": cfg.eval_samples,
                     "batch_size": cfg.eval_batch_size, "spec": spec, "host_positions": backend == "hf",

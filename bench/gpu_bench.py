@@ -53,8 +53,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_causal",
-       "train_fast_2gpu",
-       "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16",
+       "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth",
+       "train_unsloth16",
        "vision", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate",
        "infer_fast_mlp", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
 # the baseline: what transformers + peft do out of the box

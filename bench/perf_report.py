@@ -560,8 +560,8 @@ def ddp_setup_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"{b16['segments_ms']['forward']:g} against {res(runs['h100-z'], 'train_fast')['segments_ms']['forward']:g} "
         f"ms), and its batch-16 window holds a long step (below). Batch 20 stays an option: the gain is small, "
         f"memory is near the card's limit, and it does not lift the GPU-busy figure past h100-z's.", "",
-        f"Long steps after the first two, which compile (over twice the median; step index (padded length): "
-        f"seconds; the timed window starts at step 5): "
+        "Long steps after the first two, which compile (over twice the median; step index (padded length): "
+        "seconds; the timed window starts at step 5): "
         + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in stalls.items()) + ". Runs of the same batches "
         f"stall at different steps (the two H100 runs at 4 and 6, the two 2-GPU calls' one-GPU phases at 16 and "
         f"18), so it is not a recompile for a new shape. Each stall leaves the GPU idle for "

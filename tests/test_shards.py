@@ -101,7 +101,7 @@ def test_a_partial_temp_shard_is_never_read(encoded_demo, tmp_path):
     expected = stream_ids(folder, spec)
     first = load_index(folder)["shards"][0]["name"]
     (folder / f".{first}.x.tmp").write_bytes((folder / first).read_bytes())      # a finished-looking temp
-    (folder / f".validation-shard-000009.tar.y.tmp").write_bytes(b"\0" * 700)   # a partial one
+    (folder / ".validation-shard-000009.tar.y.tmp").write_bytes(b"\0" * 700)   # a partial one
     assert stream_ids(folder, spec) == expected
     ds = IndexableWebDataset(folder, spec)
     assert [ds[i]["sample_id"] for i in range(len(ds))] == expected
