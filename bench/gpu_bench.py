@@ -54,9 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_causal",
        "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth",
-       "train_unsloth16",
-       "vision", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate",
-       "infer_fast_mlp", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
+       "train_unsloth16", "vision", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big",
+       "infer_fast_generate", "infer_fast_mlp", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",
                     "--cudnn-attention"]
@@ -159,10 +158,10 @@ class UtilSampler:
 def cpu_model() -> str:
     """The host CPU's model name: training steps are partly launch-bound, so the same GPU runs them at different
     speeds behind different hosts."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
+             if line.startswith("model name")]
+    return names[0] if names else "unknown"
 
 
 def torchrun(gpus: int) -> list:

@@ -412,6 +412,15 @@ def bench_timing_paragraphs(runs: dict[str, dict]) -> list[str]:
         accumulation_paragraphs(runs)
 
 
+def seg(result: dict) -> str:
+    """A step's parts, 'forward 180.1, backward 140.2, ...' (ms, medians)."""
+    return ", ".join(f"{k} {v:g}" for k, v in result["segments_ms"].items())
+
+
+def ratio(faster: dict, base: dict) -> str:
+    return f"{faster['samples_per_s'] / base['samples_per_s']:.2f}x"
+
+
 def paired_step_ms(base: dict, variant: dict) -> list[float]:
     """variant minus base, ms, step by step over the timed steps of two runs over the same batches; a step over
     twice base's median in either run (a recompile) is left out."""
@@ -430,7 +439,6 @@ def step_parts_paragraphs(runs: dict[str, dict]) -> list[str]:
     rank1 = y["train_fast_2gpu"]["other_ranks"][0]
     fit1, fit2, fit_cut = (step_cost_fit(y[p]) for p in ("train_fast", "train_fast_2gpu", "train_fast_2gpu_split"))
     paired = paired_step_ms(two, cut)
-    seg = lambda r: ", ".join(f"{k} {v:g}" for k, v in r["segments_ms"].items())  # noqa: E731
     h1, hx = res(z, "train_fast"), res(runs["h100-x"], "train_fast")
     h100_paired = paired_step_ms(hx, h1)
     return [
@@ -518,8 +526,6 @@ def ddp_setup_paragraphs(runs: dict[str, dict]) -> list[str]:
     young_zb = sum(ms for step, n, ms in zb["gc_young"] if zb["warmup_steps"] <= step < len(zb["step_times_s"]))
     rz = zb_run["train_fast_autogc"]["gpu_busy_rewindowed"]["gpu0"]
     zb_busy = f"{busy(zb_run, 'train_fast_autogc')} busy"
-    seg = lambda r: ", ".join(f"{k} {v:g}" for k, v in r["segments_ms"].items())  # noqa: E731
-    ratio = lambda a, b: f"{a['samples_per_s'] / b['samples_per_s']:.2f}x"  # noqa: E731
     stalls = {f"{label} {phase}": long_steps(res(runs[label], phase)) for label, phase in
               (("h100-z", "train_fast"), ("h200x2-z", "train_fast"), ("h200x2-za", "train_fast"),
                ("h100-za", "train_fast"))}
@@ -649,7 +655,7 @@ def trace_sentence(run: dict) -> str:
         return ""
     charged = g["idle_charged_ms"]
     inside = [c for c in charged if "ompiledFxGraph" in c["host"] or "CompiledFunction" in c["host"]]
-    per_step = g["kernels"] / g["windows"] / 2
+    per_step = g["kernels"] / g["windows"] / 2  # one window of 2 steps: gpu_profile.py's --units default
     return (f" A trace of two steps on another H100 (h100-zg, {busy(run, 'train_fast')} busy by nvidia-smi in the "
             f"same call; `bench/trace_gaps.py`): {g['gpu_busy_pct']}% busy over {g['wall_ms']:.0f} ms, "
             f"{g['idle_ms']:.0f} ms idle in hundreds of short gaps, the largest charge {charged[0]['ms']:.0f} ms "
@@ -735,7 +741,6 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
     t1, t2 = res(s, "train_fast"), res(s, "train_fast_2gpu")
     z1, z2, zs = res(z, "train_fast"), res(z, "train_fast_2gpu"), res(z, "train_fast_2gpu_stock")
     if d1 and d2 and t1 and t2 and z1 and z2 and zs:
-        ratio = lambda two, one: f"{two['samples_per_s'] / one['samples_per_s']:.2f}x"  # noqa: E731
         rows.append(row("train 2-GPU scaling", f"{d1['samples_per_s']} samples/s (6_train, 1 GPU, batch 16, 4 "
                         "micro-batches a step: the default)", f"{d2['samples_per_s']} (torchrun, 2 GPUs x 16 x 4: "
                         f"{ratio(d2, d1)}; goal 1.9x: met at the default accumulation. With an all-reduce after "
