@@ -17,10 +17,11 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   train_fast_2gpu_split   the same with --ddp-split-graphs: compiled blocks cut at DDP's bucket edges        }
   train_fast_big   train_fast at batch --fast-big-batch                                                       }
   train_fast_autogc  train_fast with --gc-every 0: Python's automatic garbage collector left on              }
-  train_fast_causal  train_fast with --no-padding-mask: causal attention alone, no 4-D padding mask (flash)   }
+  train_fast_masked  train_fast with --padding-mask: a 4-D padding mask (SDPA's memory-efficient kernel)      }
   train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
   train_unsloth16  6_train.py --backend unsloth --no-load-in-4bit (bf16 base), batch --unsloth-batch
   vision           bench/gpu_vision_speed.py: vision tower and prefill, per-window against bucketed
+  floor            bench/gpu_prefill_floor.py: an inference prefill's matmuls and attention alone, bf16 and FP8
   infer_plain      baseline: a plain transformers generate loop, batch 64, train_hf's adapter  } bench/gpu_
   infer_fast       ours: 7_infer.py, its defaults, batch --infer-batch, same adapter           } infer_speed
   infer_fast_2gpu  ours under torchrun --nproc_per_node 2                                      } .py
@@ -52,9 +53,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_causal",
+ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_masked",
        "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth",
-       "train_unsloth16", "vision", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big",
+       "train_unsloth16", "vision", "floor", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big",
        "infer_fast_generate", "infer_fast_mlp", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",
@@ -269,7 +270,7 @@ def main() -> None:
     trains = {"train_hf": ("hf", a.hf_batch, LIBRARY_DEFAULTS, 1), "train_fast": ("hf", a.fast_batch, fast, 1),
               "train_fast_big": ("hf", a.fast_big_batch, fast, 1),
               "train_fast_autogc": ("hf", a.fast_batch, [*fast, "--gc-every", 0], 1),
-              "train_fast_causal": ("hf", a.fast_batch, [*fast, "--no-padding-mask"], 1),
+              "train_fast_masked": ("hf", a.fast_batch, [*fast, "--padding-mask"], 1),
               "train_fast_2gpu": ("hf", a.fast_batch, fast, 2),
               "train_fast_2gpu_stock": ("hf", a.fast_batch, [*fast, "--ddp-broadcast-buffers",
                                                              "--no-ddp-grads-in-buckets"], 2),
@@ -294,6 +295,11 @@ def main() -> None:
         res = a.root / "vision.json"
         b.run("vision", [PY, "bench/gpu_vision_speed.py", "--model", a.model_dir, "--result", res], "vision.log",
               limits["vision"], res, min_needed=45)
+
+    def floor(name: str) -> None:
+        res = a.root / "floor.json"
+        b.run("floor", [PY, "bench/gpu_prefill_floor.py", "--result", res], "floor.log", limits.get("floor", 90), res,
+              min_needed=30)
 
     def infer(name: str) -> None:
         adapter = b.adapter("hf")
@@ -337,6 +343,8 @@ def main() -> None:
             train(name)
         elif name == "vision":
             vision(name)
+        elif name == "floor":
+            floor(name)
         elif name.startswith("infer_"):
             infer(name)
         elif name.startswith("profile_"):
@@ -347,6 +355,8 @@ def main() -> None:
                       for k, v in b.results.items() if isinstance(v, dict) and "status" in v}, indent=1), flush=True)
     for k, v in b.results.items():
         x = (v.get("result") if isinstance(v, dict) else None) or {}
+        if isinstance(x, dict) and "summary" in x and k == "floor":
+            print("SUMMARY floor", json.dumps(x["summary"]), flush=True)
         if isinstance(x, dict) and ("samples_per_s" in x or "tower_speedup" in x):
             keys = ("samples_per_s", "samples_per_s_compute", "median_interval_s", "train_peak_gib", "loss_first",
                     "loss_last", "generate_samples_per_s", "peak_gib", "tower_speedup", "prefill_samples_per_s_sdpa",

@@ -176,3 +176,13 @@ def test_a_nan_on_one_rank_stops_every_rank(bad_rank):
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
     assert [o.strip().splitlines()[-1] for o, _ in outs] == [f"RESULT {bad_rank >= 0}"] * 2
+
+
+@pytest.mark.parametrize("stage", ["1_download.py", "2_resize.py", "3_create_jsonl.py", "4_preprocess.py",
+                                   "5_convert.py", "6_train.py", "7_infer.py"])
+def test_every_stage_explains_its_options(stage):
+    """--help renders every option's text (argparse formats it with %, so a stray percent sign breaks it)."""
+    done = run_script(stage, "--help", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--work-dir" in done.stdout
+    assert "reads" in done.stdout.lower(), done.stdout[:500]  # the stage's docstring: what it reads and writes
