@@ -51,6 +51,8 @@ class InferOptions:
                                         choices=["bucketed", "sdpa"])
     cudnn_attention: bool = options.opt("let attention use cuDNN (PyTorch's pick on an H100): it builds a plan for "
                                         "every new sequence length, and each decode step is one", False)
+    vision_mlp_multiple: int = options.opt("zero-pad the vision tower's MLP width to a multiple of this (3B: 3,420 -> "
+                                           "3,456), so its GEMMs run aligned (exact; hf backend; 0: off)", 128)
     decode: str = options.opt("auto (graphs on a GPU with the hf backend, else generate), generate (the library's "
                               "loop), static (a static KV cache, eager), graphs (static, each decode step one "
                               "CUDA-graph replay)", "auto", choices=["auto", "generate", "static", "graphs"])
@@ -60,6 +62,8 @@ class InferOptions:
         out = []
         if self.batch_size < 1 or self.flush_every < 1 or self.sort_window < 1:
             out.append("--batch-size, --flush-every and --sort-window must be >= 1")
+        if self.vision_mlp_multiple < 0:
+            out.append("--vision-mlp-multiple must be >= 0")
         if self.decode in ("static", "graphs"):
             from common.modeling import pick_backend
             if pick_backend(self.backend) != "hf":
@@ -120,7 +124,7 @@ def main(cfg: InferOptions) -> dict:
     from common.encode import ImageSpec
     from common.inference import merge, read_parts, run_predictions, write_predictions_csv
     from common.modeling import (bind_local_gpu, compile_blocks, load_for_inference, load_tokenizer, make_decoder,
-                                 resolve_model, use_cudnn_attention)
+                                 pad_vision_mlp, resolve_model, use_cudnn_attention)
     from common.positions import HostLayout
     from common.vision_attention import use_bucketed_vision_attention
     log = logs.setup("infer")
@@ -140,6 +144,8 @@ def main(cfg: InferOptions) -> dict:
     model, backend = load_for_inference(base, adapter, cfg.backend)
     if cfg.vision_attention == "bucketed":
         use_bucketed_vision_attention(model)
+    if backend == "hf":
+        pad_vision_mlp(model, cfg.vision_mlp_multiple)  # before compiling: the blocks compile with its shapes
     which = cfg.compile
     if which == "auto":  # the language model decodes token by token with a growing cache: vision blocks only
         which = "vision" if torch.cuda.is_available() else "none"

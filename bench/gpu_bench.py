@@ -18,6 +18,7 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   train_fast_big   train_fast at batch --fast-big-batch                                                       }
   train_fast_autogc  train_fast with --gc-every 0: Python's automatic garbage collector left on              }
   train_fast_masked  train_fast with --padding-mask: a 4-D padding mask (SDPA's memory-efficient kernel)      }
+  train_fast_unpadded  train_fast with --vision-mlp-multiple 0: the vision MLP's width as the model has it    }
   train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
   train_unsloth16  6_train.py --backend unsloth --no-load-in-4bit (bf16 base), batch --unsloth-batch
   vision           bench/gpu_vision_speed.py: vision tower and prefill, per-window against bucketed
@@ -28,6 +29,7 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   infer_fast_big   ours at batch --infer-big-batch (decode steps cost about the same at any batch)  }
   infer_fast_generate  infer_fast with --decode generate (the library's decode loop instead of CUDA graphs)  }
   infer_fast_mlp   infer_fast with --compile vision+mlp (the language model's MLPs and norms compiled too)     }
+  infer_fast_unpadded  infer_fast with --vision-mlp-multiple 0 (the vision MLP's width as the model has it)   }
   infer_free       7_infer.py --no-constrained (prediction equality with the plain loop)
   profile_train    bench/gpu_profile.py: train_fast's run with steps profiled (GPU busy, idle gaps, syncs)
   profile_infer    bench/gpu_profile.py: infer_fast's run with batches profiled
@@ -54,9 +56,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_masked",
-       "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth",
-       "train_unsloth16", "vision", "floor", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big",
-       "infer_fast_generate", "infer_fast_mlp", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
+       "train_fast_unpadded", "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket",
+       "train_fast_2gpu_split", "train_unsloth", "train_unsloth16", "vision", "floor", "infer_plain", "infer_fast",
+       "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate", "infer_fast_mlp", "infer_fast_unpadded",
+       "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
+LIMITS = {"build": 120, "data": 120, "train": 150, "train_unsloth": 260, "vision": 120, "floor": 90, "infer": 110}
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",
                     "--cudnn-attention"]
@@ -199,7 +203,7 @@ def compare(b: Bench) -> None:
     out = {}
     for x, y in [("infer_plain", "infer_free"), ("infer_plain", "infer_fast"), ("infer_fast", "infer_fast_2gpu"),
                  ("infer_fast", "infer_fast_big"), ("infer_fast_generate", "infer_fast"),
-                 ("infer_fast", "infer_fast_mlp")]:
+                 ("infer_fast", "infer_fast_mlp"), ("infer_fast", "infer_fast_unpadded")]:
         px, py = got.get(x, {}).get("predictions"), got.get(y, {}).get("predictions")
         if not px or not py:
             continue
@@ -234,9 +238,10 @@ def main() -> None:
     ap.add_argument("--infer-batch", type=int, default=64)
     ap.add_argument("--infer-big-batch", type=int, default=256)
     ap.add_argument("--fast-extra", default="", help="extra 6_train.py options for train_fast*, e.g. '--compile none'")
-    ap.add_argument("--limits", default="build=120,data=120,train=150,train_unsloth=260,vision=120,infer=110")
+    ap.add_argument("--limits", default="", help="seconds per phase or group (build, data, train, infer, vision, "
+                    "floor, or a phase's name), e.g. 'train=200,infer_plain=130'; the rest keep their defaults")
     a = ap.parse_args()
-    limits = {k: float(v) for k, v in (x.split("=") for x in a.limits.split(","))}
+    limits = {**LIMITS, **{k: float(v) for k, v in (x.split("=") for x in a.limits.split(",") if x)}}
     b = Bench(a)
     phases = a.phases.split(",")
     unknown = sorted(set(phases) - set(ALL))
@@ -271,6 +276,7 @@ def main() -> None:
               "train_fast_big": ("hf", a.fast_big_batch, fast, 1),
               "train_fast_autogc": ("hf", a.fast_batch, [*fast, "--gc-every", 0], 1),
               "train_fast_masked": ("hf", a.fast_batch, [*fast, "--padding-mask"], 1),
+              "train_fast_unpadded": ("hf", a.fast_batch, [*fast, "--vision-mlp-multiple", 0], 1),
               "train_fast_2gpu": ("hf", a.fast_batch, fast, 2),
               "train_fast_2gpu_stock": ("hf", a.fast_batch, [*fast, "--ddp-broadcast-buffers",
                                                              "--no-ddp-grads-in-buckets"], 2),
@@ -298,7 +304,7 @@ def main() -> None:
 
     def floor(name: str) -> None:
         res = a.root / "floor.json"
-        b.run("floor", [PY, "bench/gpu_prefill_floor.py", "--result", res], "floor.log", limits.get("floor", 90), res,
+        b.run("floor", [PY, "bench/gpu_prefill_floor.py", "--result", res], "floor.log", limits["floor"], res,
               min_needed=30)
 
     def infer(name: str) -> None:
@@ -313,6 +319,8 @@ def main() -> None:
                                                                            ["--decode", "generate"])]),
             "infer_fast_mlp": (1, ["seven", "--", *infer_seven_args(b, "fast_mlp", adapter, a.infer_batch,
                                                                       ["--compile", "vision+mlp"])]),
+            "infer_fast_unpadded": (1, ["seven", "--", *infer_seven_args(b, "fast_unpadded", adapter, a.infer_batch,
+                                                                           ["--vision-mlp-multiple", 0])]),
             "infer_free": (1, ["seven", "--", *infer_seven_args(b, "free", adapter, 64, ["--no-constrained"])]),
         }[name]
         res = a.root / f"{name}.json"

@@ -6,7 +6,9 @@ per Qwen2.5-VL-3B's config (bench/gpu_build_model.py): in the vision tower the p
 qkv / proj / gate / up / down and the merger; in the language model 36 layers of q / k / v / o / gate / up / down
 and the LM head on each row's last token. Each of these GEMMs is timed with cuBLAS in bf16 (biases where the
 model has them), then in FP8 (e4m3, a scale per row and per column: torch._scaled_mm, the GEMM alone, without
-quantizing its input or adding a bias: what an FP8 prefill's matmuls could not go below). Attention: SDPA as
+quantizing its input or adding a bias, K and N padded to multiples of 16: what an FP8 prefill's matmuls could not
+go below). The vision MLP is timed as 7_infer.py runs it (width zero-padded to 3,456) and as the model has it
+(3,420). Attention: SDPA as
 the pipeline calls it (cuDNN off): causal with grouped key/value heads in the language model, 64-patch windows
 and four full-attention blocks in the tower.
 
@@ -28,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_build_model import config  # noqa: E402
 
 
-def gemm_shapes(rows: int, prompt_tokens: int, image_px: int = 448) -> list[dict]:
-    """(part, M, K, N, bias, calls per batch) of every linear layer in a prefill."""
+def gemm_shapes(rows: int, prompt_tokens: int, image_px: int = 448, vision_mlp_multiple: int = 128) -> list[dict]:
+    """(part, M, K, N, bias, calls per batch) of every linear layer in a prefill, the vision MLP's width padded to
+    a multiple of vision_mlp_multiple as 7_infer.py pads it (common.modeling.pad_vision_mlp; 1: as the model
+    has it)."""
     cfg = config("3b")
     t, v = cfg.text_config, cfg.vision_config
     tokens = rows * prompt_tokens
@@ -37,7 +41,8 @@ def gemm_shapes(rows: int, prompt_tokens: int, image_px: int = 448) -> list[dict
     merged = patches // v.spatial_merge_size ** 2
     kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
     d, ff, L = t.hidden_size, t.intermediate_size, t.num_hidden_layers
-    vd, vff, vL = v.hidden_size, v.intermediate_size, v.depth
+    vd, vL = v.hidden_size, v.depth
+    vff = -(-v.intermediate_size // vision_mlp_multiple) * vision_mlp_multiple
     mm = vd * v.spatial_merge_size ** 2
     rows_of = [
         ("vision patch embed", patches, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, vd, False, 1),
@@ -92,9 +97,11 @@ def time_gemm(s: dict, reps: int) -> dict:
     out = dict(s, bf16_ms=median_ms(lambda: F.linear(x, w, b), reps))
     try:
         fp8 = torch.float8_e4m3fn
-        x8, w8 = x.to(fp8), w.to(fp8)
+        k16, n16 = -(-s["K"] // 16) * 16, -(-s["N"] // 16) * 16  # FP8 GEMMs need both a multiple of 16
+        x8 = F.pad(x, (0, k16 - s["K"])).to(fp8)
+        w8 = F.pad(w, (0, k16 - s["K"], 0, n16 - s["N"])).to(fp8)
         sx = torch.ones(s["M"], 1, device="cuda", dtype=torch.float32)
-        sw = torch.ones(1, s["N"], device="cuda", dtype=torch.float32)
+        sw = torch.ones(1, n16, device="cuda", dtype=torch.float32)
         out["fp8_ms"] = median_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw,
                                                            out_dtype=torch.bfloat16), reps)
     except (RuntimeError, AttributeError) as err:  # no FP8 on this GPU / build: recorded, the bf16 floor stands
@@ -117,7 +124,8 @@ def time_attention(s: dict, reps: int) -> dict:
     return dict(s, bf16_ms=ms, bf16_tflops=round(flop / ms / 1e9, 1))
 
 
-def summarise(gemms: list[dict], attention: list[dict], rows: int, decode_ms: float) -> dict:
+def summarise(gemms: list[dict], attention: list[dict], rows: int, decode_ms: float,
+              unpadded: list[dict] | None = None) -> dict:
     def total(items, key):
         return sum(x[key] * x["calls"] for x in items if key in x)
     attn = total(attention, "bf16_ms")
@@ -130,6 +138,12 @@ def summarise(gemms: list[dict], attention: list[dict], rows: int, decode_ms: fl
         out["gemm_fp8_ms"] = round(total(gemms, "fp8_ms"), 1)
         out["floor_fp8_ms"] = round(out["gemm_fp8_ms"] + attn, 1)
         out["ceiling_fp8_samples_per_s"] = round(rows / ((out["floor_fp8_ms"] + decode_ms) / 1000), 1)
+    if unpadded:  # the same prefill with the vision MLP as the model has it
+        swapped = {g["part"] for g in unpadded}
+        out["gemm_bf16_ms_unpadded"] = round(total([g for g in gemms if g["part"] not in swapped] + unpadded,
+                                                   "bf16_ms"), 1)
+        out["vision_mlp_bf16_ms"] = round(total([g for g in gemms if g["part"] in swapped], "bf16_ms"), 1)
+        out["vision_mlp_bf16_ms_unpadded"] = round(total(unpadded, "bf16_ms"), 1)
     return out
 
 
@@ -147,17 +161,22 @@ def main() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)  # as common.modeling.use_cudnn_attention(False)
     started = time.time()
     gemms = [time_gemm(s, a.reps) for s in gemm_shapes(a.rows, a.prompt_tokens)]
+    unpadded = [time_gemm(s, a.reps) for s in gemm_shapes(a.rows, a.prompt_tokens, vision_mlp_multiple=1)
+                if s["part"] in ("vision gate+up", "vision down")]
     attention = [time_attention(s, a.reps) for s in attention_shapes(a.rows, a.prompt_tokens)]
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "rows": a.rows, "prompt_tokens": a.prompt_tokens, "torch": torch.__version__,
-              "gemms": gemms, "attention": attention,
-              "summary": summarise(gemms, attention, a.rows, a.decode_ms), "seconds": round(time.time() - started, 1)}
+              "gemms": gemms, "attention": attention, "vision_mlp_unpadded": unpadded,
+              "summary": summarise(gemms, attention, a.rows, a.decode_ms, unpadded),
+              "seconds": round(time.time() - started, 1)}
     a.result.parent.mkdir(parents=True, exist_ok=True)
     a.result.write_text(json.dumps(result, indent=1))
     print(f"{result['device']}: batch of {a.rows} x {a.prompt_tokens} tokens")
-    print("| part | calls | bf16 ms/call | bf16 TFLOP/s | fp8 ms/call | fp8 TFLOP/s |")
-    for g in gemms + attention:
-        print(f"| {g['part']} | {g['calls']} | {g['bf16_ms']:.3f} | {g['bf16_tflops']} | {g.get('fp8_ms', '-')} | "
+    print("| part | M x K x N | calls | bf16 ms/call | bf16 TFLOP/s | fp8 ms/call | fp8 TFLOP/s |")
+    for g in gemms + [dict(u, part=u["part"] + " (unpadded)") for u in unpadded] + attention:
+        shape = f"{g['M']} x {g['K']} x {g['N']}" if "M" in g else f"{g['B']} x {g['Hq']} x {g['L']} x {g['D']}"
+        fp8 = f"{g['fp8_ms']:.3f}" if "fp8_ms" in g else "-"
+        print(f"| {g['part']} | {shape} | {g['calls']} | {g['bf16_ms']:.3f} | {g['bf16_tflops']} | {fp8} | "
               f"{g.get('fp8_tflops', '-')} |")
     print("SUMMARY floor", json.dumps(result["summary"]))
 

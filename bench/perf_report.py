@@ -86,7 +86,8 @@ def step_cost_fit(entry: dict) -> dict | None:
 
 def train_rows(label: str, run: dict) -> list[str]:
     out = []
-    for phase in ("train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_unsloth", "train_unsloth16",
+    for phase in ("train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_causal",
+                  "train_fast_masked", "train_unsloth", "train_unsloth16",
                   "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split"):
         x = res(run, phase)
         if not x.get("samples_per_s"):
@@ -131,7 +132,9 @@ def render(runs: dict[str, dict]) -> str:
           "vision attention, answer-only logits, uint8 pixels normalized on the GPU, no KV cache in training, and from "
           "commit 469df67 `--compile auto` = every vision block and decoder layer compiled; length grouping was a "
           "default in these runs and is now an option, as it cost the demo some SMAPE; from commit 46dffbb attention "
-          "without cuDNN and without the per-step host syncs).",
+          "without cuDNN and without the per-step host syncs; from commit b96527e without a padding mask). "
+          "`train_fast_causal` (h100-zh, before that commit): `train_fast` with `--no-padding-mask`; "
+          "`train_fast_masked`: `train_fast` with `--padding-mask`.",
           "- `train_unsloth`: the default GPU backend (Unsloth, 4-bit base); `train_unsloth16`: Unsloth, bf16 base.",
           "", "### Training", "",
           "| run | phase | backend | samples/step | samples/s | median step s | peak GiB | GPU busy (nvidia-smi) | "
@@ -264,13 +267,7 @@ def render(runs: dict[str, dict]) -> str:
               "the 20-30 ms two ranks add per all-reduce spread over four micro-batches: ~1.95x | 2 H200s "
               "(h200x2-zb, same call): 48.51 -> 97.62 samples/s, 2.01x; step by step -7 ms (median) against one GPU "
               "| default since the first release; the 2-GPU headline is now measured at it |",
-              "| training attention without the padding mask (`--no-padding-mask`): causal alone, exact for "
-              "right-padded batches | h100-zg's trace of two steps (841 ms): the language model's padded batches ran "
-              "SDPA's memory-efficient kernels (a 4-D mask rules out flash), 72 forward calls in 31.5 ms and 72 "
-              "backward in 82.7 ms; its 36 flash calls in the same trace (head dim 128, a batch without padding) "
-              "took 0.19 ms a forward against 0.44 and 0.59 ms a backward against 1.15: ~58 ms of the 841, ~7% | CPU only (small model, same batches, bench CPU dry run): same losses, 21.4 -> 22.25 "
-              "samples/s, within the noise; same loss and gradients on the tiny model (test). GPU: phase "
-              "`train_fast_causal`, not run (device time ran out) | no: option until measured |",
+              padding_mask_row(runs),
               f"| what 120 samples/s needs | - | the prefill alone is 686 ms per 64 rows (h100-q, ~93 samples/s if "
               f"nothing else ran), GPU-bound at ~95% busy; the language model's eager prefill runs {lm_only:.0f} "
               f"samples/s at 608 tokens. `bench/prefill_flops.py`: a batch of 64 at 615 padded tokens is 308 TFLOP "
@@ -648,6 +645,32 @@ def accumulation_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"hold every rank.", ""] + busy_between_hosts(runs)
 
 
+def padding_mask_row(runs: dict[str, dict]) -> str:
+    """The lever row of causal-only training attention, predicted from h100-zg's trace, measured in h100-zh."""
+    lever = ("| training attention without the padding mask (causal alone; `--padding-mask` restores it), exact for "
+             "right-padded batches | h100-zg's trace of two steps (841 ms): the language model's padded batches ran "
+             "SDPA's memory-efficient kernels (a 4-D mask rules out flash), 72 forward calls in 31.5 ms and 72 "
+             "backward in 82.7 ms; its 36 flash calls in the same trace (head dim 128, a batch without padding) took "
+             "0.19 ms a forward against 0.44 and 0.59 ms a backward against 1.15: ~58 ms of the 841, ~7% | ")
+    zh = runs.get("h100-zh", {})
+    masked, causal = res(zh, "train_fast"), res(zh, "train_fast_causal")
+    if not masked or not causal:
+        return lever + "not measured on a GPU | no: option until measured |"
+    d = paired_step_ms(masked, causal)
+    logged = [(masked["loss_first"], causal["loss_first"]), *zip(masked["logged_losses"], causal["logged_losses"]),
+              (masked["loss_last"], causal["loss_last"])]
+    same = max(abs(a - b) for a, b in logged)
+    return lever + (
+        f"h100-zh, same batches: {masked['samples_per_s']} -> {causal['samples_per_s']} samples/s "
+        f"({causal['samples_per_s'] / masked['samples_per_s'] - 1:+.1%}); step by step {statistics.median(d):+.0f} ms "
+        f"(median; {sum(x < 0 for x in d)} of {len(d)} faster); backward {masked['segments_ms']['backward']:g} -> "
+        f"{causal['segments_ms']['backward']:g} ms, forward {masked['segments_ms']['forward']:g} -> "
+        f"{causal['segments_ms']['forward']:g}; peak {masked['train_peak_gib']} -> {causal['train_peak_gib']} GiB; "
+        f"first, logged and last losses within {same:.3f} of each other (bf16 kernels); busy {busy(zh, 'train_fast')} -> "
+        f"{busy(zh, 'train_fast_causal')} (less GPU work for the same launches). Same loss and gradients on the tiny "
+        f"model (test) | yes, default from commit b96527e |")
+
+
 def trace_sentence(run: dict) -> str:
     """The idle gaps of two training steps traced on an H100 (h100-zg), as a sentence; empty without the trace."""
     g = run.get("train_trace_gaps")
@@ -785,6 +808,9 @@ python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,train_f
 # GPU busy and a trace of two training steps (h100-zg, nvidia-h100-x1; profile_train timed out in its pass with
 # stacks, after the plain trace was written: bench/trace_gaps.py train_trace.json.gz --window train_unit)
 python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,profile_train,train_fast --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=190,profile_train=150
+# training attention with and without the padding mask (h100-zh, nvidia-h100-x1, at commit 562f673, when the
+# mask was the default; from b96527e the same A/B is phases train_fast,train_fast_masked)
+python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,train_fast,train_fast_causal --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=190
 # infer samples/s at a later commit (h100-zf, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 480 --phases build,data,infer_plain,infer_fast,infer_fast_generate --train-rows 128 --test-rows 1024 --limits build=60,data=130,train=200,infer=100,infer_plain=130
 # train 2-GPU scaling, and one bucket (h200x2-za, nvidia-h100-x2, which gave 2 H200s)

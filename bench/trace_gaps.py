@@ -2,6 +2,9 @@
 
     python bench/trace_gaps.py TRACE.json[.gz] --window train_step     # re-analyse a trace brought back
 
+Kernel time is also summed by kind, by name: GEMM, attention, fused Triton, eager elementwise and copies, NCCL,
+other.
+
 GPU busy = the union of kernel/memcpy/memset intervals inside the windows (user annotations of the given
 name), over the windows' wall time. Every idle gap longer than --min-gap-us is charged to what the host ran
 at its midpoint: the innermost Python frame from the pipeline's libraries when the trace has Python stacks
@@ -37,6 +40,18 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(s, e) for s, e in merged]
 
 
+KINDS = (("communication (NCCL)", ("nccl",)),
+         ("attention", ("fmha", "flash", "attention")),  # before gemm: cutlass attention kernels say "cutlass"
+         ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitk")),
+         ("fused (triton)", ("triton_",)),
+         ("elementwise / copy (eager)", ("elementwise", "copy", "cat_", "index", "reduce", "fill", "where")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
 def _interesting(name: str) -> bool:
     return any(k in name for k in OURS)
 
@@ -48,11 +63,12 @@ def analyse(events: list[dict], window: str, min_gap_us: float = 20.0, top: int 
     if not windows:
         return {"error": f"no '{window}' annotation in the trace"}
     busy = _union([(e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("cat") in GPU_CATS])
-    kernels = collections.Counter()
+    kernels, kinds = collections.Counter(), collections.Counter()
     kernel_n = 0
     for e in spans:
         if e.get("cat") == "kernel" and any(s <= e["ts"] <= w for s, w in windows):
             kernels[e["name"][:90]] += e["dur"]
+            kinds[kernel_kind(e["name"])] += e["dur"]
             kernel_n += 1
     py = [e for e in spans if e.get("cat") == "python_function" and _interesting(e.get("name", ""))]
     host = py or [e for e in spans if e.get("cat") in ("cpu_op", "cuda_runtime")]
@@ -93,6 +109,7 @@ def analyse(events: list[dict], window: str, min_gap_us: float = 20.0, top: int 
             "host_events": "python frames" if py else "aten ops / CUDA runtime",
             "idle_charged_ms": [{"host": k, "ms": round(v / 1e3, 2), "gaps": counts[k]}
                                 for k, v in charged.most_common(top)],
+            "kernel_kinds_ms": {k: round(v / 1e3, 2) for k, v in kinds.most_common()},
             "top_kernels_ms": [{"kernel": k, "ms": round(v / 1e3, 2)} for k, v in kernels.most_common(top)]}
 
 

@@ -37,6 +37,7 @@ def test_busy_share_and_gaps_charged_to_the_host_code_running_then(tmp_path):
     charged = {x["host"].split(" < ")[0].split(": ")[-1]: (x["ms"], x["gaps"]) for x in r["idle_charged_ms"]}
     assert charged == {"get_rope_index": (0.2, 1), "optimizer_step": (0.2, 2)}
     assert r["top_kernels_ms"][0] == {"kernel": "gemm", "ms": 0.6}
+    assert r["kernel_kinds_ms"] == {"gemm": 0.6, "other": 0.15}
     path = tmp_path / "t.json.gz"
     with gzip.open(path, "wt") as fh:
         json.dump({"traceEvents": events}, fh)
@@ -66,6 +67,41 @@ def test_prefill_flop_count_matches_the_models_own_linear_layers():
     tower = (visual.patch_embed.proj.weight.numel() + linear_params(visual.blocks)) * patches
     merger = linear_params(visual.merger) * patches // 4
     assert abs(parts["vision tower linear"] * 1e12 - 2 * rows * (tower + merger)) < 1e6
+
+
+def test_kernel_kinds_by_name():
+    from trace_gaps import kernel_kind
+    assert kernel_kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert kernel_kind("fmha_cutlassB_bf16_aligned_128x128_k128_sm80(PyTorchMemEffAttention") == "attention"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96") == "attention"
+    assert kernel_kind("triton_poi_fused_add_mul_silu_5") == "fused (triton)"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<8, at::native::BinaryFunctor") == \
+        "elementwise / copy (eager)"
+    assert kernel_kind("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication (NCCL)"
+    assert kernel_kind("void at::native::(anonymous namespace)::CatArrayBatchedCopy") == "elementwise / copy (eager)"
+    assert kernel_kind("Memset (Device)") == "other"
+
+
+def test_prefill_floor_times_every_linear_layer_of_the_prefill():
+    """bench/gpu_prefill_floor.py's GEMM list covers the same matmul FLOPs as prefill_flops.py (checked above
+    against the model's own layers), part by part."""
+    from gpu_prefill_floor import attention_shapes, gemm_shapes
+    from prefill_flops import prefill_flops
+    rows, tokens = 5, 333
+    parts = prefill_flops(rows, tokens)
+    flops = {"LM": 0, "vision": 0}
+    for g in gemm_shapes(rows, tokens, vision_mlp_multiple=1):
+        if "head" not in g["part"]:
+            flops[g["part"].split()[0]] += 2 * g["M"] * g["K"] * g["N"] * g["calls"]
+    assert abs(flops["LM"] - parts["language model linear"] * 1e12) < 1e6
+    assert abs(flops["vision"] - parts["vision tower linear"] * 1e12) < 1e6
+    padded = {g["part"]: g for g in gemm_shapes(rows, tokens)}
+    assert padded["vision gate+up"]["N"] == padded["vision down"]["K"] == 3456  # as pad_vision_mlp lays it out
+    attn = {a["part"].split()[0]: a for a in attention_shapes(rows, tokens)}
+    assert attn["LM"]["calls"] == 36 and attn["LM"]["L"] == tokens and attn["LM"]["causal"]
+    windows = [a for a in attention_shapes(rows, tokens) if a["part"].startswith("vision")]
+    assert sum(a["calls"] for a in windows) == 32
+    assert all(a["B"] * a["L"] == rows * 1024 for a in windows)  # every patch of every image in each block
 
 
 def test_step_cost_fit_recovers_the_fixed_and_per_token_cost_of_the_slowest_rank():

@@ -533,3 +533,51 @@ def test_causal_attention_alone_gives_a_right_padded_batch_the_same_loss_and_gra
     want, got = loss_and_grads(masked), loss_and_grads(causal)
     assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
     assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
+
+
+def vision_mlps(model):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
+    return [m for m in model.modules() if isinstance(m, Qwen2_5_VLMLP)]
+
+
+def test_padded_vision_mlp_gives_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
+    """--vision-mlp-multiple: the frozen vision MLP's width zero-padded (the tiny model's 128 -> 144 here; the 3B's
+    3,420 -> 3,456) leaves the loss and the LoRA gradients as they were (fp32 on the CPU)."""
+    from common.modeling import pad_vision_mlp
+    from common.predict import with_normalized_pixels
+    model = tiny(tiny_model_dir, lora=True)
+    batch = with_normalized_pixels(shard_batch(encoded_demo, n=6), None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    want = loss_and_grads()
+    mlps = vision_mlps(model)
+    assert pad_vision_mlp(model, 48) == len(mlps) > 0
+    assert all(m.gate_proj.out_features == m.up_proj.out_features == m.down_proj.in_features == 144 for m in mlps)
+    assert [p for p in model.parameters() if p.requires_grad] == trainable  # the LoRA weights, untouched
+    got = loss_and_grads()
+    assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(got[1], want[1]))
+    assert pad_vision_mlp(model, 48) == 0  # already a multiple
+
+
+def test_padded_vision_mlp_leaves_inference_logits_and_trainable_vision_layers_alone(tiny_model_dir, encoded_demo):
+    from common.modeling import LoraSettings, load_for_training, pad_vision_mlp
+    from common.predict import with_normalized_pixels
+    model = tiny(tiny_model_dir).eval().requires_grad_(False)  # as load_for_inference gives it
+    batch = with_normalized_pixels(shard_batch(encoded_demo, n=6, padding_side="left", with_labels=False), None)
+    with torch.no_grad():
+        want = model(**batch).logits
+        assert pad_vision_mlp(model, 48) == len(vision_mlps(model))
+        got = model(**batch).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    # LoRA on the vision tower (--tune-vision): its layers keep the shapes their adapters are saved with
+    tuned, _ = load_for_training(str(tiny_model_dir), "hf", LoraSettings(r=8, alpha=16, tune_vision=True), False,
+                                 False, 0)
+    assert pad_vision_mlp(tuned, 48) == 0
+    assert all(m.down_proj.in_features == 128 for m in vision_mlps(tuned))
