@@ -8,7 +8,8 @@ and the LM head on each row's last token. Each of these GEMMs is timed with cuBL
 model has them), then in FP8 (e4m3, a scale per row and per column: torch._scaled_mm, the GEMM alone, without
 quantizing its input or adding a bias, K and N padded to multiples of 16: what an FP8 prefill's matmuls could not
 go below). The vision MLP is timed as 7_infer.py runs it (width zero-padded to 3,456) and as the model has it
-(3,420). Attention: SDPA as
+(3,420); the projections that share an input (q/k/v, gate/up) also as one GEMM per group, to see whether
+fusing them would lower the floor. Attention: SDPA as
 the pipeline calls it (cuDNN off): causal with grouped key/value heads in the language model, 64-patch windows
 and four full-attention blocks in the tower.
 
@@ -54,6 +55,23 @@ def gemm_shapes(rows: int, prompt_tokens: int, image_px: int = 448, vision_mlp_m
         ("LM head (last token)", rows, d, t.vocab_size, False, 1),
     ]
     return [dict(part=p, M=m, K=k, N=n, bias=b, calls=c) for p, m, k, n, b, c in rows_of]
+
+
+def fused_shapes(rows: int, prompt_tokens: int, image_px: int = 448) -> dict[str, dict]:
+    """The projections that share an input, each group as one GEMM (not how the model runs them): would the floor
+    be lower that way? Keyed by the parts of gemm_shapes they replace."""
+    by_part = {g["part"]: g for g in gemm_shapes(rows, prompt_tokens, image_px)}
+    q, kv = by_part["LM q, o"], by_part["LM k, v"]
+    lm_mlp, vision_mlp = by_part["LM gate+up"], by_part["vision gate+up"]
+    layers = q["calls"] // 2
+    return {
+        "LM q, k, v as one": dict(q, part="LM q, k, v as one", N=q["N"] + 2 * kv["N"], calls=layers,
+                                  replaces={"LM q, o": layers, "LM k, v": 2 * layers}),
+        "LM gate+up as one": dict(lm_mlp, part="LM gate+up as one", N=2 * lm_mlp["N"], calls=layers,
+                                  replaces={"LM gate+up": 2 * layers}),
+        "vision gate+up as one": dict(vision_mlp, part="vision gate+up as one", N=2 * vision_mlp["N"],
+                                      calls=vision_mlp["calls"] // 2, replaces={"vision gate+up": vision_mlp["calls"]}),
+    }
 
 
 def attention_shapes(rows: int, prompt_tokens: int, image_px: int = 448) -> list[dict]:
@@ -125,7 +143,7 @@ def time_attention(s: dict, reps: int) -> dict:
 
 
 def summarise(gemms: list[dict], attention: list[dict], rows: int, decode_ms: float,
-              unpadded: list[dict] | None = None) -> dict:
+              unpadded: list[dict] | None = None, fused: list[dict] | None = None) -> dict:
     def total(items, key):
         return sum(x[key] * x["calls"] for x in items if key in x)
     attn = total(attention, "bf16_ms")
@@ -144,6 +162,12 @@ def summarise(gemms: list[dict], attention: list[dict], rows: int, decode_ms: fl
                                                    "bf16_ms"), 1)
         out["vision_mlp_bf16_ms"] = round(total([g for g in gemms if g["part"] in swapped], "bf16_ms"), 1)
         out["vision_mlp_bf16_ms_unpadded"] = round(total(unpadded, "bf16_ms"), 1)
+    if fused:  # shared-input projections as one GEMM each: what that would save
+        per_call = {g["part"]: g["bf16_ms"] for g in gemms}
+        saved = sum(sum(per_call[part] * n for part, n in f["replaces"].items()) - f["bf16_ms"] * f["calls"]
+                    for f in fused)
+        out["fused_projections_saving_ms"] = round(saved, 1)
+        out["ceiling_bf16_fused_samples_per_s"] = round(rows / ((out["floor_bf16_ms"] - saved + decode_ms) / 1000), 1)
     return out
 
 
@@ -163,17 +187,18 @@ def main() -> None:
     gemms = [time_gemm(s, a.reps) for s in gemm_shapes(a.rows, a.prompt_tokens)]
     unpadded = [time_gemm(s, a.reps) for s in gemm_shapes(a.rows, a.prompt_tokens, vision_mlp_multiple=1)
                 if s["part"] in ("vision gate+up", "vision down")]
+    fused = [time_gemm(s, a.reps) for s in fused_shapes(a.rows, a.prompt_tokens).values()]
     attention = [time_attention(s, a.reps) for s in attention_shapes(a.rows, a.prompt_tokens)]
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "rows": a.rows, "prompt_tokens": a.prompt_tokens, "torch": torch.__version__,
-              "gemms": gemms, "attention": attention, "vision_mlp_unpadded": unpadded,
-              "summary": summarise(gemms, attention, a.rows, a.decode_ms, unpadded),
+              "gemms": gemms, "attention": attention, "vision_mlp_unpadded": unpadded, "fused": fused,
+              "summary": summarise(gemms, attention, a.rows, a.decode_ms, unpadded, fused),
               "seconds": round(time.time() - started, 1)}
     a.result.parent.mkdir(parents=True, exist_ok=True)
     a.result.write_text(json.dumps(result, indent=1))
     print(f"{result['device']}: batch of {a.rows} x {a.prompt_tokens} tokens")
     print("| part | M x K x N | calls | bf16 ms/call | bf16 TFLOP/s | fp8 ms/call | fp8 TFLOP/s |")
-    for g in gemms + [dict(u, part=u["part"] + " (unpadded)") for u in unpadded] + attention:
+    for g in gemms + [dict(u, part=u["part"] + " (unpadded)") for u in unpadded] + fused + attention:
         shape = f"{g['M']} x {g['K']} x {g['N']}" if "M" in g else f"{g['B']} x {g['Hq']} x {g['L']} x {g['D']}"
         fp8 = f"{g['fp8_ms']:.3f}" if "fp8_ms" in g else "-"
         print(f"| {g['part']} | {shape} | {g['calls']} | {g['bf16_ms']:.3f} | {g['bf16_tflops']} | {fp8} | "

@@ -87,7 +87,7 @@ def step_cost_fit(entry: dict) -> dict | None:
 def train_rows(label: str, run: dict) -> list[str]:
     out = []
     for phase in ("train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_causal",
-                  "train_fast_masked", "train_unsloth", "train_unsloth16",
+                  "train_fast_masked", "train_fast_unpadded", "train_unsloth", "train_unsloth16",
                   "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split"):
         x = res(run, phase)
         if not x.get("samples_per_s"):
@@ -103,8 +103,8 @@ def train_rows(label: str, run: dict) -> list[str]:
 
 def infer_rows(label: str, run: dict) -> list[str]:
     out = []
-    for phase in ("infer_plain", "infer_fast", "infer_fast_generate", "infer_fast_mlp", "infer_fast_big",
-                  "infer_fast_2gpu"):
+    for phase in ("infer_plain", "infer_fast", "infer_fast_generate", "infer_fast_mlp", "infer_fast_unpadded",
+                  "infer_fast_big", "infer_fast_2gpu"):
         e = run.get(phase) or {}
         ranks = [x for x in [e.get("result"), *e.get("other_ranks", [])] if x]
         if not ranks:
@@ -166,6 +166,7 @@ def render(runs: dict[str, dict]) -> str:
               "bucketed tower equals the per-window one exactly and the compiled blocks give the same loss "
               "(tests/test_speed_paths.py).", ""]
         lm_only = v["images"] / (v["prefill_s_compiled"] - v["tower_s_compiled"])
+        L += floor_section(runs)
         L += ["### Levers: predicted, measured, kept", "",
               "| lever | predicted | measured (same run unless said) | kept |", "|---|---|---|---|",
               f"| vision windows as one SDPA call per window length | ~3x on the tower (1,024 tiny calls per image) | "
@@ -268,13 +269,7 @@ def render(runs: dict[str, dict]) -> str:
               "(h200x2-zb, same call): 48.51 -> 97.62 samples/s, 2.01x; step by step -7 ms (median) against one GPU "
               "| default since the first release; the 2-GPU headline is now measured at it |",
               padding_mask_row(runs),
-              f"| what 120 samples/s needs | - | the prefill alone is 686 ms per 64 rows (h100-q, ~93 samples/s if "
-              f"nothing else ran), GPU-bound at ~95% busy; the language model's eager prefill runs {lm_only:.0f} "
-              f"samples/s at 608 tokens. `bench/prefill_flops.py`: a batch of 64 at 615 padded tokens is 308 TFLOP "
-              f"of matmuls (218 language model, 84 vision tower), so 686 ms is 449 TFLOP/s; 120 samples/s leaves "
-              f"457 ms after the 76 ms of decoding, 673 TFLOP/s through the whole prefill (68% of the H100's dense "
-              f"bf16 peak, elementwise work included). It needs a faster prefill (FP8 matmuls, fused elementwise "
-              f"work, packing without padding), not a faster decode or data path | open |", ""]
+              needs_row(runs, lm_only), ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
           "(mean) | rows | peak GiB | GPU busy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -643,6 +638,112 @@ def accumulation_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"collector. The schedule stays the default: it costs nothing clearly measurable, and it keeps a full "
         f"collection of 0.3-1.0 s on the 3B (h100-zb, h100-zc) out of the steps, where under torchrun it would "
         f"hold every rank.", ""] + busy_between_hosts(runs)
+
+
+def floor_run(runs: dict[str, dict]) -> tuple[str, dict]:
+    """(label, result) of the newest run that timed the prefill's floor, preferring one with the padded MLP."""
+    have = [(label, res(r, "floor")) for label, r in runs.items() if res(r, "floor").get("summary")]
+    padded = [x for x in have if x[1].get("vision_mlp_unpadded")]
+    return (padded or have or [("", {})])[-1]
+
+
+def floor_at(f: dict, tokens: float) -> float:
+    """The floor (ms a batch) at another mean prompt length: the language model's GEMMs scale with the tokens, its
+    causal attention with their square; the vision tower's and the LM head's do not change."""
+    x = tokens / f["prompt_tokens"]
+    fixed = sum(g["bf16_ms"] * g["calls"] for g in f["gemms"] + f["attention"]
+                if not g["part"].startswith("LM") or "head" in g["part"])
+    lm = sum(g["bf16_ms"] * g["calls"] for g in f["gemms"] if g["part"].startswith("LM") and "head" not in g["part"])
+    attn = sum(a["bf16_ms"] * a["calls"] for a in f["attention"] if a["part"].startswith("LM"))
+    return fixed + lm * x + attn * x * x
+
+
+def lm_to_vision_elementwise() -> float:
+    """How many more elements the language model's norms and SwiGLU pass over in a prefill than the vision
+    tower's, for 64 rows at 615 tokens and 448 px images (hidden + MLP width per token / patch, per layer)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_build_model import SIZES
+    t, v = SIZES["3b"]["text"], SIZES["3b"]["vision"]
+    lm = 615 * t["num_hidden_layers"] * (2 * t["hidden_size"] + 3 * t["intermediate_size"])
+    vision = 1024 * v["depth"] * (2 * v["hidden_size"] + 3 * 3456)
+    return lm / vision
+
+
+def floor_section(runs: dict[str, dict]) -> list[str]:
+    """The prefill's GEMMs and attention alone, timed at their shapes (bench/gpu_prefill_floor.py)."""
+    label, f = floor_run(runs)
+    if not f:
+        return []
+    s = f["summary"]
+    rows = f["gemms"] + [dict(u, part=u["part"] + " (as the model has it: 3,420)") for u in
+                         f.get("vision_mlp_unpadded", [])] + f["attention"]
+    L = [f"### The prefill's floor (`bench/gpu_prefill_floor.py`, {label}, {f['device']})", "",
+         f"Every matmul and attention call of one inference batch ({f['rows']} rows x {f['prompt_tokens']} padded "
+         f"tokens, 448 px images), each timed alone at its own shape (CUDA events, median of 20), back to back: "
+         f"what a prefill would cost if norms, rotary, activations, copies and launch gaps were free.", "",
+         "| part | M x K x N (attention: B x heads x L x head dim) | calls per batch | bf16 ms a call | bf16 TFLOP/s | "
+         "FP8 ms a call | FP8 TFLOP/s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for g in rows:
+        shape = f"{g['M']} x {g['K']} x {g['N']}" if "M" in g else f"{g['B']} x {g['Hq']} x {g['L']} x {g['D']}"
+        fp8 = (f"{g['fp8_ms']:.3f} | {g['fp8_tflops']}" if "fp8_ms" in g else "- | -")
+        L.append(f"| {g['part']} | {shape} | {g['calls']} | {g['bf16_ms']:.3f} | {g['bf16_tflops']} | {fp8} |")
+    L += ["", f"Sum: GEMMs {s['gemm_bf16_ms']} ms ({s['gemm_tflop']} TFLOP), attention {s['attention_ms']} ms: a "
+          f"floor of {s['floor_bf16_ms']} ms per batch; with the {s['decode_ms']:.0f} ms of graphed decoding "
+          f"measured in h100-q, at most **{s['ceiling_bf16_samples_per_s']} samples/s** in bf16 on this card."]
+    if "gemm_bf16_ms_unpadded" in s:
+        L[-1] += (f" With the vision MLP as the model has it the GEMMs take {s['gemm_bf16_ms_unpadded']} ms: its "
+                  f"{s['vision_mlp_bf16_ms_unpadded']} ms become {s['vision_mlp_bf16_ms']} when padded.")
+    if "ceiling_fp8_samples_per_s" in s:
+        L[-1] += (f" FP8 GEMMs (not built; they round differently from bf16, so predictions would no longer equal "
+                  f"the plain path's; K and N padded to multiples of 16, as FP8 needs) would lower the floor to "
+                  f"{s['floor_fp8_ms']} ms, {s['ceiling_fp8_samples_per_s']} samples/s.")
+    prof = res(runs.get(label, {}), "profile_infer")
+    kinds = (prof.get("plain") or {}).get("kernel_kinds_ms")
+    if kinds:
+        total = sum(kinds.values())
+        share = lambda k: f"{100 * kinds.get(k, 0) / total:.0f}%"  # noqa: E731
+        tokens = res(runs[label], "infer_fast").get("prompt_tokens_mean") or f["prompt_tokens"]
+        scaled = floor_at(f, tokens)
+        vision_fused = kinds.get("fused (triton)", 0) / prof["units"]  # per batch of 64 images, any text length
+        lm_fused = vision_fused * lm_to_vision_elementwise()
+        best = f["rows"] / ((scaled + vision_fused + lm_fused + s["decode_ms"]) / 1000)
+        L += ["", f"Against the pipeline's own prefill in the same call: {prof['prefill_ms_median']:.0f} ms (median "
+              f"over {prof['batches_in_medians']} batches of real lengths, {tokens} tokens a row on average; the "
+              f"floor at that length, the language model's part scaled by it: {scaled:.0f} ms, so the prefill runs at "
+              f"{scaled / prof['prefill_ms_median']:.0%} of the floor's speed and the ceiling is "
+              f"{f['rows'] / ((scaled + s['decode_ms']) / 1000):.1f} samples/s). The profiled batches' kernel time by "
+              f"kind (`bench/trace_gaps.py`): GEMMs {share('gemm')}, eager elementwise work and copies "
+              f"{share('elementwise / copy (eager)')} ({kinds['elementwise / copy (eager)']:.0f} ms in two batches: the "
+              f"language model's norms, rotary, SwiGLU, residual adds and casts, run eagerly because the decode "
+              f"steps share its layers), attention {share('attention')}, fused Triton kernels (the compiled vision "
+              f"blocks' norms, rotary and SwiGLU) {share('fused (triton)')}. That work cannot vanish: the vision "
+              f"tower's, fused by torch.compile, takes {vision_fused:.0f} ms a batch; the language model's, fused as "
+              f"well, would take ~{lm_fused:.0f} ms (scaled by the elements its norms and SwiGLU pass over). With "
+              f"both and the decode, the best a bf16 prefill could do is ~{best:.0f} samples/s. `--compile "
+              f"vision+mlp` fuses part of the language model's share (an option: bf16 rounding moves near-tied "
+              f"predictions)."]
+    return L + [""]
+
+
+def needs_row(runs: dict[str, dict], lm_only: float) -> str:
+    """The lever row of what 120 inference samples/s would need, closed by the measured floor when there is one."""
+    row = (f"| what 120 samples/s needs | - | the prefill alone is 686 ms per 64 rows (h100-q, ~93 samples/s if nothing "
+           f"else ran), GPU-bound at ~95% busy; the language model's eager prefill runs {lm_only:.0f} samples/s at "
+           f"608 tokens. `bench/prefill_flops.py`: a batch of 64 at 615 padded tokens is 308 TFLOP of matmuls (218 "
+           f"language model, 84 vision tower), so 686 ms is 449 TFLOP/s; 120 samples/s leaves 457 ms after the 76 "
+           f"ms of decoding, 673 TFLOP/s through the whole prefill (68% of the H100's dense bf16 peak, elementwise "
+           f"work included).")
+    label, f = floor_run(runs)
+    if not f.get("vision_mlp_unpadded"):
+        return row + (" It needs a faster prefill (FP8 matmuls, fused elementwise work, packing without padding), not "
+                      "a faster decode or data path | open |")
+    s = f["summary"]
+    return row + (f" Measured ({label}, `bench/gpu_prefill_floor.py`): the prefill's GEMMs and attention alone, each at "
+                  f"its own shape with cuBLAS and flash attention, take {s['floor_bf16_ms']} ms a batch, so even with "
+                  f"every other kernel and gap free a batch costs {s['floor_bf16_ms'] + s['decode_ms']:.0f} ms: "
+                  f"{s['ceiling_bf16_samples_per_s']} samples/s at most in bf16. 120 is out of reach with predictions "
+                  f"equal to the bf16 path's; FP8 GEMMs would raise that ceiling to {s['ceiling_fp8_samples_per_s']} "
+                  f"at the price of different rounding | not reachable in bf16 (the ceiling, measured) |")
 
 
 def padding_mask_row(runs: dict[str, dict]) -> str:

@@ -85,7 +85,7 @@ def test_kernel_kinds_by_name():
 def test_prefill_floor_times_every_linear_layer_of_the_prefill():
     """bench/gpu_prefill_floor.py's GEMM list covers the same matmul FLOPs as prefill_flops.py (checked above
     against the model's own layers), part by part."""
-    from gpu_prefill_floor import attention_shapes, gemm_shapes
+    from gpu_prefill_floor import attention_shapes, fused_shapes, gemm_shapes
     from prefill_flops import prefill_flops
     rows, tokens = 5, 333
     parts = prefill_flops(rows, tokens)
@@ -96,6 +96,10 @@ def test_prefill_floor_times_every_linear_layer_of_the_prefill():
     assert abs(flops["LM"] - parts["language model linear"] * 1e12) < 1e6
     assert abs(flops["vision"] - parts["vision tower linear"] * 1e12) < 1e6
     padded = {g["part"]: g for g in gemm_shapes(rows, tokens)}
+    for fused in fused_shapes(rows, tokens).values():  # one GEMM per group does the same multiply-adds
+        replaced = sum(padded[part]["M"] * padded[part]["K"] * padded[part]["N"] * n
+                       for part, n in fused["replaces"].items())
+        assert fused["M"] * fused["K"] * fused["N"] * fused["calls"] == replaced
     assert padded["vision gate+up"]["N"] == padded["vision down"]["K"] == 3456  # as pad_vision_mlp lays it out
     attn = {a["part"].split()[0]: a for a in attention_shapes(rows, tokens)}
     assert attn["LM"]["calls"] == 36 and attn["LM"]["L"] == tokens and attn["LM"]["causal"]
