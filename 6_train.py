@@ -62,8 +62,8 @@ class TrainOptions:
                                "none, vision, all", "auto", choices=["auto", "none", "vision", "all"])
     padding_mask: bool = options.opt("mask the padding in training attention with a 4-D mask (SDPA's memory-efficient "
                                      "kernel). Off (default): causal attention alone, exact for right-padded batches "
-                                     "(padding follows every real token), so SDPA runs its flash kernel: 20 ms a step "
-                                     "less and 3.6 GiB less on an H100 (bench/RESULTS.md); hf backend", False)
+                                     "(padding follows every real token), so SDPA runs its flash kernel: ~3% faster "
+                                     "and 3.6 GiB less on an H100 (bench/RESULTS.md); hf backend", False)
     cudnn_attention: bool = options.opt("let attention use cuDNN (PyTorch's pick on an H100): it builds a plan for "
                                         "every new sequence length, which varying lengths pay again and again", False)
     group_by_length: bool = options.opt("batch samples of similar length together: less padding on a GPU, but "

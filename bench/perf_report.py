@@ -149,6 +149,12 @@ def render(runs: dict[str, dict]) -> str:
           "(`bench/rewindow_busy.py`, an estimate, for the runs whose samples were kept). From run h100-g on, SDPA no longer uses cuDNN "
           "(see the profile below) and the baseline keeps it (`--cudnn-attention`), as the libraries do by default: its "
           "steps that meet a new length take 2.5 s instead of 0.5 s (median unaffected, mean worse).", ""]
+    order = phase_order_ms(runs)
+    if order:
+        L += [f"Phase order: the same A/B (vision MLP padded or not) run in both orders (h100-zk, h100-zl) puts the "
+              f"call's second training phase {order[0]:+.1f} ms a step (paired medians) against its first, "
+              f"whichever it is; the first phase's loader also waited ~1 ms a step (handover) where the second's did "
+              f"not. An A/B run in one order carries that bias; the levers' rows below say where it matters.", ""]
     L += profile_section(runs)
     v = next((res(r, "vision") for r in runs.values() if res(r, "vision").get("tower_s_compiled")), {})
     if v:
@@ -268,7 +274,7 @@ def render(runs: dict[str, dict]) -> str:
               "the 20-30 ms two ranks add per all-reduce spread over four micro-batches: ~1.95x | 2 H200s "
               "(h200x2-zb, same call): 48.51 -> 97.62 samples/s, 2.01x; step by step -7 ms (median) against one GPU "
               "| default since the first release; the 2-GPU headline is now measured at it |",
-              padding_mask_row(runs),
+              padding_mask_row(runs), *([vision_mlp_row(runs)] if vision_mlp_row(runs) else []),
               needs_row(runs, lm_only), ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
@@ -640,11 +646,12 @@ def accumulation_paragraphs(runs: dict[str, dict]) -> list[str]:
         f"hold every rank.", ""] + busy_between_hosts(runs)
 
 
-def floor_run(runs: dict[str, dict]) -> tuple[str, dict]:
-    """(label, result) of the newest run that timed the prefill's floor, preferring one with the padded MLP."""
-    have = [(label, res(r, "floor")) for label, r in runs.items() if res(r, "floor").get("summary")]
-    padded = [x for x in have if x[1].get("vision_mlp_unpadded")]
-    return (padded or have or [("", {})])[-1]
+def floor_run(runs: dict[str, dict], with_profile: bool = False) -> tuple[str, dict]:
+    """(label, floor result) of the newest run that timed the prefill's floor with the padded vision MLP; with
+    with_profile, of the newest that also profiled the pipeline's own prefill in the same call."""
+    have = [(label, res(r, "floor")) for label, r in runs.items() if res(r, "floor").get("vision_mlp_unpadded")
+            and (not with_profile or (res(r, "profile_infer").get("plain") or {}).get("kernel_kinds_ms"))]
+    return (have or [("", {})])[-1]
 
 
 def floor_at(f: dict, tokens: float) -> float:
@@ -670,13 +677,14 @@ def lm_to_vision_elementwise() -> float:
 
 
 def floor_section(runs: dict[str, dict]) -> list[str]:
-    """The prefill's GEMMs and attention alone, timed at their shapes (bench/gpu_prefill_floor.py)."""
+    """The prefill's GEMMs and attention alone, timed at their shapes (bench/gpu_prefill_floor.py), and the
+    pipeline's own prefill set against it."""
     label, f = floor_run(runs)
     if not f:
         return []
     s = f["summary"]
-    rows = f["gemms"] + [dict(u, part=u["part"] + " (as the model has it: 3,420)") for u in
-                         f.get("vision_mlp_unpadded", [])] + f["attention"]
+    rows = (f["gemms"] + [dict(u, part=u["part"] + " (as the model has it: 3,420)") for u in f["vision_mlp_unpadded"]]
+            + f.get("fused", []) + f["attention"])
     L = [f"### The prefill's floor (`bench/gpu_prefill_floor.py`, {label}, {f['device']})", "",
          f"Every matmul and attention call of one inference batch ({f['rows']} rows x {f['prompt_tokens']} padded "
          f"tokens, 448 px images), each timed alone at its own shape (CUDA events, median of 20), back to back: "
@@ -687,42 +695,54 @@ def floor_section(runs: dict[str, dict]) -> list[str]:
         shape = f"{g['M']} x {g['K']} x {g['N']}" if "M" in g else f"{g['B']} x {g['Hq']} x {g['L']} x {g['D']}"
         fp8 = (f"{g['fp8_ms']:.3f} | {g['fp8_tflops']}" if "fp8_ms" in g else "- | -")
         L.append(f"| {g['part']} | {shape} | {g['calls']} | {g['bf16_ms']:.3f} | {g['bf16_tflops']} | {fp8} |")
-    L += ["", f"Sum: GEMMs {s['gemm_bf16_ms']} ms ({s['gemm_tflop']} TFLOP), attention {s['attention_ms']} ms: a "
-          f"floor of {s['floor_bf16_ms']} ms per batch; with the {s['decode_ms']:.0f} ms of graphed decoding "
-          f"measured in h100-q, at most **{s['ceiling_bf16_samples_per_s']} samples/s** in bf16 on this card."]
-    if "gemm_bf16_ms_unpadded" in s:
-        L[-1] += (f" With the vision MLP as the model has it the GEMMs take {s['gemm_bf16_ms_unpadded']} ms: its "
-                  f"{s['vision_mlp_bf16_ms_unpadded']} ms become {s['vision_mlp_bf16_ms']} when padded.")
-    if "ceiling_fp8_samples_per_s" in s:
-        L[-1] += (f" FP8 GEMMs (not built; they round differently from bf16, so predictions would no longer equal "
-                  f"the plain path's; K and N padded to multiples of 16, as FP8 needs) would lower the floor to "
-                  f"{s['floor_fp8_ms']} ms, {s['ceiling_fp8_samples_per_s']} samples/s.")
-    prof = res(runs.get(label, {}), "profile_infer")
-    kinds = (prof.get("plain") or {}).get("kernel_kinds_ms")
-    if kinds:
-        total = sum(kinds.values())
-        share = lambda k: f"{100 * kinds.get(k, 0) / total:.0f}%"  # noqa: E731
-        tokens = res(runs[label], "infer_fast").get("prompt_tokens_mean") or f["prompt_tokens"]
-        scaled = floor_at(f, tokens)
-        vision_fused = kinds.get("fused (triton)", 0) / prof["units"]  # per batch of 64 images, any text length
-        lm_fused = vision_fused * lm_to_vision_elementwise()
-        best = f["rows"] / ((scaled + vision_fused + lm_fused + s["decode_ms"]) / 1000)
-        L += ["", f"Against the pipeline's own prefill in the same call: {prof['prefill_ms_median']:.0f} ms (median "
-              f"over {prof['batches_in_medians']} batches of real lengths, {tokens} tokens a row on average; the "
-              f"floor at that length, the language model's part scaled by it: {scaled:.0f} ms, so the prefill runs at "
-              f"{scaled / prof['prefill_ms_median']:.0%} of the floor's speed and the ceiling is "
-              f"{f['rows'] / ((scaled + s['decode_ms']) / 1000):.1f} samples/s). The profiled batches' kernel time by "
-              f"kind (`bench/trace_gaps.py`): GEMMs {share('gemm')}, eager elementwise work and copies "
-              f"{share('elementwise / copy (eager)')} ({kinds['elementwise / copy (eager)']:.0f} ms in two batches: the "
-              f"language model's norms, rotary, SwiGLU, residual adds and casts, run eagerly because the decode "
-              f"steps share its layers), attention {share('attention')}, fused Triton kernels (the compiled vision "
-              f"blocks' norms, rotary and SwiGLU) {share('fused (triton)')}. That work cannot vanish: the vision "
-              f"tower's, fused by torch.compile, takes {vision_fused:.0f} ms a batch; the language model's, fused as "
-              f"well, would take ~{lm_fused:.0f} ms (scaled by the elements its norms and SwiGLU pass over). With "
-              f"both and the decode, the best a bf16 prefill could do is ~{best:.0f} samples/s. `--compile "
-              f"vision+mlp` fuses part of the language model's share (an option: bf16 rounding moves near-tied "
-              f"predictions)."]
+    text = (f"Sum: GEMMs {s['gemm_bf16_ms']} ms ({s['gemm_tflop']} TFLOP), attention {s['attention_ms']} ms: a floor of "
+            f"{s['floor_bf16_ms']} ms per batch; with the {s['decode_ms']:.0f} ms of graphed decoding measured in "
+            f"h100-q, at most **{s['ceiling_bf16_samples_per_s']} samples/s** in bf16 on this card.")
+    at = res(runs[label], "floor_601").get("summary")
+    if at:
+        text += (f" At 601 tokens a row (the real-length batches of h100-zj), same call: {at['floor_bf16_ms']} ms, "
+                 f"{at['ceiling_bf16_samples_per_s']} samples/s.")
+    text += (f" With the vision MLP as the model has it the GEMMs take {s['gemm_bf16_ms_unpadded']} ms: its "
+             f"{s['vision_mlp_bf16_ms_unpadded']} ms become {s['vision_mlp_bf16_ms']} when padded.")
+    if "fused_projections_saving_ms" in s:
+        text += (f" The projections that share an input as one GEMM per group (q/k/v, gate/up) would change the "
+                 f"floor by {-s['fused_projections_saving_ms']:+.1f} ms: no saving, so the floor does not hinge on "
+                 f"how the layers are split.")
+    text += (f" FP8 GEMMs (not built; they round differently from bf16, so predictions would no longer equal the "
+             f"plain path's; K and N padded to multiples of 16, as FP8 needs) would lower the floor to "
+             f"{s['floor_fp8_ms']} ms, {s['ceiling_fp8_samples_per_s']} samples/s.")
+    L += ["", text]
+    plabel, pf = floor_run(runs, with_profile=True)
+    if pf:
+        L += ["", same_call_comparison(runs, plabel, pf)]
     return L + [""]
+
+
+def same_call_comparison(runs: dict[str, dict], label: str, f: dict) -> str:
+    """The pipeline's own prefill against the floor timed in the same call, by kernel kind."""
+    s, prof = f["summary"], res(runs[label], "profile_infer")
+    kinds = prof["plain"]["kernel_kinds_ms"]
+    total = sum(kinds.values())
+    share = lambda k: f"{100 * kinds.get(k, 0) / total:.0f}%"  # noqa: E731
+    tokens = res(runs[label], "infer_fast").get("prompt_tokens_mean") or f["prompt_tokens"]
+    scaled = floor_at(f, tokens)
+    vision_fused = kinds.get("fused (triton)", 0) / prof["units"]  # per batch of 64 images, any text length
+    lm_fused = vision_fused * lm_to_vision_elementwise()
+    best = f["rows"] / ((scaled + vision_fused + lm_fused + s["decode_ms"]) / 1000)
+    return (f"Against the pipeline's own prefill, in one call ({label}: floor {s['floor_bf16_ms']} ms at "
+            f"{f['prompt_tokens']} tokens, {s['ceiling_bf16_samples_per_s']} samples/s): {prof['prefill_ms_median']:.0f} "
+            f"ms (median over {prof['batches_in_medians']} batches of real lengths, {tokens} tokens a row on average; "
+            f"the floor at that length, the language model's part scaled by it: {scaled:.0f} ms), so the prefill runs "
+            f"at {scaled / prof['prefill_ms_median']:.0%} of the floor's speed. The profiled batches' kernel time by "
+            f"kind (`bench/trace_gaps.py`): GEMMs {share('gemm')}, eager elementwise work and copies "
+            f"{share('elementwise / copy (eager)')} ({kinds['elementwise / copy (eager)']:.0f} ms in two batches: the "
+            f"language model's norms, rotary, SwiGLU, residual adds and casts, run eagerly because the decode steps "
+            f"share its layers), attention {share('attention')}, fused Triton kernels (the compiled vision blocks' "
+            f"norms, rotary and SwiGLU) {share('fused (triton)')}. That work cannot vanish: the vision tower's, fused "
+            f"by torch.compile, takes {vision_fused:.0f} ms a batch; the language model's, fused as well, would take "
+            f"~{lm_fused:.0f} ms (scaled by the elements its norms and SwiGLU pass over). With both and the decode, "
+            f"the best a bf16 prefill could do is ~{best:.0f} samples/s. `--compile vision+mlp` fuses part of the "
+            f"language model's share (an option: bf16 rounding moves near-tied predictions).")
 
 
 def needs_row(runs: dict[str, dict], lm_only: float) -> str:
@@ -744,6 +764,39 @@ def needs_row(runs: dict[str, dict], lm_only: float) -> str:
                   f"{s['ceiling_bf16_samples_per_s']} samples/s at most in bf16. 120 is out of reach with predictions "
                   f"equal to the bf16 path's; FP8 GEMMs would raise that ceiling to {s['ceiling_fp8_samples_per_s']} "
                   f"at the price of different rounding | not reachable in bf16 (the ceiling, measured) |")
+
+
+def phase_order_ms(runs: dict[str, dict]) -> tuple[float, float] | None:
+    """(order, padding): ms a step that being the call's second training phase, and padding the vision MLP, add,
+    from the same A/B run in both orders (h100-zk: padded first; h100-zl: unpadded first), by paired medians."""
+    zk, zl = runs.get("h100-zk", {}), runs.get("h100-zl", {})
+    pairs = [(res(zk, "train_fast"), res(zk, "train_fast_unpadded")), (res(zl, "train_fast_unpadded"), res(zl, "train_fast"))]
+    if not all(a and b for a, b in pairs):
+        return None
+    d_k, d_l = (statistics.median(paired_step_ms(a, b)) for a, b in pairs)  # second minus first
+    return (d_k + d_l) / 2, (d_l - d_k) / 2
+
+
+def vision_mlp_row(runs: dict[str, dict]) -> str:
+    """The lever row of the zero-padded vision MLP width."""
+    _, f = floor_run(runs)
+    zj = runs.get("h100-zj", {})
+    padded, unpadded = res(zj, "infer_fast"), res(zj, "infer_fast_unpadded")
+    order = phase_order_ms(runs)
+    if not f or not padded or not unpadded or order is None:
+        return ""
+    s, eq = f["summary"], zj["equality"]["infer_fast vs infer_fast_unpadded"]
+    return (f"| the vision MLP's width zero-padded 3,420 -> 3,456 (`--vision-mlp-multiple 128`), exact | the floor: those "
+            f"GEMMs ran at ~230 TFLOP/s, {s['vision_mlp_bf16_ms_unpadded']} ms of a 64-image batch, "
+            f"{s['vision_mlp_bf16_ms']} padded: up to ~{s['vision_mlp_bf16_ms_unpadded'] - s['vision_mlp_bf16_ms']:.0f} "
+            f"ms an inference batch and ~{(s['vision_mlp_bf16_ms_unpadded'] - s['vision_mlp_bf16_ms']) / 4:.0f} ms a "
+            f"training step of 16 images | inference (h100-zj, same rows, padded first): {unpadded['samples_per_s']} -> "
+            f"{padded['samples_per_s']} samples/s, median batch {1e3 * unpadded['median_generate_s']:.0f} -> "
+            f"{1e3 * padded['median_generate_s']:.0f} ms, {eq['equal_price']}/{eq['rows']} predictions equal. "
+            f"Training, the same A/B in both phase orders (h100-zk, h100-zl): padding {order[1]:+.1f} ms a step, "
+            f"neutral. Far less than predicted, most likely because the vision blocks are compiled and Inductor "
+            f"already pads unaligned matmuls itself (`torch._inductor.config.shape_padding`, on by default), at the "
+            f"cost of copies the explicit padding saves | yes, default (exact; stages 6 and 7, hf backend) |")
 
 
 def padding_mask_row(runs: dict[str, dict]) -> str:
@@ -768,8 +821,17 @@ def padding_mask_row(runs: dict[str, dict]) -> str:
         f"{causal['segments_ms']['backward']:g} ms, forward {masked['segments_ms']['forward']:g} -> "
         f"{causal['segments_ms']['forward']:g}; peak {masked['train_peak_gib']} -> {causal['train_peak_gib']} GiB; "
         f"first, logged and last losses within {same:.3f} of each other (bf16 kernels); busy {busy(zh, 'train_fast')} -> "
-        f"{busy(zh, 'train_fast_causal')} (less GPU work for the same launches). Same loss and gradients on the tiny "
-        f"model (test) | yes, default from commit b96527e |")
+        f"{busy(zh, 'train_fast_causal')} (less GPU work for the same launches). {order_note(runs)}Same loss and "
+        f"gradients on the tiny model (test) | yes, default from commit b96527e |")
+
+
+def order_note(runs: dict[str, dict]) -> str:
+    order = phase_order_ms(runs)
+    if order is None:
+        return ""
+    return (f"Later runs found that a call's second training phase is {order[0]:+.1f} ms a step whatever it runs "
+            f"(h100-zk, h100-zl: the same A/B in both orders), and here the lever ran second: about half of the "
+            f"step's gain is that order; the backward's and the memory's are the lever's. ")
 
 
 def trace_sentence(run: dict) -> str:

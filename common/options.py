@@ -40,13 +40,14 @@ def build_parser(cls, description: str | None) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        help_text = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        # argparse %-formats every help string: a "3%" in the text or a default is text, not a placeholder
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         if tp is bool:
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=f"{help_text} (default: {default})")
+                                default=default, help=help_text)
             continue
         origin = typing.get_origin(tp)
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -54,11 +55,11 @@ def build_parser(cls, description: str | None) -> argparse.ArgumentParser:
         if typing.get_origin(base) is list:
             item = typing.get_args(base)[0]
             parser.add_argument(_flag(f.name), dest=f.name, nargs="+", type=item, default=default,
-                                choices=choices, help=f"{help_text} (default: {default})")
+                                choices=choices, help=help_text)
             continue
         conv = base if base in (int, float, str, Path) else str
         parser.add_argument(_flag(f.name), dest=f.name, type=conv, default=default, choices=choices,
-                            help=f"{help_text} (default: {default})")
+                            help=help_text)
     return parser
 
 

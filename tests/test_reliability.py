@@ -181,7 +181,7 @@ def test_a_nan_on_one_rank_stops_every_rank(bad_rank):
 @pytest.mark.parametrize("stage", ["1_download.py", "2_resize.py", "3_create_jsonl.py", "4_preprocess.py",
                                    "5_convert.py", "6_train.py", "7_infer.py"])
 def test_every_stage_explains_its_options(stage):
-    """--help renders every option's text (argparse formats it with %, so a stray percent sign breaks it)."""
+    """--help renders every option's text (argparse %-formats help strings; common.options escapes a "3%")."""
     done = run_script(stage, "--help", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--work-dir" in done.stdout
