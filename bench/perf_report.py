@@ -885,6 +885,34 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
     return metric, f"| {metric} | {baseline} | {ours} | {card(run)}{device_note} | {run['env']['started'][:10]} |"
 
 
+def later_train(runs: dict[str, dict]) -> str:
+    """Training at the newest defaults (no padding mask, padded vision MLP), where measured without a baseline."""
+    got = [(label, res(runs.get(label, {}), "train_fast")) for label in ("h100-zk", "h100-zl")]
+    got = [(label, x) for label, x in got if x]
+    if not got:
+        return ""
+    return ("; at commit 73508e8, no baseline in those calls: " +
+            ", ".join(f"{x['samples_per_s']} ({label})" for label, x in got))
+
+
+def later_infer(runs: dict[str, dict]) -> str:
+    x = res(runs.get("h100-zj", {}), "infer_fast")
+    return f"; at commit 73508e8, h100-zj: {x['samples_per_s']}" if x else ""
+
+
+def later_busy(runs: dict[str, dict]) -> str:
+    return ", ".join(f"{busy(runs[label], phase)} ({label}, {phase})" for label in ("h100-zk", "h100-zl")
+                     for phase in ("train_fast", "train_fast_unpadded") if res(runs.get(label, {}), phase))
+
+
+def ceiling_clause(runs: dict[str, dict]) -> str:
+    label, f = floor_run(runs)
+    if not f:
+        return ""
+    return (f"; its GEMMs and attention alone, at cuBLAS and flash speed, cap bf16 at "
+            f"{f['summary']['ceiling_bf16_samples_per_s']} ({label}, `bench/gpu_prefill_floor.py`)")
+
+
 def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
     """(metric, row) for the perf rows of the headline table."""
     rows = []
@@ -896,7 +924,7 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
         rows.append(row("train samples/s", f"{hf['samples_per_s']} (transformers+peft, batch 4; 3B, real lengths)",
                         f"{fast['samples_per_s']} ({fast['samples_per_s'] / hf['samples_per_s']:.2f}x; goal 40: met. "
                         f"The same bench on other H100s: {pair(old)} (h100-z); at the default of 4 micro-batches a "
-                        f"step, both sides: {pair(acc)} (h100-ze))", g))
+                        f"step, both sides: {pair(acc)} (h100-ze)){later_train(runs)}", g))
     a = runs.get("h100-a", {})
     hf_a, uns = res(a, "train_hf"), res(a, "train_unsloth")
     if hf_a and uns:
@@ -911,8 +939,9 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
                         f"{seven['samples_per_s']} ({seven['samples_per_s'] / plain['samples_per_s']:.2f}x; "
                         f"{lib['samples_per_s']} with the library's generate; goal 120: not met, the "
                         f"{prof.get('prefill_ms_median', 0):.0f} ms prefill per 64 rows alone caps it at "
-                        f"~{64000 / prof.get('prefill_ms_median', 1):.0f}. At commit {now['commit']}, h100-zf: "
-                        f"{res(now, 'infer_plain')['samples_per_s']} -> {res(now, 'infer_fast')['samples_per_s']})", h))
+                        f"~{64000 / prof.get('prefill_ms_median', 1):.0f}{ceiling_clause(runs)}. At commit "
+                        f"{now['commit']}, h100-zf: {res(now, 'infer_plain')['samples_per_s']} -> "
+                        f"{res(now, 'infer_fast')['samples_per_s']}{later_infer(runs)})", h))
     u = runs.get("h200x2-u", {})
     one, two = u.get("infer_fast") or {}, u.get("infer_fast_2gpu") or {}
     if one.get("result") and two.get("result"):
@@ -943,7 +972,8 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
                         f"on other H100s: {busy(x, 'train_fast')} in h100-zc, {busy(x, 'train_fast_big')} there at "
                         f"batch 20, {busy(runs.get('h100-zg', {}), 'train_fast')} in h100-zg, {busy(acc, 'train_fast')} at the "
                         f"default accumulation of 4 in h100-ze; "
-                        f"{busy(d, 'train_fast')} on an H200 at the default accumulation, h200x2-zb: the steps are "
+                        f"{busy(d, 'train_fast')} on an H200 at the default accumulation, h200x2-zb; at commit 73508e8 "
+                        f"{later_busy(runs)}: the steps are "
                         f"partly launch-bound, so the figure follows the host). Training windows before commit 2f1d6b6 "
                         f"ran past the last step onto the closing save's idle GPU: 88.5% in h100-z is low for that "
                         f"reason; profiler (kernel time / wall): "
@@ -974,6 +1004,13 @@ python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,profile
 # training attention with and without the padding mask (h100-zh, nvidia-h100-x1, at commit 562f673, when the
 # mask was the default; from b96527e the same A/B is phases train_fast,train_fast_masked)
 python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,train_fast,train_fast_causal --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=190
+# the prefill's floor, the vision MLP padding A/B in inference and the profiled prefill (h100-zj, nvidia-h100-x1;
+# h100-zi ran the floor alone before the padding existed)
+python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases floor,build,data,infer_fast,infer_fast_unpadded,profile_infer --train-rows 128 --test-rows 1024 --limits floor=60,build=60,data=130,infer=110,profile_infer=90
+# the vision MLP padding A/B in training, in both phase orders (h100-zk, then h100-zl with the two phases swapped)
+python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,train_fast,train_fast_unpadded --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
+# the floor at two lengths, with fused projection groups (h100-zm, nvidia-h100-x1, the script alone)
+for n in 615 601; do python3 bench/gpu_prefill_floor.py --prompt-tokens $n --result $OUT/floor_$n.json; done
 # infer samples/s at a later commit (h100-zf, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 480 --phases build,data,infer_plain,infer_fast,infer_fast_generate --train-rows 128 --test-rows 1024 --limits build=60,data=130,train=200,infer=100,infer_plain=130
 # train 2-GPU scaling, and one bucket (h200x2-za, nvidia-h100-x2, which gave 2 H200s)
