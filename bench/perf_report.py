@@ -87,7 +87,7 @@ def step_cost_fit(entry: dict) -> dict | None:
 def train_rows(label: str, run: dict) -> list[str]:
     out = []
     for phase in ("train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_causal",
-                  "train_fast_masked", "train_fast_unpadded", "train_unsloth", "train_unsloth16",
+                  "train_fast_masked", "train_fast_unpadded", "train_fast_cpp", "train_unsloth", "train_unsloth16",
                   "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split"):
         x = res(run, phase)
         if not x.get("samples_per_s"):
@@ -275,6 +275,11 @@ def render(runs: dict[str, dict]) -> str:
               "(h200x2-zb, same call): 48.51 -> 97.62 samples/s, 2.01x; step by step -7 ms (median) against one GPU "
               "| default since the first release; the 2-GPU headline is now measured at it |",
               padding_mask_row(runs), *([vision_mlp_row(runs)] if vision_mlp_row(runs) else []),
+              "| Inductor's C++ wrapper for the compiled blocks (`TORCHINDUCTOR_CPP_WRAPPER=1`): each kernel launched "
+              "from C++ instead of the generated Python | the training step is launch-bound on most H100 hosts "
+              "(h100-zg's trace: 32 ms of the 116 ms idle in two steps fall while the host launches kernels inside "
+              "the compiled blocks); less host time per launch keeps the queue fuller. Compiling takes longer | not "
+              "run (device time ran out): bench phase `train_fast_cpp` | not yet |",
               needs_row(runs, lm_only), ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "

@@ -77,12 +77,13 @@ def compile_blocks(model, which: str, backend: str) -> int:
 
 def pad_vision_mlp(model, multiple: int) -> int:
     """Zero-pad the vision tower's MLP width up to a multiple of `multiple`. Qwen2.5-VL-3B's is 3,420: a bf16 row
-    of 6,840 bytes, not 16-byte aligned, on which cuBLAS ran the tower's gate/up/down GEMMs at 220-240 TFLOP/s
-    on an H100 against ~700 for every other projection of the model (bench/gpu_prefill_floor.py, h100-zi): 40%
-    of an inference prefill's matmul time. Exact: the padded gate and up rows have zero weights and biases, and
-    down's padded input columns are zero, so they add nothing. Only plain frozen nn.Linear layers are
-    padded (not 4-bit ones, not LoRA-wrapped ones: their adapters keep the model's own shapes). Returns the
-    number of MLPs padded."""
+    of 6,840 bytes, not 16-byte aligned, on which cuBLAS runs the tower's gate/up/down GEMMs at 220-240 TFLOP/s
+    on an H100 against ~700 for every other projection of the model (bench/gpu_prefill_floor.py). Compiled
+    blocks mostly recover that by themselves (Inductor pads such matmuls, with copies): measured, inference
+    +1.9% with the same predictions, training neutral (bench/RESULTS.md). Exact: the padded gate and up rows
+    have zero weights and biases, and down's padded input columns are zero, so they add nothing. Only plain
+    frozen nn.Linear layers are padded (not 4-bit ones, not LoRA-wrapped ones: their adapters keep the model's
+    own shapes). Returns the number of MLPs padded."""
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
     if multiple <= 0:
