@@ -279,7 +279,8 @@ def render(runs: dict[str, dict]) -> str:
               "from C++ instead of the generated Python | the training step is launch-bound on most H100 hosts "
               "(h100-zg's trace: 32 ms of the 116 ms idle in two steps fall while the host launches kernels inside "
               "the compiled blocks); less host time per launch keeps the queue fuller. Compiling takes longer | not "
-              "run (device time ran out): bench phase `train_fast_cpp` | not yet |",
+              "run on the GPU (device time ran out): bench phase `train_fast_cpp`. The CPU dry run (small model, "
+              "`--compile all`) trains forward and backward through it with the same losses | not yet |",
               needs_row(runs, lm_only), ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "

@@ -509,8 +509,9 @@ def test_training_collator_drops_a_needless_mask_and_names_a_sample_with_wrong_i
 
 def test_causal_attention_alone_gives_a_right_padded_batch_the_same_loss_and_gradients(tiny_model_dir,
                                                                                        encoded_demo):
-    """--no-padding-mask: the collator leaves the padding mask out of a right-padded training batch, so attention is
-    causal alone (SDPA's flash kernel takes no mask); padding follows every real token, so nothing real changes."""
+    """6_train's default (--no-padding-mask): the collator leaves the padding mask out of a right-padded training
+    batch, so attention is causal alone (SDPA's flash kernel takes no mask); padding follows every real token, so
+    nothing real changes."""
     from common.modeling import skip_image_readbacks
     from common.positions import HostLayout
     from common.predict import with_normalized_pixels
