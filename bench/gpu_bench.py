@@ -37,6 +37,9 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   profile_infer    bench/gpu_profile.py: infer_fast's run with batches profiled
   profile_train_2gpu  profile_train under torchrun --nproc_per_node 2 (each rank's profile to its own files)
 
+Any training phase with "_again" appended runs it once more, for A-B-A designs: a call's first training phase ran
+~9 ms a step slower than its second whatever both ran (bench/RESULTS.md), so one order alone is biased.
+
 GPU busy: nvidia-smi samples utilization.gpu every 200 ms through the whole call; each phase's mean over its
 steady window (after warm-up, until its end) is reported per GPU.
 
@@ -246,7 +249,7 @@ def main() -> None:
     limits = {**LIMITS, **{k: float(v) for k, v in (x.split("=") for x in a.limits.split(",") if x)}}
     b = Bench(a)
     phases = a.phases.split(",")
-    unknown = sorted(set(phases) - set(ALL))
+    unknown = sorted({p.removesuffix("_again") for p in phases} - set(ALL))
     if unknown:
         raise SystemExit(f"unknown phases {unknown}; known: {ALL}")
     sampler = UtilSampler(b.out / "gpu_util.csv")
@@ -289,11 +292,11 @@ def main() -> None:
               "train_unsloth16": ("unsloth", a.unsloth_batch, ["--no-load-in-4bit"], 1)}
 
     def train(name: str) -> None:
-        backend, batch, extra, gpus = trains[name]
+        backend, batch, extra, gpus = trains[name.removesuffix("_again")]
         res = a.root / f"{name}.json"
         for old in [res, *res.parent.glob(res.stem + ".rank*.json")]:
             old.unlink(missing_ok=True)
-        env = ["env", "TORCHINDUCTOR_CPP_WRAPPER=1"] if name.endswith("_cpp") else []
+        env = ["env", "TORCHINDUCTOR_CPP_WRAPPER=1"] if name.removesuffix("_again").endswith("_cpp") else []
         cmd = [*env, *torchrun(gpus), "bench/gpu_train_speed.py", "--result", res, "--name", name, "--",
                *train_args(b, name.removeprefix("train_"), backend, batch, extra)]
         got = b.run(name, cmd, f"{name}.log", limits.get(name, limits["train"]), res, min_needed=60)
@@ -351,7 +354,7 @@ def main() -> None:
               res, min_needed=45)
 
     for name in phases:  # in the order given
-        if name in trains:
+        if name.removesuffix("_again") in trains:
             train(name)
         elif name == "vision":
             vision(name)
