@@ -114,6 +114,26 @@ def build_stream(cfg: InferOptions, model_path: str, spec, encoding: dict):
                        normalize=False)
 
 
+def load_model(cfg: InferOptions, base: str, adapter: str | None):
+    """(model with the speed options applied, backend actually used, static decoder or None for generate())."""
+    import torch
+
+    from common.modeling import (compile_blocks, load_for_inference, make_decoder, pad_vision_mlp,
+                                 use_cudnn_attention)
+    from common.vision_attention import use_bucketed_vision_attention
+    model, backend = load_for_inference(base, adapter, cfg.backend)
+    if cfg.vision_attention == "bucketed":
+        use_bucketed_vision_attention(model)
+    if backend == "hf":
+        pad_vision_mlp(model, cfg.vision_mlp_multiple)  # before compiling: the blocks compile with its shapes
+    which = cfg.compile
+    if which == "auto":  # the language model decodes token by token with a growing cache: vision blocks only
+        which = "vision" if torch.cuda.is_available() else "none"
+    compile_blocks(model, which, backend)
+    use_cudnn_attention(cfg.cudnn_attention)
+    return model, backend, make_decoder(model, cfg.decode, backend)
+
+
 def main(cfg: InferOptions) -> dict:
     from common.modeling import import_backend
     import_backend(cfg.backend)  # Unsloth, if chosen, must be imported before transformers
@@ -123,10 +143,8 @@ def main(cfg: InferOptions) -> dict:
     from common.collate import for_tokenizer
     from common.encode import ImageSpec
     from common.inference import merge, read_parts, run_predictions, write_predictions_csv
-    from common.modeling import (bind_local_gpu, compile_blocks, load_for_inference, load_tokenizer, make_decoder,
-                                 pad_vision_mlp, resolve_model, use_cudnn_attention)
+    from common.modeling import bind_local_gpu, load_tokenizer, resolve_model
     from common.positions import HostLayout
-    from common.vision_attention import use_bucketed_vision_attention
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
     bind_local_gpu()
@@ -141,17 +159,7 @@ def main(cfg: InferOptions) -> dict:
     ids, truth = expected_rows(cfg)
     median = read_json(layout.jsonl_dir(cfg.work_dir) / "stats.json")["train_median_price"]
     out_dir = cfg.work_dir / f"infer_{cfg.split}"
-    model, backend = load_for_inference(base, adapter, cfg.backend)
-    if cfg.vision_attention == "bucketed":
-        use_bucketed_vision_attention(model)
-    if backend == "hf":
-        pad_vision_mlp(model, cfg.vision_mlp_multiple)  # before compiling: the blocks compile with its shapes
-    which = cfg.compile
-    if which == "auto":  # the language model decodes token by token with a growing cache: vision blocks only
-        which = "vision" if torch.cuda.is_available() else "none"
-    compile_blocks(model, which, backend)
-    use_cudnn_attention(cfg.cudnn_attention)
-    decoder = make_decoder(model, cfg.decode, backend)
+    model, backend, decoder = load_model(cfg, base, adapter)
     log.info("%s: %d rows to answer; base %s, adapter %s, backend %s", cfg.split, len(ids), base, adapter, backend)
     collator = for_tokenizer(tokenizer, "left", with_labels=False,
                              host_ids=HostLayout.from_model(model) if backend == "hf" else None)
