@@ -249,7 +249,7 @@ def main() -> None:
     limits = {**LIMITS, **{k: float(v) for k, v in (x.split("=") for x in a.limits.split(",") if x)}}
     b = Bench(a)
     phases = a.phases.split(",")
-    unknown = sorted({p.removesuffix("_again") for p in phases} - set(ALL))
+    unknown = sorted({p.removesuffix("_again") if p.startswith("train_") else p for p in phases} - set(ALL))
     if unknown:
         raise SystemExit(f"unknown phases {unknown}; known: {ALL}")
     sampler = UtilSampler(b.out / "gpu_util.csv")
@@ -290,13 +290,15 @@ def main() -> None:
               "train_fast_2gpu_split": ("hf", a.fast_batch, [*fast, "--ddp-split-graphs"], 2),
               "train_unsloth": ("unsloth", a.unsloth_batch, [], 1),
               "train_unsloth16": ("unsloth", a.unsloth_batch, ["--no-load-in-4bit"], 1)}
+    train_env = {"train_fast_cpp": ["TORCHINDUCTOR_CPP_WRAPPER=1"]}  # environment beyond the options
 
     def train(name: str) -> None:
-        backend, batch, extra, gpus = trains[name.removesuffix("_again")]
+        base = name.removesuffix("_again")
+        backend, batch, extra, gpus = trains[base]
         res = a.root / f"{name}.json"
         for old in [res, *res.parent.glob(res.stem + ".rank*.json")]:
             old.unlink(missing_ok=True)
-        env = ["env", "TORCHINDUCTOR_CPP_WRAPPER=1"] if name.removesuffix("_again").endswith("_cpp") else []
+        env = ["env", *train_env[base]] if base in train_env else []
         cmd = [*env, *torchrun(gpus), "bench/gpu_train_speed.py", "--result", res, "--name", name, "--",
                *train_args(b, name.removeprefix("train_"), backend, batch, extra)]
         got = b.run(name, cmd, f"{name}.log", limits.get(name, limits["train"]), res, min_needed=60)

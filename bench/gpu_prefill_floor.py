@@ -171,6 +171,13 @@ def summarise(gemms: list[dict], attention: list[dict], rows: int, decode_ms: fl
     return out
 
 
+def table_row(g: dict) -> str:
+    """One timed GEMM or attention call as a markdown table row (this script's table and bench/RESULTS.md's)."""
+    shape = f"{g['M']} x {g['K']} x {g['N']}" if "M" in g else f"{g['B']} x {g['Hq']} x {g['L']} x {g['D']}"
+    fp8 = f"{g['fp8_ms']:.3f} | {g['fp8_tflops']}" if "fp8_ms" in g else "- | -"
+    return f"| {g['part']} | {shape} | {g['calls']} | {g['bf16_ms']:.3f} | {g['bf16_tflops']} | {fp8} |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--result", type=Path, required=True)
@@ -197,12 +204,10 @@ def main() -> None:
     a.result.parent.mkdir(parents=True, exist_ok=True)
     a.result.write_text(json.dumps(result, indent=1))
     print(f"{result['device']}: batch of {a.rows} x {a.prompt_tokens} tokens")
-    print("| part | M x K x N | calls | bf16 ms/call | bf16 TFLOP/s | fp8 ms/call | fp8 TFLOP/s |")
+    print("| part | M x K x N (attention: B x heads x L x head dim) | calls | bf16 ms a call | bf16 TFLOP/s | "
+          "FP8 ms a call | FP8 TFLOP/s |")
     for g in gemms + [dict(u, part=u["part"] + " (unpadded)") for u in unpadded] + fused + attention:
-        shape = f"{g['M']} x {g['K']} x {g['N']}" if "M" in g else f"{g['B']} x {g['Hq']} x {g['L']} x {g['D']}"
-        fp8 = f"{g['fp8_ms']:.3f}" if "fp8_ms" in g else "-"
-        print(f"| {g['part']} | {shape} | {g['calls']} | {g['bf16_ms']:.3f} | {g['bf16_tflops']} | {fp8} | "
-              f"{g.get('fp8_tflops', '-')} |")
+        print(table_row(g))
     print("SUMMARY floor", json.dumps(result["summary"]))
 
 

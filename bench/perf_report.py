@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_results import RESULTS, arg_value, update_section  # noqa: E402
+from gpu_prefill_floor import table_row  # noqa: E402
 
 RUNS = Path(__file__).resolve().parent / "gpu_runs"
 HEAVY = ("predictions", "texts", "batch_log", "losses", "evals", "log_history")  # argv stays
@@ -275,7 +276,7 @@ def render(runs: dict[str, dict]) -> str:
               "the 20-30 ms two ranks add per all-reduce spread over four micro-batches: ~1.95x | 2 H200s "
               "(h200x2-zb, same call): 48.51 -> 97.62 samples/s, 2.01x; step by step -7 ms (median) against one GPU "
               "| default since the first release; the 2-GPU headline is now measured at it |",
-              padding_mask_row(runs), *([vision_mlp_row(runs)] if vision_mlp_row(runs) else []),
+              padding_mask_row(runs), *filter(None, [vision_mlp_row(runs)]),
               "| Inductor's C++ wrapper for the compiled blocks (`TORCHINDUCTOR_CPP_WRAPPER=1`): each kernel launched "
               "from C++ instead of the generated Python | the training step is launch-bound on most H100 hosts "
               "(h100-zg's trace: 32 ms of the 116 ms idle in two steps fall while the host launches kernels inside "
@@ -672,15 +673,14 @@ def floor_at(f: dict, tokens: float) -> float:
     return fixed + lm * x + attn * x * x
 
 
-def lm_to_vision_elementwise() -> float:
-    """How many more elements the language model's norms and SwiGLU pass over in a prefill than the vision
-    tower's, for 64 rows at 615 tokens and 448 px images (hidden + MLP width per token / patch, per layer)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu_build_model import SIZES
-    t, v = SIZES["3b"]["text"], SIZES["3b"]["vision"]
-    lm = 615 * t["num_hidden_layers"] * (2 * t["hidden_size"] + 3 * t["intermediate_size"])
-    vision = 1024 * v["depth"] * (2 * v["hidden_size"] + 3 * 3456)
-    return lm / vision
+def lm_to_vision_elementwise(f: dict) -> float:
+    """How many more elements the language model's norms and SwiGLU pass over in the floor's prefill than the
+    vision tower's (hidden size twice and MLP width three times, per token or patch, per layer), from the shapes
+    the floor timed."""
+    def elements(part: str) -> float:
+        g = next(x for x in f["gemms"] if x["part"] == part)  # gate+up: M rows, K hidden, N MLP width, 2 a layer
+        return g["M"] * (2 * g["K"] + 3 * g["N"]) * g["calls"] / 2
+    return elements("LM gate+up") / elements("vision gate+up")
 
 
 def floor_section(runs: dict[str, dict]) -> list[str]:
@@ -699,9 +699,7 @@ def floor_section(runs: dict[str, dict]) -> list[str]:
          "| part | M x K x N (attention: B x heads x L x head dim) | calls per batch | bf16 ms a call | bf16 TFLOP/s | "
          "FP8 ms a call | FP8 TFLOP/s |", "|---|---|---:|---:|---:|---:|---:|"]
     for g in rows:
-        shape = f"{g['M']} x {g['K']} x {g['N']}" if "M" in g else f"{g['B']} x {g['Hq']} x {g['L']} x {g['D']}"
-        fp8 = (f"{g['fp8_ms']:.3f} | {g['fp8_tflops']}" if "fp8_ms" in g else "- | -")
-        L.append(f"| {g['part']} | {shape} | {g['calls']} | {g['bf16_ms']:.3f} | {g['bf16_tflops']} | {fp8} |")
+        L.append(table_row(g))
     text = (f"Sum: GEMMs {s['gemm_bf16_ms']} ms ({s['gemm_tflop']} TFLOP), attention {s['attention_ms']} ms: a floor of "
             f"{s['floor_bf16_ms']} ms per batch; with the {s['decode_ms']:.0f} ms of graphed decoding measured in "
             f"h100-q, at most **{s['ceiling_bf16_samples_per_s']} samples/s** in bf16 on this card.")
@@ -734,7 +732,7 @@ def same_call_comparison(runs: dict[str, dict], label: str, f: dict) -> str:
     tokens = res(runs[label], "infer_fast").get("prompt_tokens_mean") or f["prompt_tokens"]
     scaled = floor_at(f, tokens)
     vision_fused = kinds.get("fused (triton)", 0) / prof["units"]  # per batch of 64 images, any text length
-    lm_fused = vision_fused * lm_to_vision_elementwise()
+    lm_fused = vision_fused * lm_to_vision_elementwise(f)
     best = f["rows"] / ((scaled + vision_fused + lm_fused + s["decode_ms"]) / 1000)
     return (f"Against the pipeline's own prefill, in one call ({label}: floor {s['floor_bf16_ms']} ms at "
             f"{f['prompt_tokens']} tokens, {s['ceiling_bf16_samples_per_s']} samples/s): {prof['prefill_ms_median']:.0f} "
