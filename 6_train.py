@@ -60,6 +60,12 @@ class TrainOptions:
                                            128)
     compile: str = options.opt("torch.compile each block: auto (GPU: all, or vision under Unsloth; CPU: none), "
                                "none, vision, all", "auto", choices=["auto", "none", "vision", "all"])
+    cuda_graphs: bool = options.opt("replay each compiled block's kernels as a CUDA graph (torch.compile mode "
+                                    "reduce-overhead), recorded once per padded length: a step launches ~5,400 "
+                                    "kernels, which a slow host cannot issue as fast as the GPU runs them; GPU, hf "
+                                    "backend, compiled blocks", False)
+    pad_multiple: int = options.opt("pad each training batch's length up to a multiple of this, so CUDA graphs meet "
+                                    "few shapes (0: 32 with --cuda-graphs, else none)", 0)
     padding_mask: bool = options.opt("mask the padding in training attention with a 4-D mask (SDPA's memory-efficient "
                                      "kernel). Off (default): causal attention alone, exact for right-padded batches "
                                      "(padding follows every real token), so SDPA runs its flash kernel: ~3% faster "
@@ -126,6 +132,19 @@ class TrainOptions:
             out.append("--gc-every must be >= 0")
         if self.ddp_bucket_mb < 0:
             out.append("--ddp-bucket-mb must be >= 0")
+        if self.pad_multiple < 0:
+            out.append("--pad-multiple must be >= 0")
+        if self.cuda_graphs:
+            import torch
+
+            from common.modeling import pick_backend
+            if not torch.cuda.is_available():
+                out.append("--cuda-graphs needs a GPU")
+            if pick_backend(self.backend) != "hf":
+                out.append("--cuda-graphs graphs the blocks this stage compiles: it needs --backend hf (Unsloth "
+                           "compiles its own decoder layers)")
+            if self.compile in ("none", "vision"):
+                out.append("--cuda-graphs needs the decoder layers compiled: --compile all or auto")
         needed = ["train", "validation"]
         for split in needed:
             path = (layout.shards_dir(self.work_dir, split) / "index.json" if self.source == "shards"
@@ -133,6 +152,10 @@ class TrainOptions:
             if not path.exists():
                 out.append(f"{path} not found: run the earlier stages first")
         return out
+
+    @property
+    def padded_to(self) -> int:
+        return self.pad_multiple or (32 if self.cuda_graphs else 1)
 
     @property
     def out(self) -> Path:
@@ -229,7 +252,7 @@ def load_model(cfg: TrainOptions, model_path: str):
     if backend == "hf":
         pad_vision_mlp(model, cfg.vision_mlp_multiple)  # before compiling: the blocks compile with its shapes
     split_compiled_graphs_for_ddp(cfg.ddp_split_graphs)
-    compile_blocks(model, cfg.compile, backend)
+    compile_blocks(model, cfg.compile, backend, cfg.cuda_graphs)
     use_cudnn_attention(cfg.cudnn_attention)
     return model, backend
 
@@ -257,12 +280,13 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
     trainer = PriceTrainer(model=model, args=training_arguments(cfg, max_steps, torch.cuda.is_available()),
                            train_dataset=train_ds, eval_dataset=val_ds,
                            data_collator=for_tokenizer(tokenizer, drop_images=cfg.text_only, host_ids=host_ids,
-                                                       padding_mask=cfg.padding_mask),
+                                                       padding_mask=cfg.padding_mask, pad_multiple=cfg.padded_to),
                            loader_options={"num_workers": cfg.workers, "pin_memory": cfg.pin_memory,
                                            "persistent_workers": cfg.persistent_workers,
                                            "prefetch_factor": cfg.prefetch_factor},
                            eval_options=eval_options, answer_only=cfg.loss_positions == "answer" and backend == "hf",
                            pixel_spec=spec, no_cache=backend == "hf", grads_in_buckets=cfg.ddp_grads_in_buckets,
+                           cuda_graphs=cfg.cuda_graphs,
                            callbacks=[CheckpointMarker()])
     trainer.add_callback(NonFiniteGuard(trainer))
     if cfg.gc_every:

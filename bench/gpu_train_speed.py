@@ -24,6 +24,8 @@ Each timed step is also cut at its forward's end, its backward's end (under DDP:
 all-reduce), the gradient clipping's end and the optimizer's end (`segments_ms`, medians; one micro-step per
 step only): the GPU time each part takes, with `handover` = from the previous step's end to this step's begin.
 Under torchrun each rank also times a lone all-reduce of all its trainable gradients (`allreduce_ms`).
+`samples_per_s_repeated_lengths`: from the median interval over the timed steps whose padded length came twice
+before (CUDA graphs warm up and record on a length's first two steps, then replay).
 Garbage collections during training are logged by step: each full one with its host ms (`gc_full`), the young
 ones counted and summed per step (`gc_young`); `gc_full_ms_timed`: the full ones' sum over the timed steps.
 """
@@ -215,6 +217,10 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
                 if len(timed_intervals) == len(timed_steps):  # no evaluation inside the window
                     window = seconds(self.ends[warmup - 1] if warmup else self.begins[0], self.ends[done - 1])
                     r["samples_per_s_window"] = round(per_step * len(timed_steps) / window, 2)
+            repeats = repeated_length_intervals(self.batch_shapes, interval_s, warmup, done)
+            if repeats and args.gradient_accumulation_steps == 1:
+                r["samples_per_s_repeated_lengths"] = round(per_step / statistics.median(repeats), 2)
+                r["repeated_length_steps"] = len(repeats)
             if timed_steps:
                 r["samples_per_s_compute"] = round(per_step / statistics.median(timed_steps), 2)
             if cuda:
@@ -243,6 +249,19 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
                 "min_ms": round(min(times), 3)}
 
     return StepTimer()
+
+
+def repeated_length_intervals(shapes: list, intervals: list, warmup: int, done: int) -> list[float]:
+    """The timed intervals of steps whose padded length came at least twice before. Under --cuda-graphs a length's
+    first step runs the compiled kernels to warm up and its second records the graphs; from the third on they
+    replay. A real run's thousands of steps meet a few dozen lengths, so nearly all of its steps are such."""
+    seen: dict[int, int] = {}
+    out = []
+    for k, (rows, length) in enumerate(shapes[:done]):
+        if k >= warmup and seen.get(length, 0) >= 2 and intervals[k] is not None:
+            out.append(intervals[k])
+        seen[length] = seen.get(length, 0) + 1
+    return out
 
 
 def step_segments(begins, ends, cuts, warmup: int, done: int, seconds) -> dict | None:

@@ -40,6 +40,9 @@ class Collator:
     # every real token of its row, so no real token attends to it: the same outputs at every real position, the
     # same loss and gradients, and SDPA may use its flash kernel, which takes no mask.
     padding_mask: bool = True
+    # The padded length rounded up to a multiple of this: fewer distinct shapes for CUDA graphs, each recorded
+    # once per shape (training, right padding: the extra columns are padding like any other)
+    pad_multiple: int = 1
 
     def without_image(self, s: dict) -> dict:
         """The sample as a text-only chat would have encoded it (vision span cut, answer shifted)."""
@@ -70,6 +73,7 @@ class Collator:
             samples = [dict(s, input_ids=s["input_ids"][:s["answer_start"]]) if s.get("answer_start") else s
                        for s in samples]
         longest = max(len(s["input_ids"]) for s in samples)
+        longest = -(-longest // self.pad_multiple) * self.pad_multiple
         batch_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(samples), longest), dtype=torch.long)
         labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
@@ -133,9 +137,11 @@ def check_image_tokens(sample: dict, layout: HostLayout) -> None:
 
 
 def for_tokenizer(tokenizer, padding_side: str = "right", with_labels: bool = True,
-                  drop_images: bool = False, host_ids: HostLayout | None = None, padding_mask: bool = True) -> Collator:
+                  drop_images: bool = False, host_ids: HostLayout | None = None, padding_mask: bool = True,
+                  pad_multiple: int = 1) -> Collator:
     ids = tokenizer.convert_tokens_to_ids
     return Collator(pad_id=tokenizer.pad_token_id, image_token_id=ids("<|image_pad|>"), end_id=ids("<|im_end|>"),
                     vocab_size=tokenizer.vocab_size, padding_side=padding_side, with_labels=with_labels,
                     drop_images=drop_images, vision_start_id=ids("<|vision_start|>"),
-                    vision_end_id=ids("<|vision_end|>"), host_ids=host_ids, padding_mask=padding_mask)
+                    vision_end_id=ids("<|vision_end|>"), host_ids=host_ids, padding_mask=padding_mask,
+                    pad_multiple=pad_multiple)

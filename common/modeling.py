@@ -46,13 +46,16 @@ def load_tokenizer(path: str):
     return tok
 
 
-def compile_blocks(model, which: str, backend: str) -> int:
+def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False) -> int:
     """torch.compile every vision block and/or language-model decoder layer as its own region (dynamic shapes),
     so norms, rotary, SwiGLU and the LoRA adds fuse; one compile per block type, reused by every layer.
     which: none | vision | vision+mlp | all | auto (all on CUDA with the hf backend; vision with Unsloth, which
     compiles its decoder layers itself; none on CPU, where compiling costs more than the demo's whole run).
     vision+mlp (inference): the vision blocks, and in the language model only the MLPs and RMSNorms, the parts that
     never touch the KV cache (a compiled decoder layer guards on its own cache slot: one recompile per layer).
+    cuda_graphs: mode "reduce-overhead", each block's kernels recorded once per shape and replayed as one CUDA graph
+    (a step of ~5,400 small launches is host-bound on some H100 hosts); the caller marks each step's begin
+    (`torch.compiler.cudagraph_mark_step_begin`). On a CPU there is nothing to graph and it compiles as usual.
     Returns the number of modules compiled."""
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLDecoderLayer, Qwen2_5_VLRMSNorm,
@@ -68,10 +71,12 @@ def compile_blocks(model, which: str, backend: str) -> int:
     if which == "vision+mlp":
         blocks += [m for text in model.modules() if isinstance(text, Qwen2_5_VLTextModel)
                    for m in text.modules() if isinstance(m, (Qwen2MLP, Qwen2_5_VLRMSNorm))]
+    mode = "reduce-overhead" if cuda_graphs else None
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, mode=mode)
     if blocks:
-        log.info("torch.compile: %d modules (%s); the first steps include compiling", len(blocks), which)
+        log.info("torch.compile: %d modules (%s%s); the first steps include compiling", len(blocks), which,
+                 ", CUDA graphs" if cuda_graphs else "")
     return len(blocks)
 
 

@@ -251,7 +251,8 @@ def ranks_hold_same_weights(model: torch.nn.Module) -> bool | None:
 
 class PriceTrainer(Trainer):
     def __init__(self, *args, loader_options: dict, eval_options: dict, answer_only: bool = False,
-                 pixel_spec=None, no_cache: bool = False, grads_in_buckets: bool = False, **kwargs):
+                 pixel_spec=None, no_cache: bool = False, grads_in_buckets: bool = False, cuda_graphs: bool = False,
+                 **kwargs):
         self.grads_in_buckets = grads_in_buckets  # read while the base class builds its accelerator
         super().__init__(*args, **kwargs)
         skip_needless_train_walks(self.model)
@@ -264,6 +265,7 @@ class PriceTrainer(Trainer):
         # compiled decoder layers one recompilation per layer (each guards on its own cache slot)
         self.forward_kwargs = {"use_cache": False} if no_cache else {}
         self._flops_per_token = None
+        self.cuda_graphs = cuda_graphs
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         """DDP's options as the Trainer sets them, plus gradient_as_bucket_view, which TrainingArguments lacks."""
@@ -305,6 +307,9 @@ class PriceTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**with_normalized_pixels(inputs, self.pixel_spec), **self.forward_kwargs}
         positions = inputs.pop(ANSWER_POSITIONS, None)
+        if self.cuda_graphs:
+            # a new forward: the graphs' output buffers from the last one (its backward done) may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         if self.answer_only and "labels" in inputs:
             # The model's own loss, reduced the same way (a mean per micro-batch: Qwen2.5-VL takes no loss
             # kwargs, so the Trainer then divides by the accumulation steps as it does for that loss).

@@ -160,3 +160,15 @@ def test_busy_window_moved_back_off_an_idle_tail():
     assert moved["shift_s"] == 1.2 and moved["util_tail"] == [0] * 6  # 8.0 to 9.0 s
     assert moved["mean_util_pct"] == 90.0
     assert rewindow(points, 9.0, 11.0) is None  # nothing busy to anchor on
+
+
+def test_repeated_length_intervals_keep_a_lengths_third_step_on():
+    """gpu_train_speed.repeated_length_intervals: under --cuda-graphs a padded length's first two steps warm up and
+    record; only later steps of that length (after the warm-up steps, with an interval) are kept."""
+    from gpu_train_speed import repeated_length_intervals
+    lengths = [384, 384, 416, 384, 416, 416, 384, 448, 416]
+    intervals = [None, 0.9, 0.8, 0.30, 0.7, 0.31, 0.29, 0.6, None]
+    shapes = [[16, n] for n in lengths]
+    assert repeated_length_intervals(shapes, intervals, warmup=0, done=9) == [0.30, 0.31, 0.29]
+    assert repeated_length_intervals(shapes, intervals, warmup=4, done=9) == [0.31, 0.29]
+    assert repeated_length_intervals(shapes, intervals, warmup=0, done=5) == [0.30]

@@ -536,6 +536,36 @@ def test_causal_attention_alone_gives_a_right_padded_batch_the_same_loss_and_gra
     assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
 
 
+def test_padding_to_a_multiple_gives_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
+    """--pad-multiple (32 under --cuda-graphs, so graphs are recorded for few lengths): the extra columns are
+    right padding like the rest, with causal attention alone, so the loss and gradients stay as they were."""
+    from common.modeling import skip_image_readbacks
+    from common.positions import HostLayout
+    from common.predict import with_normalized_pixels
+    model = tiny(tiny_model_dir, lora=True)
+    skip_image_readbacks(model)
+    layout = HostLayout.from_model(model)
+    tight = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout, padding_mask=False), None)
+    padded = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout, padding_mask=False,
+                                                pad_multiple=32), None)
+    length = tight["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] % 32 == 0 and padded["input_ids"].shape[1] > length
+    assert torch.equal(padded["input_ids"][:, :length], tight["input_ids"])
+    assert torch.equal(padded["position_ids"][..., :length], tight["position_ids"])
+    assert (padded["labels"][:, length:] == -100).all()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    want, got = loss_and_grads(tight), loss_and_grads(padded)
+    assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
+
+
 def vision_mlps(model):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
     return [m for m in model.modules() if isinstance(m, Qwen2_5_VLMLP)]

@@ -103,9 +103,10 @@ def test_nan_loss_stops_before_saving(shard_work, tmp_path):
 
 def test_bad_options_are_all_reported_at_once(tmp_path):
     r = run_script("6_train.py", "--work-dir", str(tmp_path), "--batch-size", "0", "--learning-rate", "-1",
-                   "--ddp-bucket-mb", "-5")
+                   "--ddp-bucket-mb", "-5", "--pad-multiple", "-1", "--cuda-graphs", "--compile", "vision")
     assert r.returncode == 2
     for text in ("--batch-size must be >= 1", "--learning-rate must be > 0", "--ddp-bucket-mb must be >= 0",
+                 "--pad-multiple must be >= 0", "--cuda-graphs needs a GPU", "--cuda-graphs needs the decoder layers",
                  "run the earlier stages first"):
         assert text in r.stderr
 
