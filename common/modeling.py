@@ -53,10 +53,12 @@ def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False) -
     compiles its decoder layers itself; none on CPU, where compiling costs more than the demo's whole run).
     vision+mlp (inference): the vision blocks, and in the language model only the MLPs and RMSNorms, the parts that
     never touch the KV cache (a compiled decoder layer guards on its own cache slot: one recompile per layer).
-    cuda_graphs: mode "reduce-overhead", each block's kernels recorded once per shape and replayed as one CUDA graph
-    (a step of ~5,400 small launches is host-bound on some H100 hosts); the caller marks each step's begin
-    (`torch.compiler.cudagraph_mark_step_begin`). On a CPU there is nothing to graph and it compiles as usual.
-    Returns the number of modules compiled."""
+    cuda_graphs (experimental): the decoder layers in mode "reduce-overhead", each layer's forward and backward
+    kernels recorded once per shape and replayed as CUDA graphs (a step of ~5,400 small launches is host-bound on
+    some H100 hosts); the caller marks each step's begin (`torch.compiler.cudagraph_mark_step_begin`). The vision
+    blocks stay in the default mode: graphed too, the process died (SIGSEGV) while compiling the first of them, on
+    the 3B and on a small model alike (bench/RESULTS.md). On a CPU nothing is graphed. Returns the number of
+    modules compiled."""
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLDecoderLayer, Qwen2_5_VLRMSNorm,
                                                                     Qwen2_5_VLTextModel, Qwen2_5_VLVisionBlock,
@@ -71,12 +73,12 @@ def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False) -
     if which == "vision+mlp":
         blocks += [m for text in model.modules() if isinstance(text, Qwen2_5_VLTextModel)
                    for m in text.modules() if isinstance(m, (Qwen2MLP, Qwen2_5_VLRMSNorm))]
-    mode = "reduce-overhead" if cuda_graphs else None
+    graphed = "reduce-overhead" if cuda_graphs else None
     for block in blocks:
-        block.compile(dynamic=True, mode=mode)
+        block.compile(dynamic=True, mode=graphed if isinstance(block, Qwen2_5_VLDecoderLayer) else None)
     if blocks:
         log.info("torch.compile: %d modules (%s%s); the first steps include compiling", len(blocks), which,
-                 ", CUDA graphs" if cuda_graphs else "")
+                 ", decoder layers as CUDA graphs" if cuda_graphs else "")
     return len(blocks)
 
 
