@@ -156,7 +156,8 @@ def render(runs: dict[str, dict]) -> str:
         L += [f"Phase order: the same A/B (vision MLP padded or not) run in both orders (h100-zk, h100-zl) puts the "
               f"call's second training phase {order[0]:+.1f} ms a step (paired medians) against its first, "
               f"whichever it is; the first phase's loader also waited ~1 ms a step (handover) where the second's did "
-              f"not. An A/B run in one order carries that bias; the levers' rows below say where it matters.", ""]
+              f"not. An A/B run in one order carries that bias; the levers' rows below say where it matters."
+              f"{machine_first_sentence(runs)}", ""]
     L += profile_section(runs)
     v = next((res(r, "vision") for r in runs.values() if res(r, "vision").get("tower_s_compiled")), {})
     if v:
@@ -277,12 +278,7 @@ def render(runs: dict[str, dict]) -> str:
               "(h200x2-zb, same call): 48.51 -> 97.62 samples/s, 2.01x; step by step -7 ms (median) against one GPU "
               "| default since the first release; the 2-GPU headline is now measured at it |",
               padding_mask_row(runs), *filter(None, [vision_mlp_row(runs)]),
-              "| Inductor's C++ wrapper for the compiled blocks (`TORCHINDUCTOR_CPP_WRAPPER=1`): each kernel launched "
-              "from C++ instead of the generated Python | the training step is launch-bound on most H100 hosts "
-              "(h100-zg's trace: 32 ms of the 116 ms idle in two steps fall while the host launches kernels inside "
-              "the compiled blocks); less host time per launch keeps the queue fuller. Compiling takes longer | not "
-              "run on the GPU (device time ran out): bench phase `train_fast_cpp`. The CPU dry run (small model, "
-              "`--compile all`) trains forward and backward through it with the same losses | not yet |",
+              cpp_wrapper_row(runs), graphs_row(runs),
               needs_row(runs, lm_only), ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
@@ -782,6 +778,70 @@ def phase_order_ms(runs: dict[str, dict]) -> tuple[float, float] | None:
     return (d_k + d_l) / 2, (d_l - d_k) / 2
 
 
+def machine_first_sentence(runs: dict[str, dict]) -> str:
+    """The phase-order bias located: the same train_fast on one H100 in its first call (h100-zn) and its next
+    (h100-zo, warm machine), over the same batches."""
+    first, later = res(runs.get("h100-zn", {}), "train_fast"), res(runs.get("h100-zo", {}), "train_fast")
+    cpp = res(runs.get("h100-zo", {}), "train_fast_cpp")
+    if not first or not later or not cpp:
+        return ""
+    d, c = paired_step_ms(first, later), paired_step_ms(later, cpp)
+    return (f" Where it lies: one H100 ran the same `train_fast` over the same batches as the first training phase of "
+            f"its first call (h100-zn) and as the second of its next (h100-zo, the machine kept warm): "
+            f"{statistics.median(d):+.0f} ms a step the second time ({sum(x < 0 for x in d)} of {len(d)} steps "
+            f"faster); in h100-zo the call's first phase (`train_fast_cpp`) ran no slower than its second "
+            f"({statistics.median(c):+.0f} ms a step against it). So the bias belongs to a machine's first training "
+            f"run, not to the order inside a call (what differs: the first run compiles into an empty Inductor "
+            f"cache, later runs load from it; the cause within that is not located).")
+
+
+def cpp_wrapper_row(runs: dict[str, dict]) -> str:
+    """The lever row of Inductor's C++ wrapper, measured on one H100 in two calls (h100-zn, h100-zo)."""
+    lever = ("| Inductor's C++ wrapper for the compiled blocks (`TORCHINDUCTOR_CPP_WRAPPER=1`): each kernel launched "
+             "from C++ instead of the generated Python | the training step is launch-bound on most H100 hosts "
+             "(h100-zg's trace: 32 ms of the 116 ms idle in two steps fall while the host launches kernels inside "
+             "the compiled blocks); less host time per launch keeps the queue fuller. Compiling takes longer | ")
+    zn, zo = runs.get("h100-zn", {}), runs.get("h100-zo", {})
+    fast, cpp = res(zo, "train_fast"), res(zo, "train_fast_cpp")
+    if not fast or not cpp:
+        return lever + "not run on the GPU | not yet |"
+    d = paired_step_ms(fast, cpp)
+    logged = [(fast["loss_first"], cpp["loss_first"]), *zip(fast["logged_losses"], cpp["logged_losses"]),
+              (fast["loss_last"], cpp["loss_last"])]
+    cold = (zn.get("train_fast_cpp") or {}).get("status", "")
+    return lever + (
+        f"h100-zo (the same batches, the C++ wrapper first, on a machine already warm from h100-zn, so neither "
+        f"phase carries the first-run bias): step by step {statistics.median(d):+.0f} ms (median; "
+        f"{sum(x < 0 for x in d)} of {len(d)} faster); {fast['samples_per_s']} -> {cpp['samples_per_s']} samples/s by "
+        f"the median interval, which overstates it (the intervals are bimodal, long and short batches); busy "
+        f"{busy(zo, 'train_fast')} -> {busy(zo, 'train_fast_cpp')}; losses within "
+        f"{max(abs(a - b) for a, b in logged):.3f}. Cold (h100-zn, an empty cache): the first step compiled "
+        f"~131 s against {res(zn, 'train_fast')['first_step_s']:.0f} s, and the phase {cold} before its 30 steps | "
+        f"no: ~1%, within the noise, for a slower compile |")
+
+
+def graphs_row(runs: dict[str, dict]) -> str:
+    """The lever row of CUDA graphs over the compiled blocks in training (h100-zp crashed; h100-zq located it)."""
+    lever = ("| CUDA graphs over the compiled blocks in training (`--cuda-graphs`: torch.compile's reduce-overhead "
+             "mode, batch lengths padded to a multiple of 32 so that few shapes are recorded, `--pad-multiple`) | "
+             "h100-zg's trace: 116 ms idle in 841 ms, in hundreds of gaps while the host issues ~5,400 kernels a "
+             "step; replayed graphs issue a block's kernels in one launch: up to ~10% a step and busy above 90% "
+             "on any host | ")
+    zp = runs.get("h100-zp", {})
+    graphs = zp.get("train_fast_graphs") or {}
+    if not graphs:
+        return lever + "not run on a GPU | no |"
+    return lever + (
+        f"h100-zp, the 3B with every vision block and decoder layer graphed: {graphs.get('status')} after "
+        f"{graphs.get('seconds')} s, in the first step's compile, with no Python traceback (its `train_fast` beside "
+        f"it ran: {res(zp, 'train_fast')['samples_per_s']} samples/s). A small model (2 layers) got no step done "
+        f"either: in a diagnostic call (h100-zq, `bench/gpu_runs/h100-zq-stacks.txt`) stack dumps every 45 s found "
+        f"it compiling the first vision block's forward at 45 and 90 s, in Inductor's C++ build for that graph's "
+        f"CPU nodes; no dump came at 135 s and no traceback at the 150 s interrupt, so it had died. From commit "
+        f"d0f3a2b only the decoder layers are graphed (they hold most of the launches: 36 layers, forward and "
+        f"backward); that form is not yet run on a GPU | no: experimental option until measured |")
+
+
 def vision_mlp_row(runs: dict[str, dict]) -> str:
     """The lever row of the zero-padded vision MLP width."""
     _, f = floor_run(runs)
@@ -880,8 +940,8 @@ def busy_between_hosts(runs: dict[str, dict]) -> list[str]:
         f"still count as busy); h100-zd's longer forward came with its lower busy figure, which points to the "
         f"host. Kernels launched one by one from eager code between the compiled blocks are what a slow host "
         f"delays. What would lift the figure on any host is fewer launches: CUDA graphs over the compiled "
-        f"blocks, which need a fixed set of padded lengths (not built; each length's graph holds its own "
-        f"activation memory).{trace_sentence(runs.get('h100-zg', {}))} /proc/cpuinfo names the hosts only as "
+        f"blocks, recorded for a fixed set of padded lengths (`--cuda-graphs`, experimental: its first run "
+        f"crashed, see the levers).{trace_sentence(runs.get('h100-zg', {}))} /proc/cpuinfo names the hosts only as "
         f"\"{runs['h100-zf']['env'].get('cpu_model', 'unknown') if 'h100-zf' in runs else 'unknown'}\" (recorded "
         f"from commit ce5c2b2), so the bench cannot tell them apart by name.", ""]
 
@@ -890,13 +950,16 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
     return metric, f"| {metric} | {baseline} | {ours} | {card(run)}{device_note} | {run['env']['started'][:10]} |"
 
 
+LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp")  # train_fast at today's defaults
+
+
 def later_train(runs: dict[str, dict]) -> str:
     """Training at the newest defaults (no padding mask, padded vision MLP), where measured without a baseline."""
-    got = [(label, res(runs.get(label, {}), "train_fast")) for label in ("h100-zk", "h100-zl")]
+    got = [(label, res(runs.get(label, {}), "train_fast")) for label in LATER_TRAIN]
     got = [(label, x) for label, x in got if x]
     if not got:
         return ""
-    return ("; at commit 73508e8, no baseline in those calls: " +
+    return ("; at commit 73508e8 and later ones with the same defaults, no baseline in those calls: " +
             ", ".join(f"{x['samples_per_s']} ({label})" for label, x in got))
 
 
@@ -906,8 +969,9 @@ def later_infer(runs: dict[str, dict]) -> str:
 
 
 def later_busy(runs: dict[str, dict]) -> str:
-    return ", ".join(f"{busy(runs[label], phase)} ({label}, {phase})" for label in ("h100-zk", "h100-zl")
-                     for phase in ("train_fast", "train_fast_unpadded") if res(runs.get(label, {}), phase))
+    return ", ".join(f"{busy(runs[label], phase)} ({label}, {phase})" for label in LATER_TRAIN
+                     for phase in ("train_fast", "train_fast_unpadded", "train_fast_cpp")
+                     if res(runs.get(label, {}), phase))
 
 
 def ceiling_clause(runs: dict[str, dict]) -> str:
@@ -977,7 +1041,7 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
                         f"on other H100s: {busy(x, 'train_fast')} in h100-zc, {busy(x, 'train_fast_big')} there at "
                         f"batch 20, {busy(runs.get('h100-zg', {}), 'train_fast')} in h100-zg, {busy(acc, 'train_fast')} at the "
                         f"default accumulation of 4 in h100-ze; "
-                        f"{busy(d, 'train_fast')} on an H200 at the default accumulation, h200x2-zb; at commit 73508e8 "
+                        f"{busy(d, 'train_fast')} on an H200 at the default accumulation, h200x2-zb; at commit 73508e8 and later ones "
                         f"{later_busy(runs)}: the steps are "
                         f"partly launch-bound, so the figure follows the host). Training windows before commit 2f1d6b6 "
                         f"ran past the last step onto the closing save's idle GPU: 88.5% in h100-z is low for that "
@@ -1014,6 +1078,15 @@ python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,train_f
 python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases floor,build,data,infer_fast,infer_fast_unpadded,profile_infer --train-rows 128 --test-rows 1024 --limits floor=60,build=60,data=130,infer=110,profile_infer=90
 # the vision MLP padding A/B in training, in both phase orders (h100-zk, then h100-zl with the two phases swapped)
 python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,train_fast,train_fast_unpadded --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
+# Inductor's C++ wrapper A/B on one H100 (h100-zn: build,data,train_fast,train_fast_cpp, where the cold compile
+# cut train_fast_cpp at 200 s; then h100-zo on the same warm machine, reusing its model and data:)
+python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases train_fast_cpp,train_fast --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
+# CUDA graphs over every compiled block (h100-zp, nvidia-h100-x1, at commit 1585667: train_fast_graphs died)
+python3 bench/gpu_bench.py --out $OUT --deadline 572 --phases build,data,train_fast_graphs,train_fast --train-rows 384 --test-rows 64 --steps 50 --limits build=60,data=100,train=225
+# where it died (h100-zq: the small model's build and data by gpu_bench.py --size small --model-dir /tmp/qsmall
+# --root /tmp/gbs --phases build,data --train-rows 48 --test-rows 16, then 6_train.py under a wrapper that calls
+# faulthandler.dump_traceback_later(45, repeat=True) and runs 6_train.py with runpy:)
+timeout -s INT 150 python3 WRAPPER.py --work-dir /tmp/gbs/work --model /tmp/qsmall --backend hf --batch-size 4 --max-steps 6 --grad-accum 1 --eval-steps 0 --eval-samples 8 --save-steps 1000 --workers 0 --no-load-in-4bit --cuda-graphs --output-dir /tmp/gbs/cg --overwrite
 # the floor at two lengths, with fused projection groups (h100-zm, nvidia-h100-x1, the script alone)
 for n in 615 601; do python3 bench/gpu_prefill_floor.py --prompt-tokens $n --result $OUT/floor_$n.json; done
 # infer samples/s at a later commit (h100-zf, nvidia-h100-x1)
