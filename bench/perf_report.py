@@ -88,8 +88,8 @@ def step_cost_fit(entry: dict) -> dict | None:
 def train_rows(label: str, run: dict) -> list[str]:
     out = []
     for phase in ("train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_causal",
-                  "train_fast_masked", "train_fast_unpadded", "train_fast_cpp", "train_unsloth", "train_unsloth16",
-                  "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split",
+                  "train_fast_masked", "train_fast_unpadded", "train_fast_cpp", "train_fast_floats", "train_fast_graphs",
+                  "train_unsloth", "train_unsloth16", "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split",
                   *(k for k in run if k.startswith("train_") and k.endswith("_again"))):
         x = res(run, phase)
         if not x.get("samples_per_s"):

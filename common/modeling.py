@@ -53,12 +53,13 @@ def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False) -
     compiles its decoder layers itself; none on CPU, where compiling costs more than the demo's whole run).
     vision+mlp (inference): the vision blocks, and in the language model only the MLPs and RMSNorms, the parts that
     never touch the KV cache (a compiled decoder layer guards on its own cache slot: one recompile per layer).
-    cuda_graphs (experimental): the decoder layers in mode "reduce-overhead", each layer's forward and backward
-    kernels recorded once per shape and replayed as CUDA graphs (a step of ~5,400 small launches is host-bound on
-    some H100 hosts); the caller marks each step's begin (`torch.compiler.cudagraph_mark_step_begin`). The vision
-    blocks stay in the default mode: graphed too, the process died (SIGSEGV) while compiling the first of them, on
-    the 3B and on a small model alike (bench/RESULTS.md). On a CPU nothing is graphed. Returns the number of
-    modules compiled."""
+    cuda_graphs (experimental): mode "reduce-overhead", each block's kernels recorded once per shape and replayed
+    as CUDA graphs (a step of ~5,400 small launches is host-bound on some H100 hosts); the caller marks each step's
+    begin (`torch.compiler.cudagraph_mark_step_begin`). The model's float constants (RMSNorm eps, attention and LoRA
+    scaling) are then compiled as constants: with dynamic shapes Dynamo otherwise passes each as a 0-d CPU tensor
+    read with .item(), 10 per decoder layer and 3 per vision block, which a CUDA graph cannot hold. The first GPU
+    run, without that, died (SIGSEGV) in Inductor's C++ code generation for those CPU inputs (bench/RESULTS.md);
+    with it, not yet run. On a CPU nothing is graphed. Returns the number of modules compiled."""
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLDecoderLayer, Qwen2_5_VLRMSNorm,
                                                                     Qwen2_5_VLTextModel, Qwen2_5_VLVisionBlock,
@@ -74,11 +75,13 @@ def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False) -
         blocks += [m for text in model.modules() if isinstance(text, Qwen2_5_VLTextModel)
                    for m in text.modules() if isinstance(m, (Qwen2MLP, Qwen2_5_VLRMSNorm))]
     graphed = "reduce-overhead" if cuda_graphs else None
+    if cuda_graphs:
+        torch._dynamo.config.specialize_float = True  # fixed per model: no recompiles, no CPU scalar inputs
     for block in blocks:
-        block.compile(dynamic=True, mode=graphed if isinstance(block, Qwen2_5_VLDecoderLayer) else None)
+        block.compile(dynamic=True, mode=graphed)
     if blocks:
         log.info("torch.compile: %d modules (%s%s); the first steps include compiling", len(blocks), which,
-                 ", decoder layers as CUDA graphs" if cuda_graphs else "")
+                 ", CUDA graphs" if cuda_graphs else "")
     return len(blocks)
 
 
