@@ -279,6 +279,12 @@ def render(runs: dict[str, dict]) -> str:
               "| default since the first release; the 2-GPU headline is now measured at it |",
               padding_mask_row(runs), *filter(None, [vision_mlp_row(runs)]),
               cpp_wrapper_row(runs), graphs_row(runs),
+              "| the model's float constants compiled as constants in every compiled block (`torch._dynamo.config."
+              "specialize_float`; bench phase `train_fast_floats`) | a training forward wraps ~460 Python floats "
+              "(RMSNorm eps, attention and LoRA scalings) into 0-d CPU tensors for the compiled blocks to read back "
+              "with `.item()`: host time in a launch-bound step, and Inductor builds C++ for those CPU nodes at "
+              "the first compile. Expected: a few ms a step, a shorter cold compile | not run on a GPU yet (device "
+              "time ran out); the CPU dry run (small model, `--compile all`) gives the same losses | not yet |",
               needs_row(runs, lm_only), ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
@@ -837,9 +843,12 @@ def graphs_row(runs: dict[str, dict]) -> str:
         f"it ran: {res(zp, 'train_fast')['samples_per_s']} samples/s). A small model (2 layers) got no step done "
         f"either: in a diagnostic call (h100-zq, `bench/gpu_runs/h100-zq-stacks.txt`) stack dumps every 45 s found "
         f"it compiling the first vision block's forward at 45 and 90 s, in Inductor's C++ build for that graph's "
-        f"CPU nodes; no dump came at 135 s and no traceback at the 150 s interrupt, so it had died. From commit "
-        f"d0f3a2b only the decoder layers are graphed (they hold most of the launches: 36 layers, forward and "
-        f"backward); that form is not yet run on a GPU | no: experimental option until measured |")
+        f"CPU nodes; no dump came at 135 s and no traceback at the 150 s interrupt, so it had died. Those CPU "
+        f"nodes, found by tracing the blocks on the CPU: with dynamic shapes Dynamo passes every float attribute "
+        f"as a 0-d CPU tensor read with `.item()`, 10 per decoder layer (two RMSNorm eps, the attention scaling, "
+        f"seven LoRA scalings) and 3 per vision block, inputs a CUDA graph cannot hold. From commit ef9fd6a "
+        f"`--cuda-graphs` compiles them as constants (`torch._dynamo.config.specialize_float`; a test traces the "
+        f"blocks and finds no such reads); not yet rerun on a GPU | no: experimental option until measured |")
 
 
 def vision_mlp_row(runs: dict[str, dict]) -> str:
