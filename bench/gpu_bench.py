@@ -66,9 +66,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_masked",
        "train_fast_unpadded", "train_fast_cpp", "train_fast_graphs", "train_fast_floats", "train_fast_2gpu",
-       "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16", "vision", "floor",
-       "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate", "infer_fast_mlp",
-       "infer_fast_unpadded", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
+       "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16",
+       "vision", "floor", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate",
+       "infer_fast_mlp", "infer_fast_unpadded", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
 LIMITS = {"build": 120, "data": 120, "train": 150, "train_unsloth": 260, "vision": 120, "floor": 90, "infer": 110}
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",

@@ -58,8 +58,9 @@ def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False) -
     begin (`torch.compiler.cudagraph_mark_step_begin`). The model's float constants (RMSNorm eps, attention and LoRA
     scaling) are then compiled as constants: with dynamic shapes Dynamo otherwise passes each as a 0-d CPU tensor
     read with .item(), 10 per decoder layer and 3 per vision block, which a CUDA graph cannot hold. The first GPU
-    run, without that, died (SIGSEGV) in Inductor's C++ code generation for those CPU inputs (bench/RESULTS.md);
-    with it, not yet run. On a CPU nothing is graphed. Returns the number of modules compiled."""
+    run, without that, died (SIGSEGV) in its first compile, long busy with Inductor's C++ code generation for those
+    CPU inputs (bench/RESULTS.md); with it, not yet run. On a CPU nothing is graphed. Returns the number of
+    modules compiled."""
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLDecoderLayer, Qwen2_5_VLRMSNorm,
                                                                     Qwen2_5_VLTextModel, Qwen2_5_VLVisionBlock,
