@@ -25,6 +25,15 @@ def tiny(model_dir, lora: bool = False):
     return model
 
 
+def loss_and_grads(model, batch: dict, trainable: list) -> tuple:
+    """The model's own loss (logits at every position; padding's labels are ignored) and the trainable weights'
+    gradients, from a clean start."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in trainable]
+
+
 def shard_batch(encoded_demo, n: int = 6, **collator_kw):
     from common.collate import for_tokenizer
     from common.encode import ImageSpec
@@ -169,7 +178,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model_dir, encode
     positions = answer_positions(batch["labels"])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
-    def loss_and_grads(compiled: bool):
+    def trained(compiled: bool):
         model = tiny(tiny_model_dir, lora=True).train()
         use_bucketed_vision_attention(model)
         if compiled:
@@ -179,7 +188,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model_dir, encode
         loss.backward()
         return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    (eager, g_eager), (compiled, g_compiled) = loss_and_grads(False), loss_and_grads(True)
+    (eager, g_eager), (compiled, g_compiled) = trained(False), trained(True)
     assert math.isclose(eager, compiled, rel_tol=1e-5), (eager, compiled)
     for name, g in g_eager.items():
         assert torch.allclose(g_compiled[name], g, atol=1e-6, rtol=1e-3), name
@@ -474,15 +483,9 @@ def test_ready_made_mask_and_host_checked_image_tokens_give_the_same_loss_and_gr
     assert plain["attention_mask"].sum() < plain["attention_mask"].numel()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in trainable]
-
-    want = loss_and_grads(plain)
+    want = loss_and_grads(model, plain, trainable)
     skip_image_readbacks(model)
-    got = loss_and_grads(host)
+    got = loss_and_grads(model, host, trainable)
     assert torch.equal(got[0], want[0])
     assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
 
@@ -521,17 +524,12 @@ def test_causal_attention_alone_gives_a_right_padded_batch_the_same_loss_and_gra
     masked = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout), None)
     causal = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout, padding_mask=False), None)
     assert masked["attention_mask"].ndim == 4 and "attention_mask" not in causal
-    assert (masked["attention_mask"][:, 0, -1].sum(-1) < masked["input_ids"].shape[1]).any()  # some row is padded, so the two batches attend differently at its padding
+    # some row is padded, so the two batches attend differently at its padding
+    assert (masked["attention_mask"][:, 0, -1].sum(-1) < masked["input_ids"].shape[1]).any()
     assert torch.equal(masked["input_ids"], causal["input_ids"]) and torch.equal(masked["labels"], causal["labels"])
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = model(**batch).loss  # logits at every position: padding's labels are ignored
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in trainable]
-
-    want, got = loss_and_grads(masked), loss_and_grads(causal)
+    want, got = loss_and_grads(model, masked, trainable), loss_and_grads(model, causal, trainable)
     assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
     assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
 
@@ -555,13 +553,7 @@ def test_padding_to_a_multiple_gives_the_same_loss_and_gradients(tiny_model_dir,
     assert (padded["labels"][:, length:] == -100).all()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in trainable]
-
-    want, got = loss_and_grads(tight), loss_and_grads(padded)
+    want, got = loss_and_grads(model, tight, trainable), loss_and_grads(model, padded, trainable)
     assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
     assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
 
@@ -616,18 +608,12 @@ def test_padded_vision_mlp_gives_the_same_loss_and_gradients(tiny_model_dir, enc
     batch = with_normalized_pixels(shard_batch(encoded_demo, n=6), None)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in trainable]
-
-    want = loss_and_grads()
+    want = loss_and_grads(model, batch, trainable)
     mlps = vision_mlps(model)
     assert pad_vision_mlp(model, 48) == len(mlps) > 0
     assert all(m.gate_proj.out_features == m.up_proj.out_features == m.down_proj.in_features == 144 for m in mlps)
     assert [p for p in model.parameters() if p.requires_grad] == trainable  # the LoRA weights, untouched
-    got = loss_and_grads()
+    got = loss_and_grads(model, batch, trainable)
     assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
     assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(got[1], want[1]))
     assert pad_vision_mlp(model, 48) == 0  # already a multiple
