@@ -64,7 +64,7 @@ class TrainOptions:
                                     "graphs (torch.compile mode reduce-overhead), recorded once per padded length, "
                                     "as a step launches ~5,400 kernels, which a slow host cannot issue as fast as "
                                     "the GPU runs them (its first run crashed; the likely cause is removed, not yet "
-                                    "rerun: bench/RESULTS.md); GPU, hf backend, compiled blocks", False)
+                                    "rerun: bench/RESULTS.md); GPU, hf backend, compiled blocks, --grad-accum 1", False)
     pad_multiple: int = options.opt("pad each training batch's length up to a multiple of this, so CUDA graphs meet "
                                     "few shapes (0: 32 with --cuda-graphs, else none)", 0)
     padding_mask: bool = options.opt("mask the padding in training attention with a 4-D mask (SDPA's memory-efficient "
@@ -146,6 +146,11 @@ class TrainOptions:
                            "compiles its own decoder layers)")
             if self.compile in ("none", "vision"):
                 out.append("--cuda-graphs needs the decoder layers compiled: --compile all or auto")
+            if self.grad_accum != 1:
+                # a micro-batch's gradients would be the graphs' own output buffers, which the next micro-batch's
+                # replay overwrites: wrong sums or an error (pytorch/pytorch#169545)
+                out.append("--cuda-graphs needs --grad-accum 1: PyTorch's CUDA graphs do not yet accumulate "
+                           "gradients over micro-batches correctly (pytorch/pytorch#169545); raise --batch-size")
         needed = ["train", "validation"]
         for split in needed:
             path = (layout.shards_dir(self.work_dir, split) / "index.json" if self.source == "shards"

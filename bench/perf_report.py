@@ -850,7 +850,9 @@ def graphs_row(runs: dict[str, dict]) -> str:
         f"as a 0-d CPU tensor read with `.item()`, 10 per decoder layer (two RMSNorm eps, the attention scaling, "
         f"seven LoRA scalings) and 3 per vision block, inputs a CUDA graph cannot hold. From commit ef9fd6a "
         f"`--cuda-graphs` compiles them as constants (`torch._dynamo.config.specialize_float`; a test traces the "
-        f"blocks and finds no such reads); not yet rerun on a GPU | no: experimental option until measured |")
+        f"blocks and finds no such reads); not yet rerun on a GPU. It also requires `--grad-accum 1` (the bench's "
+        f"setting): a micro-batch's gradients would be the graphs' own output buffers, overwritten by the next "
+        f"micro-batch's replay (pytorch/pytorch#169545) | no: experimental option until measured |")
 
 
 def vision_mlp_row(runs: dict[str, dict]) -> str:

@@ -107,6 +107,7 @@ def test_bad_options_are_all_reported_at_once(tmp_path):
     assert r.returncode == 2
     for text in ("--batch-size must be >= 1", "--learning-rate must be > 0", "--ddp-bucket-mb must be >= 0",
                  "--pad-multiple must be >= 0", "--cuda-graphs needs a GPU", "--cuda-graphs needs the decoder layers",
+                 "--cuda-graphs needs --grad-accum 1",
                  "run the earlier stages first"):
         assert text in r.stderr
 
