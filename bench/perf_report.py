@@ -431,6 +431,13 @@ def ratio(faster: dict, base: dict) -> str:
     return f"{faster['samples_per_s'] / base['samples_per_s']:.2f}x"
 
 
+def loss_gap(base: dict, variant: dict) -> float:
+    """The largest difference between two runs' first, logged and last losses, over the same batches."""
+    pairs = [(base["loss_first"], variant["loss_first"]), *zip(base["logged_losses"], variant["logged_losses"]),
+             (base["loss_last"], variant["loss_last"])]
+    return max(abs(a - b) for a, b in pairs)
+
+
 def paired_step_ms(base: dict, variant: dict) -> list[float]:
     """variant minus base, ms, step by step over the timed steps of two runs over the same batches; a step over
     twice base's median in either run (a recompile) is left out."""
@@ -814,8 +821,6 @@ def cpp_wrapper_row(runs: dict[str, dict]) -> str:
     if not fast or not cpp:
         return lever + "not run on the GPU | not yet |"
     d = paired_step_ms(fast, cpp)
-    logged = [(fast["loss_first"], cpp["loss_first"]), *zip(fast["logged_losses"], cpp["logged_losses"]),
-              (fast["loss_last"], cpp["loss_last"])]
     cold = (zn.get("train_fast_cpp") or {}).get("status", "")
     return lever + (
         f"h100-zo (the same batches, the C++ wrapper first, on a machine already warm from h100-zn, so neither "
@@ -823,7 +828,7 @@ def cpp_wrapper_row(runs: dict[str, dict]) -> str:
         f"{sum(x < 0 for x in d)} of {len(d)} faster); {fast['samples_per_s']} -> {cpp['samples_per_s']} samples/s by "
         f"the median interval, which overstates it (the intervals are bimodal, long and short batches); busy "
         f"{busy(zo, 'train_fast')} -> {busy(zo, 'train_fast_cpp')}; losses within "
-        f"{max(abs(a - b) for a, b in logged):.3f}. Cold (h100-zn, an empty cache): the first step compiled "
+        f"{loss_gap(fast, cpp):.3f}. Cold (h100-zn, an empty cache): the first step compiled "
         f"~131 s against {res(zn, 'train_fast')['first_step_s']:.0f} s, and the phase {cold} before its 30 steps | "
         f"no: ~1%, within the noise, for a slower compile |")
 
@@ -889,9 +894,7 @@ def padding_mask_row(runs: dict[str, dict]) -> str:
     if not masked or not causal:
         return lever + "not measured on a GPU | no: option until measured |"
     d = paired_step_ms(masked, causal)
-    logged = [(masked["loss_first"], causal["loss_first"]), *zip(masked["logged_losses"], causal["logged_losses"]),
-              (masked["loss_last"], causal["loss_last"])]
-    same = max(abs(a - b) for a, b in logged)
+    same = loss_gap(masked, causal)
     return lever + (
         f"h100-zh, same batches: {masked['samples_per_s']} -> {causal['samples_per_s']} samples/s "
         f"({causal['samples_per_s'] / masked['samples_per_s'] - 1:+.1%}); step by step {statistics.median(d):+.0f} ms "
