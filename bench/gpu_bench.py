@@ -146,6 +146,22 @@ def util_samples(path: Path) -> dict[str, list[tuple[float, float]]]:
     return per_gpu
 
 
+def step_busy(points: list[tuple[float, float]], result: dict) -> list[float | None]:
+    """nvidia-smi's mean utilization over each timed step of a training result, from the end of the step before
+    to its own end (the steps' intervals chained from `steady_start_epoch`); None for a step no sample fell in.
+    Empty where an interval is missing (an evaluation inside the window breaks the chain)."""
+    intervals = (result.get("interval_times_s") or [])[result.get("warmup_steps", 0):]
+    end = result.get("steady_start_epoch")
+    if not end or not intervals or None in intervals:
+        return []
+    out = []
+    for interval in intervals:
+        begin, end = end, end + interval
+        inside = [u for t, u in points if begin <= t <= end]
+        out.append(round(sum(inside) / len(inside), 1) if inside else None)
+    return out
+
+
 class UtilSampler:
     """nvidia-smi's utilization.gpu (share of time a kernel ran) every 200 ms, to a CSV in OUT."""
 
@@ -311,6 +327,8 @@ def main() -> None:
         got = b.run(name, cmd, f"{name}.log", limits.get(name, limits["train"]), res, min_needed=60)
         if got:
             b.results[name]["gpu_busy"] = sampler.mean(got.get("steady_start_epoch"), got.get("steady_end_epoch"))
+            if gpus == 1 and sampler.path.exists():
+                b.results[name]["step_busy"] = step_busy(util_samples(sampler.path).get("0", []), got)
             b.save()
 
     def vision(name: str) -> None:

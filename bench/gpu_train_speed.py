@@ -251,17 +251,22 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
     return StepTimer()
 
 
-def repeated_length_intervals(shapes: list, intervals: list, warmup: int, done: int) -> list[float]:
-    """The timed intervals of steps whose padded length came at least twice before. Under --cuda-graphs a length's
+def repeated_length_steps(shapes: list, intervals: list, warmup: int, done: int) -> list[int]:
+    """The timed steps (indices) whose padded length came at least twice before. Under --cuda-graphs a length's
     first step runs the compiled kernels to warm up and its second records the graphs; from the third on they
     replay. A real run's thousands of steps meet a few dozen lengths, so nearly all of its steps are such."""
     seen: dict[int, int] = {}
     out = []
     for k, (rows, length) in enumerate(shapes[:done]):
         if k >= warmup and seen.get(length, 0) >= 2 and intervals[k] is not None:
-            out.append(intervals[k])
+            out.append(k)
         seen[length] = seen.get(length, 0) + 1
     return out
+
+
+def repeated_length_intervals(shapes: list, intervals: list, warmup: int, done: int) -> list[float]:
+    """The intervals of `repeated_length_steps`."""
+    return [intervals[k] for k in repeated_length_steps(shapes, intervals, warmup, done)]
 
 
 def step_segments(begins, ends, cuts, warmup: int, done: int, seconds) -> dict | None:

@@ -172,3 +172,13 @@ def test_repeated_length_intervals_keep_a_lengths_third_step_on():
     assert repeated_length_intervals(shapes, intervals, warmup=0, done=9) == [0.30, 0.31, 0.29]
     assert repeated_length_intervals(shapes, intervals, warmup=4, done=9) == [0.31, 0.29]
     assert repeated_length_intervals(shapes, intervals, warmup=0, done=5) == [0.30]
+
+
+def test_step_busy_chains_the_intervals_from_the_steady_start():
+    """gpu_bench.step_busy: each timed step's utilization comes from the samples between the previous step's end and
+    its own, the ends chained from steady_start_epoch; a missing interval (an evaluation) gives no figures."""
+    from gpu_bench import step_busy
+    points = [(100.1, 90.0), (100.3, 70.0), (100.6, 10.0), (101.4, 50.0)]
+    result = {"warmup_steps": 2, "interval_times_s": [None, 0.5, 0.4, 0.4, 0.2, 0.6], "steady_start_epoch": 100.0}
+    assert step_busy(points, result) == [80.0, 10.0, None, 50.0]  # 100-100.4, -100.8, -101.0, -101.6
+    assert step_busy(points, {**result, "interval_times_s": [None, 0.5, 0.4, None, 0.2, 0.6]}) == []
