@@ -60,11 +60,11 @@ class TrainOptions:
                                            128)
     compile: str = options.opt("torch.compile each block: auto (GPU: all, or vision under Unsloth; CPU: none), "
                                "none, vision, all", "auto", choices=["auto", "none", "vision", "all"])
-    cuda_graphs: bool = options.opt("experimental, not yet measured: replay each compiled block's kernels as CUDA "
-                                    "graphs (torch.compile mode reduce-overhead), recorded once per padded length, "
-                                    "as a step launches ~5,400 kernels, which a slow host cannot issue as fast as "
-                                    "the GPU runs them (its first run crashed; the likely cause is removed, not yet "
-                                    "rerun: bench/RESULTS.md); GPU, hf backend, compiled blocks, --grad-accum 1", False)
+    cuda_graphs: bool = options.opt("experimental: replay each compiled block's kernels as CUDA graphs (torch.compile "
+                                    "mode reduce-overhead), recorded once per padded length. On an H100 a replayed "
+                                    "step is 4-6% faster, but recording costs 7-9 s per new length, so it pays only "
+                                    "over several epochs (bench/RESULTS.md); GPU, hf backend, compiled blocks, "
+                                    "--grad-accum 1", False)
     pad_multiple: int = options.opt("pad each training batch's length up to a multiple of this, so CUDA graphs meet "
                                     "few shapes (0: 32 with --cuda-graphs, else none)", 0)
     padding_mask: bool = options.opt("mask the padding in training attention with a 4-D mask (SDPA's memory-efficient "

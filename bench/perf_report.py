@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_results import RESULTS, arg_value, update_section  # noqa: E402
 from gpu_prefill_floor import table_row  # noqa: E402
+from gpu_train_speed import repeated_length_steps  # noqa: E402
 
 RUNS = Path(__file__).resolve().parent / "gpu_runs"
 HEAVY = ("predictions", "texts", "batch_log", "losses", "evals", "log_history")  # argv stays
@@ -833,31 +834,99 @@ def cpp_wrapper_row(runs: dict[str, dict]) -> str:
         f"no: ~1%, within the noise, for a slower compile |")
 
 
+def graphs_replay(run: dict) -> dict | None:
+    """train_fast_graphs against train_fast in one call, over the same batches: the steps the graphs replay (a
+    padded length's third step on) and the steps they record (its second), step by step; GPU busy over the
+    replayed steps from `step_busy`, weighted by each step's time."""
+    fast, graphs = res(run, "train_fast"), res(run, "train_fast_graphs")
+    if not fast or not graphs:
+        return None
+    shapes, intervals = graphs["batch_shapes"], graphs["interval_times_s"]
+    warmup, done = graphs["warmup_steps"], len(intervals)
+    replayed = [k for k in repeated_length_steps(shapes, intervals, warmup, done) if fast["interval_times_s"][k]]
+    lengths = [n for _, n in shapes[:done]]
+    recorded = [k for k in range(warmup, done) if lengths[:k].count(lengths[k]) == 1]
+
+    def busy_over(phase: str, steps: list[int]) -> float | None:
+        per_step, times = run[phase].get("step_busy") or [], run[phase]["result"]["interval_times_s"]
+        got = [(per_step[k - warmup], times[k]) for k in steps if k - warmup < len(per_step) and per_step[k - warmup]]
+        return sum(u * t for u, t in got) / sum(t for _, t in got) if got else None
+
+    d = [1e3 * (graphs["interval_times_s"][k] - fast["interval_times_s"][k]) for k in replayed]
+
+    def change_pct(keep) -> float:
+        return 100 * statistics.median(graphs["interval_times_s"][k] / fast["interval_times_s"][k] - 1
+                                       for k in replayed if keep(lengths[k]))
+
+    rate = {side: 16 * len(replayed) / sum(r["interval_times_s"][k] for k in replayed)
+            for side, r in (("fast", fast), ("graphs", graphs))}
+    return {"steps": len(replayed), "median_ms": statistics.median(d), "faster": sum(x < 0 for x in d),
+            "short_pct": change_pct(lambda n: n <= 448), "longest_pct": change_pct(lambda n: n == max(lengths)),
+            "rate_fast": rate["fast"], "rate_graphs": rate["graphs"],
+            "busy_fast": busy_over("train_fast", replayed), "busy_graphs": busy_over("train_fast_graphs", replayed),
+            "lengths": len(set(lengths)), "recorded": len(recorded),
+            "record_s": statistics.median(graphs["interval_times_s"][k] for k in recorded),
+            "graphs_first": list(run).index("train_fast_graphs") < list(run).index("train_fast"),
+            "loss_gap": loss_gap(fast, graphs), "first_step_s": (fast["first_step_s"], graphs["first_step_s"])}
+
+
 def graphs_row(runs: dict[str, dict]) -> str:
-    """The lever row of CUDA graphs over the compiled blocks in training (h100-zp crashed; h100-zq located it)."""
+    """The lever row of CUDA graphs over the compiled blocks in training: h100-zp crashed, h100-zq located it,
+    h100-zr and h100-zs (both phase orders) measured it after the fix."""
     lever = ("| CUDA graphs over the compiled blocks in training (`--cuda-graphs`: torch.compile's reduce-overhead "
              "mode, batch lengths padded to a multiple of 32 so that few shapes are recorded, `--pad-multiple`) | "
              "h100-zg's trace: 116 ms idle in 841 ms, in hundreds of gaps while the host issues ~5,400 kernels a "
              "step; replayed graphs issue a block's kernels in one launch: up to ~10% a step and busy above 90% "
              "on any host | ")
     zp = runs.get("h100-zp", {})
-    graphs = zp.get("train_fast_graphs") or {}
-    if not graphs:
+    crash = (zp.get("train_fast_graphs") or {})
+    pairs = [(label, graphs_replay(runs[label])) for label in ("h100-zr", "h100-zs") if label in runs]
+    pairs = [(label, g) for label, g in pairs if g]
+    if not crash and not pairs:
         return lever + "not run on a GPU | no |"
-    return lever + (
-        f"h100-zp, the 3B with every vision block and decoder layer graphed: {graphs.get('status')} after "
-        f"{graphs.get('seconds')} s, in the first step's compile, with no Python traceback (its `train_fast` beside "
-        f"it ran: {res(zp, 'train_fast')['samples_per_s']} samples/s). A small model (2 layers) got no step done "
-        f"either: in a diagnostic call (h100-zq, `bench/gpu_runs/h100-zq-stacks.txt`) stack dumps every 45 s found "
-        f"it compiling the first vision block's forward at 45 and 90 s, in Inductor's C++ build for that graph's "
-        f"CPU nodes; no dump came at 135 s and no traceback at the 150 s interrupt, so it had died. Those CPU "
-        f"nodes, found by tracing the blocks on the CPU: with dynamic shapes Dynamo passes every float attribute "
-        f"as a 0-d CPU tensor read with `.item()`, 10 per decoder layer (two RMSNorm eps, the attention scaling, "
-        f"seven LoRA scalings) and 3 per vision block, inputs a CUDA graph cannot hold. From commit ef9fd6a "
-        f"`--cuda-graphs` compiles them as constants (`torch._dynamo.config.specialize_float`; a test traces the "
-        f"blocks and finds no such reads); not yet rerun on a GPU. It also requires `--grad-accum 1` (the bench's "
-        f"setting): a micro-batch's gradients would be the graphs' own output buffers, overwritten by the next "
-        f"micro-batch's replay (pytorch/pytorch#169545) | no: experimental option until measured |")
+    history = (
+        f"First run (h100-zp, commit 1585667): {crash.get('status')} after {crash.get('seconds')} s, in the "
+        f"first step's compile, with no Python traceback. Stack dumps in a diagnostic call (h100-zq, "
+        f"`bench/gpu_runs/h100-zq-stacks.txt`) found it in Inductor's C++ build for the first vision block's CPU "
+        f"nodes: with dynamic shapes Dynamo passes every float attribute as a 0-d CPU tensor read with `.item()`, "
+        f"10 per decoder layer (two RMSNorm eps, the attention scaling, seven LoRA scalings) and 3 per vision "
+        f"block, inputs a CUDA graph cannot hold. From commit ef9fd6a `--cuda-graphs` compiles them as constants "
+        f"(`torch._dynamo.config.specialize_float`; a test traces the blocks and finds no such reads). ")
+    if not pairs:
+        return lever + history + "Not yet rerun on a GPU | no: experimental option until measured |"
+
+    def both(fmt, key) -> str:
+        return " and ".join(fmt(g[key]) for _, g in pairs)
+
+    g0 = pairs[0][1]
+    ms = statistics.mean(abs(g["median_ms"]) for _, g in pairs)
+    record = statistics.mean(g["record_s"] for _, g in pairs)
+    lengths, steps = 50, 75_000 // 16  # real catalog rows at a multiple of 32; one epoch of 75k rows at batch 16
+    order = " and ".join(f"{label} (graphs {'first' if g['graphs_first'] else 'second'})" for label, g in pairs)
+    rates = " and ".join(f"{g['rate_fast']:.2f} -> {g['rate_graphs']:.2f}" for _, g in pairs)
+    gains = " and ".join(f"{100 * (g['rate_graphs'] / g['rate_fast'] - 1):+.1f}%" for _, g in pairs)
+    busies = " and ".join(f"{g['busy_fast']:.1f}% -> {g['busy_graphs']:.1f}%" for _, g in pairs)
+    whole = " and ".join(f"{res(runs[label], 'train_fast')['samples_per_s']} -> "
+                         f"{res(runs[label], 'train_fast_graphs')['samples_per_s']}" for label, _ in pairs)
+    firsts = " and ".join(f"{g['first_step_s'][1]:.0f} s against {g['first_step_s'][0]:.0f}" for _, g in pairs)
+    measured = (
+        f"After it, {order}, the same 50 batches, on the {g0['steps']} steps the graphs replayed (a padded "
+        f"length's third step on): step by step {both(lambda x: f'{x:+.0f}', 'median_ms')} ms (medians; "
+        f"{both(str, 'faster')} of {g0['steps']} faster), {rates} samples/s over those steps ({gains}); a step "
+        f"{both(lambda x: f'{x:+.0f}%', 'short_pct')} at 352-448 tokens, {both(lambda x: f'{x:+.1f}%', 'longest_pct')} "
+        f"at 768 (medians). GPU busy over the same steps (nvidia-smi, "
+        f"`step_busy`, one or two samples a step): {busies}, lower though the steps are shorter (not explained). "
+        f"The cost: a length's first step warms up and its second records, "
+        f"{both(lambda x: f'{x:.1f}', 'record_s')} s (medians of {g0['recorded']}); these runs met "
+        f"{g0['lengths']} lengths in 50 steps, so over the whole phase graphs ran {whole} samples/s. The first "
+        f"step (compile) took {firsts}. Losses within {max(g['loss_gap'] for _, g in pairs):.3f} (padding to 32 "
+        f"reorders bf16 sums). Break-even: at ~{ms:.0f} ms a replayed step, ~{lengths} lengths (the real "
+        f"catalog's ~350-1,950 tokens at a multiple of 32) cost ~{lengths * record / 60:.0f} min of recording "
+        f"against ~{steps * ms / 1e3 / 60:.1f} min saved over a 75k-row epoch ({steps:,} steps) | no: off by "
+        f"default and experimental; it loses on a one-epoch run, needs `--grad-accum 1` (pytorch/pytorch#169545: "
+        f"accumulated gradients would be the graphs' output buffers, overwritten by the next replay) and did not "
+        f"lift nvidia-smi's busy figure |")
+    return lever + history + measured
 
 
 def vision_mlp_row(runs: dict[str, dict]) -> str:
@@ -956,8 +1025,9 @@ def busy_between_hosts(runs: dict[str, dict]) -> list[str]:
         f"still count as busy); h100-zd's longer forward came with its lower busy figure, which points to the "
         f"host. Kernels launched one by one from eager code between the compiled blocks are what a slow host "
         f"delays. What would lift the figure on any host is fewer launches: CUDA graphs over the compiled "
-        f"blocks, recorded for a fixed set of padded lengths (`--cuda-graphs`, experimental: its first run "
-        f"crashed, see the levers).{trace_sentence(runs.get('h100-zg', {}))} /proc/cpuinfo names the hosts only as "
+        f"blocks, recorded for a fixed set of padded lengths (`--cuda-graphs`, experimental: on the steps it "
+        f"replays 4-6% faster, yet nvidia-smi's busy came out lower, and each new length costs seconds to record; "
+        f"see the levers).{trace_sentence(runs.get('h100-zg', {}))} /proc/cpuinfo names the hosts only as "
         f"\"{runs['h100-zf']['env'].get('cpu_model', 'unknown') if 'h100-zf' in runs else 'unknown'}\" (recorded "
         f"from commit ce5c2b2), so the bench cannot tell them apart by name.", ""]
 
@@ -966,7 +1036,7 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
     return metric, f"| {metric} | {baseline} | {ours} | {card(run)}{device_note} | {run['env']['started'][:10]} |"
 
 
-LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp")  # train_fast at today's defaults
+LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp", "h100-zr", "h100-zs")  # train_fast at today's defaults
 
 
 def later_train(runs: dict[str, dict]) -> str:
@@ -1099,6 +1169,10 @@ python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,train_f
 python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases train_fast_cpp,train_fast --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
 # CUDA graphs over every compiled block (h100-zp, nvidia-h100-x1, at commit 1585667: train_fast_graphs died)
 python3 bench/gpu_bench.py --out $OUT --deadline 572 --phases build,data,train_fast_graphs,train_fast --train-rows 384 --test-rows 64 --steps 50 --limits build=60,data=100,train=225
+# the same after the fix, in both phase orders (h100-zr at commit 8eb83eb; then h100-zs, a fresh H100, with
+# --deadline 580 --phases build,data,train_fast,train_fast_graphs and train=235); each with PYTHONFAULTHANDLER=1,
+# and GPU busy step by step added afterwards by python3 bench/step_busy.py LABEL OUT/gpu_util.csv
+python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,train_fast_graphs,train_fast --train-rows 384 --test-rows 64 --steps 50 --limits build=60,data=100,train=225
 # where it died (h100-zq: the small model's build and data by gpu_bench.py --size small --model-dir /tmp/qsmall
 # --root /tmp/gbs --phases build,data --train-rows 48 --test-rows 16, then 6_train.py under a wrapper that calls
 # faulthandler.dump_traceback_later(45, repeat=True) and runs 6_train.py with runpy:)
