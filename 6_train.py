@@ -60,6 +60,10 @@ class TrainOptions:
                                            128)
     compile: str = options.opt("torch.compile each block: auto (GPU: all, or vision under Unsloth; CPU: none), "
                                "none, vision, all", "auto", choices=["auto", "none", "vision", "all"])
+    float_constants: bool = options.opt("compile the model's float attributes (norm eps, attention and LoRA scaling) "
+                                        "as constants, not as CPU scalars read at run time: the 3B's first step "
+                                        "compiles in ~35 s instead of ~90-130 on an H100 (bench/RESULTS.md); hf "
+                                        "backend, compiled blocks", True)
     cuda_graphs: bool = options.opt("experimental: replay each compiled block's kernels as CUDA graphs (torch.compile "
                                     "mode reduce-overhead), recorded once per padded length. On an H100 a replayed "
                                     "step is 4-6% faster, but recording costs 7-9 s per new length, so it pays only "
@@ -258,7 +262,7 @@ def load_model(cfg: TrainOptions, model_path: str):
     if backend == "hf":
         pad_vision_mlp(model, cfg.vision_mlp_multiple)  # before compiling: the blocks compile with its shapes
     split_compiled_graphs_for_ddp(cfg.ddp_split_graphs)
-    compile_blocks(model, cfg.compile, backend, cfg.cuda_graphs)
+    compile_blocks(model, cfg.compile, backend, cfg.cuda_graphs, cfg.float_constants)
     use_cudnn_attention(cfg.cudnn_attention)
     return model, backend
 

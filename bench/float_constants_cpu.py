@@ -1,8 +1,8 @@
 """Host cost of the compiled blocks' float inputs, on the CPU: the tiny model's decoder layers compiled as 6_train.py
 compiles them (`torch.compile(dynamic=True)` per layer), one training step (forward + backward, LoRA) timed with
 PyTorch's default (each float attribute, RMSNorm eps and the attention and LoRA scalings, passed in as a 0-d tensor
-and read back with .item()) against `torch._dynamo.config.specialize_float = True` (compiled as constants, what
-`--cuda-graphs` sets). The tiny model's compute is small, so the difference is mostly host time per layer call,
+and read back with .item()) against `torch._dynamo.config.specialize_float = True` (compiled as constants,
+6_train.py's default). The tiny model's compute is small, so the difference is mostly host time per layer call,
 which is what a launch-bound GPU step waits on. Each variant runs in its own process (the setting applies when a
 block is traced); the two alternate, and each round's medians are printed side by side.
 
@@ -61,7 +61,7 @@ def main() -> None:
         print(json.dumps(one_run(a.model_dir, a.one == "constants", a.steps)))
         return
     from common.tiny import ensure_tiny_model
-    rows = []
+    rows, per_layer = [], []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(ensure_tiny_model(Path(tmp) / "tiny"))
         for k in range(a.rounds):
@@ -73,6 +73,7 @@ def main() -> None:
                     raise SystemExit(f"the {mode} run failed:\n{out.stderr[-3000:]}")
                 got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             t, c = got["tensors"]["median_step_ms"], got["constants"]["median_step_ms"]
+            per_layer.append((t - c) / got["tensors"]["layers"])
             rows.append(f"| {k + 1} | {t:.3f} | {c:.3f} | {c - t:+.3f} ms ({(c - t) / got['tensors']['layers']:+.3f} "
                         f"a decoder layer, forward and backward) |")
             print(rows[-1], flush=True)
@@ -82,13 +83,16 @@ def main() -> None:
         f"them, a LoRA training step (forward + backward) timed {a.steps} times a run, median; each variant in its "
         "own process, alternating. With dynamic shapes PyTorch passes each float attribute (RMSNorm eps, the "
         "attention and LoRA scalings: 10 a decoder layer) into the compiled block as a 0-d tensor read back with "
-        "`.item()`; `torch._dynamo.config.specialize_float` compiles them as constants (what `--cuda-graphs` "
-        "sets). The tiny model's compute is small, so the difference is host time per layer call.", "",
-        "| round | floats as 0-d tensors (default), ms a step | floats as constants, ms a step | difference |",
+        "`.item()`; `torch._dynamo.config.specialize_float` compiles them as constants (6_train.py's "
+        "default, `--float-constants`). The tiny model's compute is small, so the difference is host time per "
+        "layer call.", "",
+        "| round | floats as 0-d tensors (PyTorch's default), ms a step | floats as constants, ms a step | difference |",
         "|---|---:|---:|---:|", *rows, "",
-        "At this host's speed the 3B's 36 decoder layers would spend ~2.5 ms more a step on it (and its 32 vision "
+        f"At this host's speed the 3B's 36 decoder layers would spend ~{36 * statistics.median(per_layer):.1f} ms "
+        "more a step on it, by the rounds' median (and its 32 vision "
         "blocks, forward only, a little more): a step of ~300 ms is launch-bound on most H100 hosts, so the "
-        "prediction for the GPU is at most ~1%. Run on the GPU as bench phase `train_fast_floats` (not yet run)."])
+        "prediction for the GPU is at most ~1%. On an H100 (h100-zt, the levers' table) the step rate stayed in "
+        "the other runs' range; what the constants change there is the first compile, 30-40 s against 90-130."])
     if a.write:
         update_section(ROOT / "bench" / "RESULTS.md", "float-constants", text)
 

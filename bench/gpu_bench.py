@@ -23,8 +23,9 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
                    C++ instead of Python, for the launch-bound steps                                          }
   train_fast_graphs  train_fast with --cuda-graphs: each compiled block replayed as a CUDA graph, lengths     }
                      padded to a multiple of 32                                                               }
-  train_fast_floats  train_fast with the model's float constants compiled as constants (what --cuda-graphs    }
-                     does beside graphing): no 0-d CPU tensor inputs read with .item() in the compiled blocks }
+  train_fast_dynamic_floats  train_fast with --no-float-constants: the model's float attributes passed into     }
+                     the compiled blocks as 0-d CPU tensors read with .item() (PyTorch's default; before     }
+                     the default changed, phase train_fast_floats measured the other side)                  }
   train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
   train_unsloth16  6_train.py --backend unsloth --no-load-in-4bit (bf16 base), batch --unsloth-batch
   vision           bench/gpu_vision_speed.py: vision tower and prefill, per-window against bucketed
@@ -65,7 +66,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_masked",
-       "train_fast_unpadded", "train_fast_cpp", "train_fast_graphs", "train_fast_floats", "train_fast_2gpu",
+       "train_fast_unpadded", "train_fast_cpp", "train_fast_graphs", "train_fast_dynamic_floats", "train_fast_2gpu",
        "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16",
        "vision", "floor", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate",
        "infer_fast_mlp", "infer_fast_unpadded", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
@@ -304,7 +305,7 @@ def main() -> None:
               "train_fast_unpadded": ("hf", a.fast_batch, [*fast, "--vision-mlp-multiple", 0], 1),
               "train_fast_cpp": ("hf", a.fast_batch, fast, 1),
               "train_fast_graphs": ("hf", a.fast_batch, [*fast, "--cuda-graphs"], 1),
-              "train_fast_floats": ("hf", a.fast_batch, fast, 1),
+              "train_fast_dynamic_floats": ("hf", a.fast_batch, [*fast, "--no-float-constants"], 1),
               "train_fast_2gpu": ("hf", a.fast_batch, fast, 2),
               "train_fast_2gpu_stock": ("hf", a.fast_batch, [*fast, "--ddp-broadcast-buffers",
                                                              "--no-ddp-grads-in-buckets"], 2),
@@ -312,8 +313,7 @@ def main() -> None:
               "train_fast_2gpu_split": ("hf", a.fast_batch, [*fast, "--ddp-split-graphs"], 2),
               "train_unsloth": ("unsloth", a.unsloth_batch, [], 1),
               "train_unsloth16": ("unsloth", a.unsloth_batch, ["--no-load-in-4bit"], 1)}
-    train_env = {"train_fast_cpp": ["TORCHINDUCTOR_CPP_WRAPPER=1"],  # environment beyond the options
-                 "train_fast_floats": ["BENCH_SPECIALIZE_FLOAT=1"]}
+    train_env = {"train_fast_cpp": ["TORCHINDUCTOR_CPP_WRAPPER=1"]}  # environment beyond the options
 
     def train(name: str) -> None:
         base = name.removesuffix("_again")

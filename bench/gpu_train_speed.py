@@ -298,16 +298,13 @@ def main() -> None:
     if backend == "unsloth":
         import unsloth  # noqa: F401  (before transformers, as 6_train.py does for this backend)
     import torch
-    if os.environ.get("BENCH_SPECIALIZE_FLOAT") == "1":
-        # phase train_fast_floats: the model's float constants compiled as constants (as --cuda-graphs does), alone
-        torch._dynamo.config.specialize_float = True
     stage6 = load_stage("6_train.py")
     import common.training as ct
     from common import options
 
     meta = {"name": args.name, "backend_requested": backend, "argv": train_argv, "versions": versions(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "specialize_float": torch._dynamo.config.specialize_float}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     timer = make_timer(args.result, meta, args.warmup)
 
     class TimedTrainer(ct.PriceTrainer):

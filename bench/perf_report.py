@@ -89,7 +89,8 @@ def step_cost_fit(entry: dict) -> dict | None:
 def train_rows(label: str, run: dict) -> list[str]:
     out = []
     for phase in ("train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_causal",
-                  "train_fast_masked", "train_fast_unpadded", "train_fast_cpp", "train_fast_floats", "train_fast_graphs",
+                  "train_fast_masked", "train_fast_unpadded", "train_fast_cpp", "train_fast_floats",
+                  "train_fast_dynamic_floats", "train_fast_graphs",
                   "train_unsloth", "train_unsloth16", "train_fast_2gpu", "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split",
                   *(k for k in run if k.startswith("train_") and k.endswith("_again"))):
         x = res(run, phase)
@@ -280,14 +281,7 @@ def render(runs: dict[str, dict]) -> str:
               "| default since the first release; the 2-GPU headline is now measured at it |",
               padding_mask_row(runs), *filter(None, [vision_mlp_row(runs)]),
               cpp_wrapper_row(runs), graphs_row(runs),
-              "| the model's float constants compiled as constants in every compiled block (`torch._dynamo.config."
-              "specialize_float`; bench phase `train_fast_floats`) | a training forward wraps ~460 Python floats "
-              "(RMSNorm eps, attention and LoRA scalings) into 0-d CPU tensors for the compiled blocks to read back "
-              "with `.item()`: host time in a launch-bound step, and Inductor builds C++ for those CPU nodes at "
-              "the first compile. Expected: ~0.07 ms of host time a decoder layer, forward and backward (measured "
-              "on the CPU, `bench/float_constants_cpu.py`), ~2.5 ms of a ~300 ms step: at most ~1%; and a shorter "
-              "cold compile | not run on a GPU yet (device "
-              "time ran out); the CPU dry run (small model, `--compile all`) gives the same losses | not yet |",
+              floats_row(runs),
               needs_row(runs, lm_only), ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
@@ -870,6 +864,38 @@ def graphs_replay(run: dict) -> dict | None:
             "loss_gap": loss_gap(fast, graphs), "first_step_s": (fast["first_step_s"], graphs["first_step_s"])}
 
 
+def floats_row(runs: dict[str, dict]) -> str:
+    """The lever row of the float attributes compiled as constants (h100-zt: train_fast_floats, then train_fast;
+    the first steps of h100-zr and h100-zs beside it, where train_fast_graphs has the constants too)."""
+    lever = ("| the model's float attributes compiled as constants in every compiled block (`--float-constants`, "
+             "`torch._dynamo.config.specialize_float`) | a training forward wraps ~460 Python floats (RMSNorm eps, "
+             "attention and LoRA scalings) into 0-d CPU tensors for the compiled blocks to read back with "
+             "`.item()`: 0.06-0.12 ms of host time a decoder layer, forward and backward (measured on the CPU in "
+             "two sessions, `bench/float_constants_cpu.py`), 2.5-4 ms of a ~300 ms step, ~1%; and Inductor builds C++ "
+             "kernels for those CPU nodes at the first compile, so a shorter cold compile | ")
+    zt = runs.get("h100-zt", {})
+    floats, plain = res(zt, "train_fast_floats"), res(zt, "train_fast")
+    if not floats or not plain:
+        return lever + "not run on a GPU | not yet |"
+    firsts = "; ".join(f"{label}: {res(runs[label], 'train_fast_graphs')['first_step_s']:.0f} s with them "
+                       f"(`train_fast_graphs`) against {res(runs[label], 'train_fast')['first_step_s']:.0f} s"
+                       for label in ("h100-zr", "h100-zs") if res(runs.get(label, {}), "train_fast_graphs"))
+    others = ", ".join(str(res(runs[label], "train_fast")["samples_per_s"]) for label in ("h100-zr", "h100-zs")
+                       if label in runs)
+    return lever + (
+        f"h100-zt, the same batches, constants first: the first step (compile) {floats['first_step_s']:.0f} s "
+        f"against {plain['first_step_s']:.0f} s (the second phase, compiling its own graphs); {firsts}. The step "
+        f"rate: {floats['samples_per_s']} samples/s with them over {floats['timed_steps']} steps, in the range of "
+        f"the other H100s' `train_fast` ({others}); "
+        f"the A/B's other side was cut by its phase limit after {plain['steps_done']} steps, its longer compile "
+        f"having eaten the time, so no paired figure. The first two steps' losses equal h100-zs's `train_fast` "
+        f"to the bit (later ones part: this call ran 40 steps, a different learning-rate schedule); the same "
+        f"losses on the CPU dry run (small model, `--compile all`); a test traces the blocks and finds no "
+        f"`.item()` reads left; the constants are fixed per model, so nothing recompiles | yes, default from commit "
+        f"{FLOATS_DEFAULT_COMMIT} (hf backend): 50-90 s off every training run's start; `--no-float-constants` "
+        f"restores PyTorch's default |")
+
+
 def graphs_row(runs: dict[str, dict]) -> str:
     """The lever row of CUDA graphs over the compiled blocks in training: h100-zp crashed, h100-zq located it,
     h100-zr and h100-zs (both phase orders) measured it after the fix."""
@@ -1036,6 +1062,7 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
     return metric, f"| {metric} | {baseline} | {ours} | {card(run)}{device_note} | {run['env']['started'][:10]} |"
 
 
+FLOATS_DEFAULT_COMMIT = "HEAD"  # set once committed
 LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp", "h100-zr", "h100-zs")  # train_fast at today's defaults
 
 
@@ -1173,6 +1200,9 @@ python3 bench/gpu_bench.py --out $OUT --deadline 572 --phases build,data,train_f
 # --deadline 580 --phases build,data,train_fast,train_fast_graphs and train=235); each with PYTHONFAULTHANDLER=1,
 # and GPU busy step by step added afterwards by python3 bench/step_busy.py LABEL OUT/gpu_util.csv
 python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,train_fast_graphs,train_fast --train-rows 384 --test-rows 64 --steps 50 --limits build=60,data=100,train=225
+# the float attributes as constants against PyTorch's default (h100-zt, at commit e606628, when the constants were
+# phase train_fast_floats; from the commit that made them the default, the same A/B is train_fast_dynamic_floats)
+python3 bench/gpu_bench.py --out $OUT --deadline 520 --phases build,data,train_fast_floats,train_fast --train-rows 384 --test-rows 64 --steps 40 --limits build=60,data=100,train=200
 # where it died (h100-zq: the small model's build and data by gpu_bench.py --size small --model-dir /tmp/qsmall
 # --root /tmp/gbs --phases build,data --train-rows 48 --test-rows 16, then 6_train.py under a wrapper that calls
 # faulthandler.dump_traceback_later(45, repeat=True) and runs 6_train.py with runpy:)

@@ -46,21 +46,23 @@ def load_tokenizer(path: str):
     return tok
 
 
-def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False) -> int:
+def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False, float_constants: bool = False) -> int:
     """torch.compile every vision block and/or language-model decoder layer as its own region (dynamic shapes),
     so norms, rotary, SwiGLU and the LoRA adds fuse; one compile per block type, reused by every layer.
     which: none | vision | vision+mlp | all | auto (all on CUDA with the hf backend; vision with Unsloth, which
     compiles its decoder layers itself; none on CPU, where compiling costs more than the demo's whole run).
     vision+mlp (inference): the vision blocks, and in the language model only the MLPs and RMSNorms, the parts that
     never touch the KV cache (a compiled decoder layer guards on its own cache slot: one recompile per layer).
-    cuda_graphs (experimental): mode "reduce-overhead", each block's kernels recorded once per shape and replayed
-    as CUDA graphs (a step of ~5,400 small launches is host-bound on some H100 hosts); the caller marks each step's
-    begin (`torch.compiler.cudagraph_mark_step_begin`). The model's float constants (RMSNorm eps, attention and LoRA
-    scaling) are then compiled as constants: with dynamic shapes Dynamo otherwise passes each as a 0-d CPU tensor
-    read with .item(), 10 per decoder layer and 3 per vision block, which a CUDA graph cannot hold. The first GPU
-    run, without that, died (SIGSEGV) in its first compile, long busy with Inductor's C++ code generation for those
-    CPU inputs; with it, replayed steps run 4-6% faster on an H100 (bench/RESULTS.md). On a CPU nothing is graphed. Returns the number of
-    modules compiled."""
+    float_constants (hf backend): the model's float attributes (RMSNorm eps, attention and LoRA scaling) compiled
+    as constants (`torch._dynamo.config.specialize_float`, process-wide). With dynamic shapes Dynamo otherwise
+    passes each as a 0-d CPU tensor read with .item(), 10 per decoder layer and 3 per vision block, and Inductor
+    builds C++ CPU kernels for them: the 3B's first training step compiled in 32-39 s with constants against
+    90-130 s without, on H100s (bench/RESULTS.md). They are fixed per model, so nothing recompiles.
+    cuda_graphs (experimental; implies float_constants, as a CUDA graph cannot hold CPU scalar inputs): mode
+    "reduce-overhead", each block's kernels recorded once per shape and replayed (a step of ~5,400 small launches
+    is host-bound on some H100 hosts); the caller marks each step's begin
+    (`torch.compiler.cudagraph_mark_step_begin`). On a CPU nothing is graphed. Returns the number of modules
+    compiled."""
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLDecoderLayer, Qwen2_5_VLRMSNorm,
                                                                     Qwen2_5_VLTextModel, Qwen2_5_VLVisionBlock,
@@ -76,12 +78,13 @@ def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False) -
         blocks += [m for text in model.modules() if isinstance(text, Qwen2_5_VLTextModel)
                    for m in text.modules() if isinstance(m, (Qwen2MLP, Qwen2_5_VLRMSNorm))]
     graphed = "reduce-overhead" if cuda_graphs else None
-    if cuda_graphs:
-        torch._dynamo.config.specialize_float = True  # fixed per model: no recompiles, no CPU scalar inputs
+    if blocks and (cuda_graphs or (float_constants and backend == "hf")):
+        torch._dynamo.config.specialize_float = True
     for block in blocks:
         block.compile(dynamic=True, mode=graphed)
     if blocks:
-        log.info("torch.compile: %d modules (%s%s); the first steps include compiling", len(blocks), which,
+        log.info("torch.compile: %d modules (%s%s%s); the first steps include compiling", len(blocks), which,
+                 ", float constants" if torch._dynamo.config.specialize_float else "",
                  ", CUDA graphs" if cuda_graphs else "")
     return len(blocks)
 

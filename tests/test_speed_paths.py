@@ -558,40 +558,43 @@ def test_padding_to_a_multiple_gives_the_same_loss_and_gradients(tiny_model_dir,
     assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
 
 
-def test_cuda_graph_compiles_take_the_models_floats_as_constants(tiny_model_dir):
-    """--cuda-graphs: with dynamic shapes Dynamo turns each float attribute (RMSNorm eps, attention and LoRA scaling)
-    into a 0-d CPU tensor input read with .item(), which a CUDA graph cannot hold; compile_blocks(cuda_graphs=True)
-    makes them constants. The blocks' traced graphs show it (a capturing backend, on the CPU)."""
+def test_compiled_blocks_take_the_models_floats_as_constants(tiny_model_dir):
+    """6_train's default (--float-constants) and --cuda-graphs: with dynamic shapes Dynamo turns each float attribute
+    (RMSNorm eps, attention and LoRA scaling) into a 0-d CPU tensor input read with .item(), which Inductor builds
+    CPU kernels for and a CUDA graph cannot hold; compile_blocks makes them constants for the hf backend. The
+    blocks' traced graphs show it (a capturing backend, on the CPU)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
 
     from common.modeling import compile_blocks
 
-    def float_reads(graphs_before_compile_blocks: bool) -> list[int]:
-        model = tiny(tiny_model_dir, lora=True)
-        if not graphs_before_compile_blocks:
-            compile_blocks(model, "all", "hf", cuda_graphs=True)
-        torch._dynamo.reset()
-        codes = []
+    def float_reads(backend: str | None = None, **settings) -> list[int]:
+        with torch._dynamo.config.patch(specialize_float=False):  # PyTorch's default, restored after
+            model = tiny(tiny_model_dir, lora=True)
+            if backend:
+                compile_blocks(model, "all", backend, **settings)
+            torch._dynamo.reset()
+            codes = []
 
-        def capture(gm, example_inputs):
-            codes.append(gm.code)
-            return gm.forward
-        for block in model.modules():
-            if isinstance(block, (Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock)):
-                block.compile(backend=capture, dynamic=True)
-        grid = torch.tensor([[1, 16, 16]])
-        ids = torch.randint(0, 500, (1, 40))
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        with torch.no_grad():
-            model.base_model.model.model.visual(torch.randn(256, 3 * 2 * 14 * 14), grid_thw=grid)
-        return [code.count(".item()") for code in codes]
+            def capture(gm, example_inputs):
+                codes.append(gm.code)
+                return gm.forward
+            for block in model.modules():
+                if isinstance(block, (Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock)):
+                    block.compile(backend=capture, dynamic=True)
+            grid = torch.tensor([[1, 16, 16]])
+            ids = torch.randint(0, 500, (1, 40))
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            with torch.no_grad():
+                model.base_model.model.model.visual(torch.randn(256, 3 * 2 * 14 * 14), grid_thw=grid)
+            torch._dynamo.reset()
+            return [code.count(".item()") for code in codes]
 
-    with torch._dynamo.config.patch(specialize_float=False):  # PyTorch's default, restored after
-        plain = float_reads(graphs_before_compile_blocks=True)
-        graphed = float_reads(graphs_before_compile_blocks=False)
-    torch._dynamo.reset()
-    assert plain and graphed and sum(plain) >= 10, plain  # a decoder layer alone reads 10 floats
-    assert sum(graphed) == 0, graphed
+    plain = float_reads()
+    assert plain and sum(plain) >= 10, plain  # a decoder layer alone reads 10 floats
+    assert sum(float_reads("hf", float_constants=True)) == 0
+    assert sum(float_reads("hf", cuda_graphs=True)) == 0
+    assert float_reads("unsloth", float_constants=True) == plain  # Unsloth's own compiles keep PyTorch's default
+    assert not torch._dynamo.config.specialize_float
 
 
 def vision_mlps(model):
