@@ -1062,7 +1062,7 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
     return metric, f"| {metric} | {baseline} | {ours} | {card(run)}{device_note} | {run['env']['started'][:10]} |"
 
 
-FLOATS_DEFAULT_COMMIT = "HEAD"  # set once committed
+FLOATS_DEFAULT_COMMIT = "b5056d3"
 LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp", "h100-zr", "h100-zs")  # train_fast at today's defaults
 
 
