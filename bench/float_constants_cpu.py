@@ -86,7 +86,8 @@ def main() -> None:
         "`.item()`; `torch._dynamo.config.specialize_float` compiles them as constants (6_train.py's "
         "default, `--float-constants`). The tiny model's compute is small, so the difference is host time per "
         "layer call.", "",
-        "| round | floats as 0-d tensors (PyTorch's default), ms a step | floats as constants, ms a step | difference |",
+        "| round | floats as 0-d tensors (PyTorch's default), ms a step | floats as constants, ms a step "
+        "| difference |",
         "|---|---:|---:|---:|", *rows, "",
         f"At this host's speed the 3B's 36 decoder layers would spend ~{36 * statistics.median(per_layer):.1f} ms "
         "more a step on it, by the rounds' median (and its 32 vision "

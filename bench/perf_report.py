@@ -1063,7 +1063,8 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
 
 
 FLOATS_DEFAULT_COMMIT = "b5056d3"
-LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp", "h100-zr", "h100-zs")  # train_fast at today's defaults
+# train_fast at today's defaults (the float constants aside: they leave the step rate as it was)
+LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp", "h100-zr", "h100-zs")
 
 
 def later_train(runs: dict[str, dict]) -> str:

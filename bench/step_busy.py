@@ -23,7 +23,8 @@ def main() -> None:
     path = RUNS / f"{a.label}.json"
     run, points = json.loads(path.read_text()), util_samples(a.util_csv).get("0", [])
     for phase, entry in run.items():
-        if phase.startswith("train") and isinstance(entry, dict) and not entry.get("other_ranks") and entry.get("result"):
+        one_gpu = isinstance(entry, dict) and entry.get("result") and not entry.get("other_ranks")
+        if phase.startswith("train") and one_gpu:
             entry["step_busy"] = step_busy(points, entry["result"])
             print(a.label, phase, f"{len(entry['step_busy'])} steps")
     path.write_text(json.dumps(run, indent=1, default=str) + "\n")
