@@ -46,6 +46,9 @@ class InferOptions:
     compile: str = options.opt("torch.compile: auto (vision on a GPU), none, vision (the vision blocks), vision+mlp "
                                "(and the language model's MLPs and norms)", "auto",
                                choices=["auto", "none", "vision", "vision+mlp"])
+    float_constants: bool = options.opt("compile the model's float attributes (norm eps, attention scaling) as "
+                                        "constants, not as CPU scalars read back in each compiled block (hf "
+                                        "backend)", False)
     vision_attention: str = options.opt("bucketed: one attention call per window length in the vision tower; "
                                         "sdpa: the library's one call per window", "bucketed",
                                         choices=["bucketed", "sdpa"])
@@ -129,7 +132,7 @@ def load_model(cfg: InferOptions, base: str, adapter: str | None):
     which = cfg.compile
     if which == "auto":  # the language model decodes token by token with a growing cache: vision blocks only
         which = "vision" if torch.cuda.is_available() else "none"
-    compile_blocks(model, which, backend)
+    compile_blocks(model, which, backend, float_constants=cfg.float_constants)
     use_cudnn_attention(cfg.cudnn_attention)
     return model, backend, make_decoder(model, cfg.decode, backend)
 

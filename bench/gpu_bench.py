@@ -37,6 +37,8 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   infer_fast_generate  infer_fast with --decode generate (the library's decode loop instead of CUDA graphs)  }
   infer_fast_mlp   infer_fast with --compile vision+mlp (the language model's MLPs and norms compiled too)     }
   infer_fast_unpadded  infer_fast with --vision-mlp-multiple 0 (the vision MLP's width as the model has it)   }
+  infer_fast_floats  infer_fast with --float-constants (the compiled vision blocks take the model's floats as   }
+                     constants, as training does by default)                                                  }
   infer_free       7_infer.py --no-constrained (prediction equality with the plain loop)
   profile_train    bench/gpu_profile.py: train_fast's run with steps profiled (GPU busy, idle gaps, syncs)
   profile_infer    bench/gpu_profile.py: infer_fast's run with batches profiled
@@ -55,8 +57,10 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,12 +68,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import stack_samples  # noqa: E402
+
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_masked",
        "train_fast_unpadded", "train_fast_cpp", "train_fast_graphs", "train_fast_dynamic_floats", "train_fast_2gpu",
        "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16",
        "vision", "floor", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate",
-       "infer_fast_mlp", "infer_fast_unpadded", "infer_free", "profile_train", "profile_infer", "profile_train_2gpu"]
+       "infer_fast_mlp", "infer_fast_unpadded", "infer_fast_floats", "infer_free", "profile_train", "profile_infer",
+       "profile_train_2gpu"]
 LIMITS = {"build": 120, "data": 120, "train": 150, "train_unsloth": 260, "vision": 120, "floor": 90, "infer": 110}
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",
@@ -229,7 +237,8 @@ def compare(b: Bench) -> None:
     out = {}
     for x, y in [("infer_plain", "infer_free"), ("infer_plain", "infer_fast"), ("infer_fast", "infer_fast_2gpu"),
                  ("infer_fast", "infer_fast_big"), ("infer_fast_generate", "infer_fast"),
-                 ("infer_fast", "infer_fast_mlp"), ("infer_fast", "infer_fast_unpadded")]:
+                 ("infer_fast", "infer_fast_mlp"), ("infer_fast", "infer_fast_unpadded"),
+                 ("infer_fast", "infer_fast_floats")]:
         px, py = got.get(x, {}).get("predictions"), got.get(y, {}).get("predictions")
         if not px or not py:
             continue
@@ -264,6 +273,9 @@ def main() -> None:
     ap.add_argument("--infer-batch", type=int, default=64)
     ap.add_argument("--infer-big-batch", type=int, default=256)
     ap.add_argument("--fast-extra", default="", help="extra 6_train.py options for train_fast*, e.g. '--compile none'")
+    ap.add_argument("--sample-stacks", type=float, default=0, help="seconds between samples of the training phases' "
+                    "Python stacks (bench/stack_samples.py; OUT/NAME.stacks.txt.gz and a record/replay profile in "
+                    "results.json); 0: off")
     ap.add_argument("--limits", default="", help="seconds per phase or group (build, data, train, infer, vision, "
                     "floor, or a phase's name), e.g. 'train=200,infer_plain=130'; the rest keep their defaults")
     a = ap.parse_args()
@@ -322,13 +334,19 @@ def main() -> None:
         for old in [res, *res.parent.glob(res.stem + ".rank*.json")]:
             old.unlink(missing_ok=True)
         env = ["env", *train_env[base]] if base in train_env else []
-        cmd = [*env, *torchrun(gpus), "bench/gpu_train_speed.py", "--result", res, "--name", name, "--",
+        stacks = a.root / f"{name}.stacks.txt"
+        sampling = ["--sample-stacks", stacks, "--sample-every", a.sample_stacks] if a.sample_stacks else []
+        cmd = [*env, *torchrun(gpus), "bench/gpu_train_speed.py", "--result", res, "--name", name, *sampling, "--",
                *train_args(b, name.removeprefix("train_"), backend, batch, extra)]
         got = b.run(name, cmd, f"{name}.log", limits.get(name, limits["train"]), res, min_needed=60)
         if got:
             b.results[name]["gpu_busy"] = sampler.mean(got.get("steady_start_epoch"), got.get("steady_end_epoch"))
             if gpus == 1 and sampler.path.exists():
                 b.results[name]["step_busy"] = step_busy(util_samples(sampler.path).get("0", []), got)
+            if sampling and stacks.exists():
+                b.results[name]["stacks"] = stack_samples.summarize(stacks, got)
+                with open(stacks, "rb") as raw, gzip.open(b.out / f"{name}.stacks.txt.gz", "wb") as packed:
+                    shutil.copyfileobj(raw, packed)
             b.save()
 
     def vision(name: str) -> None:
@@ -355,6 +373,8 @@ def main() -> None:
                                                                       ["--compile", "vision+mlp"])]),
             "infer_fast_unpadded": (1, ["seven", "--", *infer_seven_args(b, "fast_unpadded", adapter, a.infer_batch,
                                                                            ["--vision-mlp-multiple", 0])]),
+            "infer_fast_floats": (1, ["seven", "--", *infer_seven_args(b, "fast_floats", adapter, a.infer_batch,
+                                                                         ["--float-constants"])]),
             "infer_free": (1, ["seven", "--", *infer_seven_args(b, "free", adapter, 64, ["--no-constrained"])]),
         }[name]
         res = a.root / f"{name}.json"

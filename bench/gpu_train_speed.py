@@ -98,6 +98,7 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
             self.train_peak = 0
             self.result = dict(meta)
             self.mark = mark
+            self.sampler = None  # a stack_samples.Sampler, to mark each step's begin in its file
 
         def on_train_begin(self, args, state, control, **kw):
             gc.callbacks.append(self.record_gc)
@@ -123,6 +124,8 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
                 self.gc_young.append([step, 1, round(ms, 2)])
 
         def on_step_begin(self, args, state, control, **kw):
+            if self.sampler:
+                self.sampler.step(len(self.begins))
             self.begins.append(mark())
 
         def on_step_end(self, args, state, control, **kw):
@@ -163,6 +166,8 @@ def make_timer(result_path: Path, meta: dict, warmup: int):
 
         def on_train_end(self, args, state, control, model=None, **kw):
             gc.callbacks.remove(self.record_gc)
+            if self.sampler:
+                self.sampler.stop()
             now = mark()
             sync()
             # the wall-clock time the last step ended on the GPU: the Trainer's closing save (and this
@@ -291,6 +296,9 @@ def main() -> None:
     ap.add_argument("--result", type=Path, required=True)
     ap.add_argument("--name", default="")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--sample-stacks", type=Path, help="write every thread's Python stack to this file every "
+                    "--sample-every seconds, with the steps' begins marked (bench/stack_samples.py reads it)")
+    ap.add_argument("--sample-every", type=float, default=0.1)
     args = ap.parse_args(sys.argv[1:cut])
     train_argv = sys.argv[cut + 1:]
     started = time.time()
@@ -306,6 +314,9 @@ def main() -> None:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     timer = make_timer(args.result, meta, args.warmup)
+    if args.sample_stacks:
+        from stack_samples import Sampler
+        timer.sampler = Sampler(args.sample_stacks, args.sample_every)
 
     class TimedTrainer(ct.PriceTrainer):
         def __init__(self, *a, **kw):

@@ -182,3 +182,48 @@ def test_step_busy_chains_the_intervals_from_the_steady_start():
     result = {"warmup_steps": 2, "interval_times_s": [None, 0.5, 0.4, 0.4, 0.2, 0.6], "steady_start_epoch": 100.0}
     assert step_busy(points, result) == [80.0, 10.0, None, 50.0]  # 100-100.4, -100.8, -101.0, -101.6
     assert step_busy(points, {**result, "interval_times_s": [None, 0.5, 0.4, None, 0.2, 0.6]}) == []
+
+
+STACKS_PROGRAM = """
+import sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from stack_samples import Sampler
+
+def spin_in_python(seconds):
+    end = time.time() + seconds
+    while time.time() < end:
+        pass
+
+def wait_in_c(seconds):
+    time.sleep(seconds)
+
+threading.Thread(target=wait_in_c, args=(5,), daemon=True).start()  # a second thread, never the main one
+sampler = Sampler(Path(sys.argv[2]), 0.02)
+for step, (work, seconds) in enumerate([(spin_in_python, 0.3), (wait_in_c, 0.6), (spin_in_python, 0.3)]):
+    sampler.step(step)
+    work(seconds)
+sampler.stop()
+"""
+
+
+def test_stack_samples_charge_each_steps_time_to_the_main_threads_frames(tmp_path):
+    import subprocess
+    from stack_samples import parse, profile, record_and_replay_steps, summarize
+    program, stacks = tmp_path / "prog.py", tmp_path / "stacks.txt"
+    program.write_text(STACKS_PROGRAM)
+    subprocess.run([sys.executable, str(program), str(ROOT / "bench"), str(stacks)], check=True, timeout=60)
+    every, per_step = parse(stacks)
+    assert every == 0.02 and sorted(per_step) == [0, 1, 2]
+    # the sleeping step is sampled as often as a busy one: the watchdog needs no GIL
+    assert 20 <= len(per_step[1]) <= 35 and 8 <= len(per_step[0]) <= 18
+    spin, sleep = profile(per_step[0], 5), profile(per_step[1], 5)
+    assert spin["self"][0] == ("prog.py:spin_in_python", len(per_step[0]))
+    assert sleep["self"][0] == ("prog.py:wait_in_c", len(per_step[1]))
+    assert ("prog.py:<module>", len(per_step[1])) in sleep["incl"]
+    # lengths 64, 96, 64, 64, 96: the second of each records graphs, the later ones replay
+    shapes = {"batch_shapes": [[4, 64], [4, 96], [4, 64], [4, 64], [4, 96]]}
+    assert record_and_replay_steps(shapes) == ([2, 4], [3])
+    got = summarize(stacks, {"batch_shapes": [[4, 64], [4, 96], [4, 64]]})
+    assert got["record"]["steps"] == [2] and got["record"]["samples"] == len(per_step[2])
+    assert got["replay"]["samples"] == 0
