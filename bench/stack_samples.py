@@ -1,92 +1,91 @@
-"""A sampling profiler for the host side of a run, from the standard library alone: faulthandler's watchdog (a C
-thread that needs no GIL, so a long C++ call holding it is sampled as it happens) writes every thread's Python
-stack every --every seconds to one file, and the run writes its step boundaries into the same file between them.
-Read back, each step's samples say where its host time went, e.g. the seconds a CUDA graph's recording takes.
+"""A sampling profiler for the host side of a run, from the standard library alone: a daemon thread wakes every
+--every seconds, reads the main thread's Python stack (sys._current_frames) and writes it to one file, into which
+the run writes its step boundaries too. Read back, each step's samples say where its host time went, e.g. the
+seconds a CUDA graph's recording takes. Each sample stands for the time since the one before: when the main
+thread holds the GIL in a long C++ call the sampler wakes late, and the wait is charged to the stack it then sees
+(the Python frame that made the call, or the one just after it). faulthandler's watchdog, which needs no GIL,
+segfaulted the 3B's training on an H100 within seconds (h100-zu), so it is not used.
 
-    python bench/gpu_train_speed.py --result R.json --sample-stacks 0.1 -- ...     (writes R.stacks.txt)
-    python bench/stack_samples.py R.stacks.txt --result R.json --steps record      (the steps that recorded graphs)
-    python bench/stack_samples.py R.stacks.txt --steps 7,8 --top 30
+    python bench/gpu_train_speed.py --result R.json --sample-stacks S.txt --sample-every 0.1 -- ...
+    python bench/stack_samples.py S.txt --result R.json --steps record      (the steps that recorded graphs)
+    python bench/stack_samples.py S.txt --steps 7,8 --top 30
 
 --steps: all (default) | record (with --result: each padded length's second step, when --cuda-graphs records)
 | replay (a length's third step on) | a comma list of step numbers (0-based, the order the steps ran). Prints per
 function (file:function), of the main thread's samples in those steps: `self` (innermost frame) and `incl`
-(anywhere on the stack) as counts and seconds (count x --every), top --top by each.
+(anywhere on the stack) in seconds, top --top by each.
 """
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import gzip
 import json
 import os
-import re
+import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-MARK = "== stack_samples step "
-THREAD = re.compile(r"^(Current thread|Thread) 0x[0-9a-f]+")
-FRAME = re.compile(r'^\s+File "(?P<file>.*)", line \d+ in (?P<func>\S+)')
+MARK = "== step "
+SAMPLE = "== sample "
 
 
 class Sampler:
-    """Samples every thread's stack each `every` seconds into `path`; `step(k)` marks step k's begin there."""
+    """Samples the calling thread's stack each `every` seconds into `path`; `step(k)` marks step k's begin there."""
 
     def __init__(self, path: Path, every: float):
-        self.file = open(path, "w")
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.every = every
-        self.write(f"== stack_samples every {every} started {time.time():.3f}\n")
-        faulthandler.dump_traceback_later(every, repeat=True, file=self.file)
+        self.target = threading.get_ident()
+        self.done = threading.Event()
+        self.write(f"== every {every} started {time.time():.3f}\n")
+        self.thread = threading.Thread(target=self.loop, name="stack_samples", daemon=True)
+        self.thread.start()
 
     def write(self, text: str):
-        os.write(self.file.fileno(), text.encode())  # the same descriptor faulthandler writes to, unbuffered
+        os.write(self.fd, text.encode())  # one call per record: the two threads' records never interleave
+
+    def loop(self):
+        last = time.perf_counter()
+        while not self.done.wait(self.every):
+            frame = sys._current_frames().get(self.target)
+            now = time.perf_counter()
+            lines = []
+            while frame is not None:
+                lines.append(f"{frame.f_code.co_filename}\t{frame.f_code.co_name}\n")
+                frame = frame.f_back
+            self.write(f"{SAMPLE}{now - last:.4f}\n" + "".join(lines))
+            last = now
 
     def step(self, k: int):
         self.write(f"{MARK}{k} {time.time():.3f}\n")
 
     def stop(self):
-        faulthandler.cancel_dump_traceback_later()
-        self.write(f"== stack_samples stopped {time.time():.3f}\n")
-        self.file.close()
+        self.done.set()
+        self.thread.join()
+        self.write(f"== stopped {time.time():.3f}\n")
+        os.close(self.fd)
 
 
-def main_stack(threads: list[list[tuple[str, str]]]) -> list[tuple[str, str]] | None:
-    """The main thread's frames (innermost first) among one dump's threads: the one not started by threading's
-    _bootstrap (faulthandler keeps a stack's innermost 100 frames, so a deep main stack lacks its module frame)."""
-    mains = [t for t in threads if t and not (t[-1][0].endswith("threading.py") and t[-1][1] == "_bootstrap")]
-    return max(mains, key=len) if mains else None
+Stack = tuple[float, list[tuple[str, str]]]  # (seconds it stands for, frames innermost first as (file, function))
 
 
-def parse(path: Path) -> tuple[float, dict[int, list[list[tuple[str, str]]]]]:
-    """(interval, {step: [main-thread stack per sample]}); samples before the first mark go to step -1."""
+def parse(path: Path) -> tuple[float, dict[int, list[Stack]]]:
+    """(interval, {step: [(seconds, main-thread frames) per sample]}); samples before the first mark: step -1."""
     every, step = 0.0, -1
-    per_step: dict[int, list] = {}
-    threads: list | None = None
-
-    def close():
-        if threads is not None:
-            stack = main_stack(threads)
-            if stack:
-                per_step.setdefault(step, []).append(stack)
-
+    per_step: dict[int, list[Stack]] = {}
     opener = gzip.open if path.suffix == ".gz" else open
     for line in opener(path, "rt", errors="replace"):
-        if line.startswith("== stack_samples every "):
-            every = float(line.split()[3])
+        if line.startswith("== every "):
+            every = float(line.split()[2])
         elif line.startswith(MARK):
-            close()
-            threads = None
             step = int(line[len(MARK):].split()[0])
-        elif line.startswith("Timeout ("):
-            close()
-            threads = []
-        elif threads is not None and THREAD.match(line):
-            threads.append([])
-        elif threads is not None and threads:
-            m = FRAME.match(line)
-            if m:
-                threads[-1].append((Path(m["file"]).name, m["func"]))
-    close()
+        elif line.startswith(SAMPLE):
+            per_step.setdefault(step, []).append((float(line[len(SAMPLE):]), []))
+        elif "\t" in line and per_step.get(step):
+            file, func = line.rstrip("\n").split("\t", 1)
+            per_step[step][-1][1].append((Path(file).name, func))
     return every, per_step
 
 
@@ -101,10 +100,17 @@ def record_and_replay_steps(result: dict) -> tuple[list[int], list[int]]:
     return record, replay
 
 
-def profile(stacks: list[list[tuple[str, str]]], top: int) -> dict:
-    own = Counter(f"{s[0][0]}:{s[0][1]}" for s in stacks if s)
-    incl = Counter(f for s in stacks for f in {f"{a}:{b}" for a, b in s})
-    return {"samples": len(stacks), "self": own.most_common(top), "incl": incl.most_common(top)}
+def profile(stacks: list[Stack], top: int) -> dict:
+    """Seconds per file:function, innermost frame only (`self`) and anywhere on the stack (`incl`)."""
+    own, incl = Counter(), Counter()
+    for seconds, frames in stacks:
+        if frames:
+            own[f"{frames[0][0]}:{frames[0][1]}"] += seconds
+        for name in {f"{a}:{b}" for a, b in frames}:
+            incl[name] += seconds
+    return {"samples": len(stacks), "seconds": round(sum(s for s, _ in stacks), 2),
+            "self": [(k, round(v, 2)) for k, v in own.most_common(top)],
+            "incl": [(k, round(v, 2)) for k, v in incl.most_common(top)]}
 
 
 def summarize(path: Path, result: dict, top: int = 25) -> dict:
@@ -140,12 +146,11 @@ def main() -> None:
     if a.json:
         print(json.dumps(got, indent=1))
         return
-    print(f"{len(steps)} steps, {got['samples']} samples of the main thread every {every} s "
-          f"(~{got['samples'] * every:.1f} s)")
+    print(f"{len(steps)} steps, {got['samples']} samples of the main thread every {every} s, {got['seconds']} s")
     for kind in ("self", "incl"):
         print(f"-- {kind}")
-        for name, n in got[kind]:
-            print(f"{n:7d} {n * every:8.2f} s  {name}")
+        for name, seconds in got[kind]:
+            print(f"{seconds:8.2f} s  {name}")
 
 
 if __name__ == "__main__":

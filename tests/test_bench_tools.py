@@ -198,11 +198,18 @@ def spin_in_python(seconds):
 def wait_in_c(seconds):
     time.sleep(seconds)
 
-threading.Thread(target=wait_in_c, args=(5,), daemon=True).start()  # a second thread, never the main one
+def hold_the_gil(n):
+    sum(range(n))  # one C call that keeps the GIL throughout
+    spin_in_python(0.1)
+
+threading.Thread(target=spin_in_python, args=(5,), daemon=True).start()  # another busy thread, never sampled
 sampler = Sampler(Path(sys.argv[2]), 0.02)
-for step, (work, seconds) in enumerate([(spin_in_python, 0.3), (wait_in_c, 0.6), (spin_in_python, 0.3)]):
+steps = [(spin_in_python, 0.4), (wait_in_c, 0.6), (hold_the_gil, 30_000_000), (spin_in_python, 0.2)]
+for step, (work, arg) in enumerate(steps):
     sampler.step(step)
-    work(seconds)
+    t0 = time.perf_counter()
+    work(arg)
+    print(step, time.perf_counter() - t0)
 sampler.stop()
 """
 
@@ -212,18 +219,23 @@ def test_stack_samples_charge_each_steps_time_to_the_main_threads_frames(tmp_pat
     from stack_samples import parse, profile, record_and_replay_steps, summarize
     program, stacks = tmp_path / "prog.py", tmp_path / "stacks.txt"
     program.write_text(STACKS_PROGRAM)
-    subprocess.run([sys.executable, str(program), str(ROOT / "bench"), str(stacks)], check=True, timeout=60)
+    ran = subprocess.run([sys.executable, str(program), str(ROOT / "bench"), str(stacks)], check=True, timeout=60,
+                         capture_output=True, text=True).stdout.split()
+    wall = {int(k): float(v) for k, v in zip(ran[::2], ran[1::2])}
     every, per_step = parse(stacks)
-    assert every == 0.02 and sorted(per_step) == [0, 1, 2]
-    # the sleeping step is sampled as often as a busy one: the watchdog needs no GIL
-    assert 20 <= len(per_step[1]) <= 35 and 8 <= len(per_step[0]) <= 18
-    spin, sleep = profile(per_step[0], 5), profile(per_step[1], 5)
-    assert spin["self"][0] == ("prog.py:spin_in_python", len(per_step[0]))
-    assert sleep["self"][0] == ("prog.py:wait_in_c", len(per_step[1]))
-    assert ("prog.py:<module>", len(per_step[1])) in sleep["incl"]
+    assert every == 0.02 and sorted(per_step) == [0, 1, 2, 3]
+    got = {k: profile(per_step[k], 5) for k in per_step}
+    for k, seconds in wall.items():  # the samples' seconds add up to each step's time, a sample interval or two off
+        assert abs(got[k]["seconds"] - seconds) < 0.1 + 0.2 * seconds, (k, got[k]["seconds"], seconds)
+    assert got[0]["self"][0][0] == "prog.py:spin_in_python" and got[0]["self"][0][1] > 0.3
+    assert got[1]["self"][0][0] == "prog.py:wait_in_c" and got[1]["self"][0][1] > 0.45
+    # the sum() call holds the GIL: the sampler waits, and charges the wait to the stack it sees next, here
+    # spin_in_python's inside the function that made the call
+    assert dict(got[2]["incl"])["prog.py:hold_the_gil"] > 0.8 * wall[2] and wall[2] > 0.2
+    assert ("prog.py:<module>", got[1]["seconds"]) in got[1]["incl"]
     # lengths 64, 96, 64, 64, 96: the second of each records graphs, the later ones replay
     shapes = {"batch_shapes": [[4, 64], [4, 96], [4, 64], [4, 64], [4, 96]]}
     assert record_and_replay_steps(shapes) == ([2, 4], [3])
-    got = summarize(stacks, {"batch_shapes": [[4, 64], [4, 96], [4, 64]]})
-    assert got["record"]["steps"] == [2] and got["record"]["samples"] == len(per_step[2])
-    assert got["replay"]["samples"] == 0
+    summary = summarize(stacks, {"batch_shapes": [[4, 64], [4, 96], [4, 64], [4, 96]]})
+    assert summary["record"]["steps"] == [2, 3] and summary["replay"]["samples"] == 0
+    assert summary["record"]["samples"] == len(per_step[2]) + len(per_step[3])
