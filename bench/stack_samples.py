@@ -1,6 +1,7 @@
 """A sampling profiler for the host side of a run, from the standard library alone: a daemon thread wakes every
---every seconds, reads the main thread's Python stack (sys._current_frames) and writes it to one file, into which
-the run writes its step boundaries too. Read back, each step's samples say where its host time went, e.g. the
+--every seconds, reads the main thread's Python stack (sys._current_frames), topped by those of threads started
+from C++ (the autograd engine's, where a CUDA backward runs), and writes it to one file, into which the run writes
+its step boundaries too. Read back, each step's samples say where its host time went, e.g. the
 seconds a CUDA graph's recording takes. Each sample stands for the time since the one before: when the main
 thread holds the GIL in a long C++ call the sampler wakes late, and the wait is charged to the stack it then sees
 (the Python frame that made the call, or the one just after it). faulthandler's watchdog, which needs no GIL,
@@ -49,12 +50,17 @@ class Sampler:
     def loop(self):
         last = time.perf_counter()
         while not self.done.wait(self.every):
-            frame = sys._current_frames().get(self.target)
+            frames = sys._current_frames()
+            known = {t.ident for t in threading.enumerate()}
+            # threads that C++ started (the autograd engine's, which runs the backward's Python while the main
+            # thread waits in C++) go first, as if the main thread had called them
+            tops = [f for ident, f in frames.items() if ident not in known] + [frames.get(self.target)]
             now = time.perf_counter()
             lines = []
-            while frame is not None:
-                lines.append(f"{frame.f_code.co_filename}\t{frame.f_code.co_name}\n")
-                frame = frame.f_back
+            for frame in tops:
+                while frame is not None:
+                    lines.append(f"{frame.f_code.co_filename}\t{frame.f_code.co_name}\n")
+                    frame = frame.f_back
             self.write(f"{SAMPLE}{now - last:.4f}\n" + "".join(lines))
             last = now
 

@@ -60,9 +60,9 @@ def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False, f
     90-130 s without, on H100s (bench/RESULTS.md). They are fixed per model, so nothing recompiles.
     cuda_graphs (experimental; implies float_constants, as a CUDA graph cannot hold CPU scalar inputs): mode
     "reduce-overhead", each block's kernels recorded once per shape and replayed (a step of ~5,400 small launches
-    is host-bound on some H100 hosts); the caller marks each step's begin
-    (`torch.compiler.cudagraph_mark_step_begin`). On a CPU nothing is graphed. Returns the number of modules
-    compiled."""
+    is host-bound on some H100 hosts), with PyTorch's checks at recording made cheaper (common/graph_trees.py);
+    the caller marks each step's begin (`torch.compiler.cudagraph_mark_step_begin`). On a CPU nothing is graphed.
+    Returns the number of modules compiled."""
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLDecoderLayer, Qwen2_5_VLRMSNorm,
                                                                     Qwen2_5_VLTextModel, Qwen2_5_VLVisionBlock,
@@ -78,6 +78,9 @@ def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False, f
         blocks += [m for text in model.modules() if isinstance(text, Qwen2_5_VLTextModel)
                    for m in text.modules() if isinstance(m, (Qwen2MLP, Qwen2_5_VLRMSNorm))]
     graphed = "reduce-overhead" if cuda_graphs else None
+    if blocks and cuda_graphs:
+        from common.graph_trees import speed_up_graph_recording
+        speed_up_graph_recording()
     if blocks and (cuda_graphs or (float_constants and backend == "hf")):
         torch._dynamo.config.specialize_float = True
     for block in blocks:

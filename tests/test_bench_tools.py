@@ -185,7 +185,7 @@ def test_step_busy_chains_the_intervals_from_the_steady_start():
 
 
 STACKS_PROGRAM = """
-import sys, threading, time
+import _thread, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from stack_samples import Sampler
@@ -202,9 +202,20 @@ def hold_the_gil(n):
     sum(range(n))  # one C call that keeps the GIL throughout
     spin_in_python(0.1)
 
+def helper_work(done):
+    spin_in_python(0.4)
+    done.release()
+
+def wait_for_a_helper(_):
+    done = _thread.allocate_lock()
+    done.acquire()
+    _thread.start_new_thread(helper_work, (done,))  # a thread threading does not know, as C++ starts them
+    done.acquire()
+
 threading.Thread(target=spin_in_python, args=(5,), daemon=True).start()  # another busy thread, never sampled
 sampler = Sampler(Path(sys.argv[2]), 0.02)
-steps = [(spin_in_python, 0.4), (wait_in_c, 0.6), (hold_the_gil, 30_000_000), (spin_in_python, 0.2)]
+steps = [(spin_in_python, 0.4), (wait_in_c, 0.6), (hold_the_gil, 30_000_000), (spin_in_python, 0.2),
+         (wait_for_a_helper, None)]
 for step, (work, arg) in enumerate(steps):
     sampler.step(step)
     t0 = time.perf_counter()
@@ -223,7 +234,7 @@ def test_stack_samples_charge_each_steps_time_to_the_main_threads_frames(tmp_pat
                          capture_output=True, text=True).stdout.split()
     wall = {int(k): float(v) for k, v in zip(ran[::2], ran[1::2])}
     every, per_step = parse(stacks)
-    assert every == 0.02 and sorted(per_step) == [0, 1, 2, 3]
+    assert every == 0.02 and sorted(per_step) == [0, 1, 2, 3, 4]
     got = {k: profile(per_step[k], 5) for k in per_step}
     for k, seconds in wall.items():  # the samples' seconds add up to each step's time, a sample interval or two off
         assert abs(got[k]["seconds"] - seconds) < 0.1 + 0.2 * seconds, (k, got[k]["seconds"], seconds)
@@ -233,6 +244,9 @@ def test_stack_samples_charge_each_steps_time_to_the_main_threads_frames(tmp_pat
     # spin_in_python's inside the function that made the call
     assert dict(got[2]["incl"])["prog.py:hold_the_gil"] > 0.8 * wall[2] and wall[2] > 0.2
     assert ("prog.py:<module>", got[1]["seconds"]) in got[1]["incl"]
+    # the main thread waits while a thread started outside threading works: its frames are charged, on top
+    assert got[4]["self"][0][0] == "prog.py:spin_in_python" and dict(got[4]["incl"])["prog.py:helper_work"] > 0.3
+    assert dict(got[4]["incl"])["prog.py:wait_for_a_helper"] > 0.3
     # lengths 64, 96, 64, 64, 96: the second of each records graphs, the later ones replay
     shapes = {"batch_shapes": [[4, 64], [4, 96], [4, 64], [4, 64], [4, 96]]}
     assert record_and_replay_steps(shapes) == ([2, 4], [3])

@@ -637,3 +637,52 @@ def test_padded_vision_mlp_leaves_inference_logits_and_trainable_vision_layers_a
                                  False, 0)
     assert pad_vision_mlp(tuned, 48) == 0
     assert all(m.down_proj.in_features == 128 for m in vision_mlps(tuned))
+
+
+def test_graph_recording_checks_answer_as_pytorchs_own(monkeypatch):
+    """common/graph_trees.py's replacements for cudagraph trees' alias checks (run at each CUDA graph's recording)
+    against PyTorch's own methods, on real storage weak references: live and dead outputs, views into a live
+    output, an output slot left empty, and a dead output whose address a new tensor took (CPU storages: the checks
+    read pointers and reference counts only)."""
+    from torch._inductor import cudagraph_trees as ct
+
+    from common import graph_trees
+    originals = {key: getattr(getattr(ct, key[0]), key[1]) for key in graph_trees.REPLACEMENTS}
+    for (cls, method) in graph_trees.REPLACEMENTS:
+        monkeypatch.setattr(getattr(ct, cls), method, getattr(ct, cls).__dict__[method])  # restored after
+    assert graph_trees.speed_up_graph_recording() == len(graph_trees.REPLACEMENTS)
+    assert graph_trees.speed_up_graph_recording() == len(graph_trees.REPLACEMENTS)  # idempotent
+
+    rng = random.Random(0)
+    keep = [torch.randn(rng.randint(1, 64)) for _ in range(40)]
+    dying = [torch.randn(rng.randint(1, 64)) for _ in range(40)]
+    refs = [ct.StorageWeakRefWrapper(t) for t in keep + dying + keep[:5]]  # 5 storages output twice
+    rng.shuffle(refs)
+    path = [refs[k:k + 10] + [None] for k in range(0, len(refs), 10)]  # 9 graphs' outputs, each with an empty slot
+    dead_ptrs = {t.untyped_storage().data_ptr() for t in dying}
+    del dying
+    reborn = []
+    for _ in range(400):  # new tensors until some take a dead output's address
+        t = torch.randn(rng.randint(1, 64))
+        if t.untyped_storage().data_ptr() in dead_ptrs:
+            reborn.append(t)
+    probes = keep + [t[1:] for t in keep if t.numel() > 1] + reborn + [torch.randn(8) for _ in range(20)]
+
+    class Node:  # what the checks read of a CUDAGraphNode / CUDAWarmupNode
+        def __init__(self, outputs):
+            self.outputs_weakrefs = outputs
+
+    class Path:
+        path_weakrefs = path
+        _path_from_root = [Node(outputs) for outputs in path]
+        path_live_weakrefs = ct.CUDAWarmupNode.path_live_weakrefs
+
+    here = Path()
+    for (cls, method), original in originals.items():
+        new = getattr(getattr(ct, cls), method)
+        assert new is graph_trees.REPLACEMENTS[(cls, method)]
+        answers = [original(here, t) for t in probes]
+        assert [new(here, t) for t in probes] == answers, (cls, method)
+        assert any(answers) and not all(answers)
+    assert reborn  # the allocator gave some dead outputs' addresses to new tensors: no alias, in both versions
+    assert all(originals[("CUDAGraphNode", "_is_alias_of_live_recorded_tensor")](here, t) is None for t in reborn)
