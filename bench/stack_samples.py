@@ -50,19 +50,26 @@ class Sampler:
     def loop(self):
         last = time.perf_counter()
         while not self.done.wait(self.every):
-            frames = sys._current_frames()
-            known = {t.ident for t in threading.enumerate()}
-            # threads that C++ started (the autograd engine's, which runs the backward's Python while the main
-            # thread waits in C++) go first, as if the main thread had called them
-            tops = [f for ident, f in frames.items() if ident not in known] + [frames.get(self.target)]
+            stacks = self.sample()
             now = time.perf_counter()
-            lines = []
-            for frame in tops:
-                while frame is not None:
-                    lines.append(f"{frame.f_code.co_filename}\t{frame.f_code.co_name}\n")
-                    frame = frame.f_back
-            self.write(f"{SAMPLE}{now - last:.4f}\n" + "".join(lines))
+            self.write(f"{SAMPLE}{now - last:.4f}\n{stacks}")
             last = now
+
+    def sample(self) -> str:
+        """The stacks as text. Every frame is dropped on return: a frame object held past its function's end keeps
+        its locals alive, and cudagraph trees fail on a tensor alive in their pool that they do not track (h100-zw)."""
+        frames = sys._current_frames()
+        del frames[threading.get_ident()]  # this frame, whose locals hold the dict: a cycle only gc would free
+        known = {t.ident for t in threading.enumerate()}
+        # threads that C++ started (the autograd engine's, which runs the backward's Python while the main thread
+        # waits in C++) go first, as if the main thread had called them
+        tops = [f for ident, f in frames.items() if ident not in known] + [frames.get(self.target)]
+        lines = []
+        for frame in tops:
+            while frame is not None:
+                lines.append(f"{frame.f_code.co_filename}\t{frame.f_code.co_name}\n")
+                frame = frame.f_back
+        return "".join(lines)
 
     def step(self, k: int):
         self.write(f"{MARK}{k} {time.time():.3f}\n")
