@@ -61,14 +61,14 @@ class TrainOptions:
     compile: str = options.opt("torch.compile each block: auto (GPU: all, or vision under Unsloth; CPU: none), "
                                "none, vision, all", "auto", choices=["auto", "none", "vision", "all"])
     float_constants: bool = options.opt("compile the model's float attributes (norm eps, attention and LoRA scaling) "
-                                        "as constants, not as CPU scalars read at run time: the 3B's first step "
-                                        "compiles in ~35 s instead of ~90-130 on an H100 (bench/RESULTS.md); hf "
-                                        "backend, compiled blocks", True)
+                                        "as constants, not as CPU scalars read at run time: on an H100 the 3B's "
+                                        "first step compiles in ~35 s instead of ~90-130, and steps run ~5% faster "
+                                        "(bench/RESULTS.md); hf backend, compiled blocks", True)
     cuda_graphs: bool = options.opt("experimental: replay each compiled block's kernels as CUDA graphs (torch.compile "
                                     "mode reduce-overhead), recorded once per padded length. On an H100 a replayed "
-                                    "step is 4-6% faster, but recording costs 7-9 s per new length, so it pays only "
-                                    "over several epochs (bench/RESULTS.md); GPU, hf backend, compiled blocks, "
-                                    "--grad-accum 1", False)
+                                    "step is 2-6% faster, but recording costs ~3 s per new length, so it pays only "
+                                    "over several epochs on a slow host (bench/RESULTS.md); GPU, hf backend, "
+                                    "compiled blocks, --grad-accum 1", False)
     pad_multiple: int = options.opt("pad each training batch's length up to a multiple of this, so CUDA graphs meet "
                                     "few shapes (0: 32 with --cuda-graphs, else none)", 0)
     padding_mask: bool = options.opt("mask the padding in training attention with a 4-D mask (SDPA's memory-efficient "

@@ -47,8 +47,9 @@ class InferOptions:
                                "(and the language model's MLPs and norms)", "auto",
                                choices=["auto", "none", "vision", "vision+mlp"])
     float_constants: bool = options.opt("compile the model's float attributes (norm eps, attention scaling) as "
-                                        "constants, not as CPU scalars read back in each compiled block (hf "
-                                        "backend)", False)
+                                        "constants, not as CPU scalars read back in each compiled block, as "
+                                        "6_train.py does: the same predictions on an H100, ~1 s less compiling "
+                                        "(bench/RESULTS.md); hf backend, compiled blocks", True)
     vision_attention: str = options.opt("bucketed: one attention call per window length in the vision tower; "
                                         "sdpa: the library's one call per window", "bucketed",
                                         choices=["bucketed", "sdpa"])

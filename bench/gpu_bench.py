@@ -37,8 +37,9 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   infer_fast_generate  infer_fast with --decode generate (the library's decode loop instead of CUDA graphs)  }
   infer_fast_mlp   infer_fast with --compile vision+mlp (the language model's MLPs and norms compiled too)     }
   infer_fast_unpadded  infer_fast with --vision-mlp-multiple 0 (the vision MLP's width as the model has it)   }
-  infer_fast_floats  infer_fast with --float-constants (the compiled vision blocks take the model's floats as   }
-                     constants, as training does by default)                                                  }
+  infer_fast_dynamic_floats  infer_fast with --no-float-constants: the compiled vision blocks read the model's  }
+                     floats as 0-d CPU tensors (PyTorch's default; before the default changed, phase          }
+                     infer_fast_floats measured the other side)                                               }
   infer_free       7_infer.py --no-constrained (prediction equality with the plain loop)
   profile_train    bench/gpu_profile.py: train_fast's run with steps profiled (GPU busy, idle gaps, syncs)
   profile_infer    bench/gpu_profile.py: infer_fast's run with batches profiled
@@ -76,8 +77,8 @@ ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_
        "train_fast_unpadded", "train_fast_cpp", "train_fast_graphs", "train_fast_dynamic_floats", "train_fast_2gpu",
        "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16",
        "vision", "floor", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate",
-       "infer_fast_mlp", "infer_fast_unpadded", "infer_fast_floats", "infer_free", "profile_train", "profile_infer",
-       "profile_train_2gpu"]
+       "infer_fast_mlp", "infer_fast_unpadded", "infer_fast_dynamic_floats", "infer_free", "profile_train",
+       "profile_infer", "profile_train_2gpu"]
 LIMITS = {"build": 120, "data": 120, "train": 150, "train_unsloth": 260, "vision": 120, "floor": 90, "infer": 110}
 # the baseline: what transformers + peft do out of the box
 LIBRARY_DEFAULTS = ["--vision-attention", "sdpa", "--loss-positions", "all", "--no-group-by-length", "--compile", "none",
@@ -238,7 +239,7 @@ def compare(b: Bench) -> None:
     for x, y in [("infer_plain", "infer_free"), ("infer_plain", "infer_fast"), ("infer_fast", "infer_fast_2gpu"),
                  ("infer_fast", "infer_fast_big"), ("infer_fast_generate", "infer_fast"),
                  ("infer_fast", "infer_fast_mlp"), ("infer_fast", "infer_fast_unpadded"),
-                 ("infer_fast", "infer_fast_floats")]:
+                 ("infer_fast", "infer_fast_dynamic_floats")]:
         px, py = got.get(x, {}).get("predictions"), got.get(y, {}).get("predictions")
         if not px or not py:
             continue
@@ -373,8 +374,9 @@ def main() -> None:
                                                                       ["--compile", "vision+mlp"])]),
             "infer_fast_unpadded": (1, ["seven", "--", *infer_seven_args(b, "fast_unpadded", adapter, a.infer_batch,
                                                                            ["--vision-mlp-multiple", 0])]),
-            "infer_fast_floats": (1, ["seven", "--", *infer_seven_args(b, "fast_floats", adapter, a.infer_batch,
-                                                                         ["--float-constants"])]),
+            "infer_fast_dynamic_floats": (1, ["seven", "--", *infer_seven_args(b, "fast_dynamic_floats", adapter,
+                                                                                 a.infer_batch,
+                                                                                 ["--no-float-constants"])]),
             "infer_free": (1, ["seven", "--", *infer_seven_args(b, "free", adapter, 64, ["--no-constrained"])]),
         }[name]
         res = a.root / f"{name}.json"

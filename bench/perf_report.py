@@ -281,7 +281,7 @@ def render(runs: dict[str, dict]) -> str:
               "| default since the first release; the 2-GPU headline is now measured at it |",
               padding_mask_row(runs), *filter(None, [vision_mlp_row(runs)]),
               cpp_wrapper_row(runs), graphs_row(runs),
-              floats_row(runs),
+              floats_row(runs), infer_floats_row(runs),
               needs_row(runs, lm_only), ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
@@ -896,6 +896,38 @@ def floats_row(runs: dict[str, dict]) -> str:
         f"restores PyTorch's default |")
 
 
+def infer_floats_row(runs: dict[str, dict]) -> str:
+    """The lever row of the float constants in 7_infer.py's compiled vision blocks: h100-zu (plain first) and h100-zv
+    (constants first), phases infer_fast and infer_fast_floats, the same 640 rows."""
+    pairs = [(label, res(runs.get(label, {}), "infer_fast"), res(runs.get(label, {}), "infer_fast_floats"))
+             for label in ("h100-zu", "h100-zv")]
+    pairs = [(label, plain, floats) for label, plain, floats in pairs if plain and floats]
+    lever = ("| the float constants in inference too (`7_infer.py --float-constants`: its compiled vision blocks, 3 "
+             "floats each) | as in training, a shorter first compile; no change in steady state, where a batch reads "
+             "96 floats (32 blocks x 3), well under a millisecond | ")
+    if len(pairs) < 2:
+        return lever + "not run on a GPU in both orders | no: option until measured |"
+    first = [floats["first_batch_s"] - plain["first_batch_s"] for _, plain, floats in pairs]
+    equal = " and ".join(f"{e['equal_price']}/{e['rows']}" for e in
+                         (runs[label]["equality"]["infer_fast vs infer_fast_floats"] for label, _, _ in pairs))
+
+    def order(label: str) -> str:
+        phases = list(runs[label])
+        return "constants second" if phases.index("infer_fast") < phases.index("infer_fast_floats") else \
+            "constants first"
+
+    text = "; ".join(
+        f"{label} ({order(label)}): first batch (compile) {plain['first_batch_s']} -> {floats['first_batch_s']} "
+        f"s, the job {plain['total_s']} -> {floats['total_s']} s, {plain['samples_per_s']} -> "
+        f"{floats['samples_per_s']} samples/s" for label, plain, floats in pairs)
+    return lever + (
+        f"{text}. The phase order moves the first batch more than the setting does (a call's second phase "
+        f"finds Triton's kernels built): averaged over both orders the constants take "
+        f"{-statistics.mean(first):.1f} s off the first batch; the steady rate is unchanged. Predictions "
+        f"{equal} equal, texts too | yes, default from commit {INFER_FLOATS_COMMIT} (hf backend), so both stages "
+        f"compile alike; `--no-float-constants` restores PyTorch's default |")
+
+
 def graphs_row(runs: dict[str, dict]) -> str:
     """The lever row of CUDA graphs over the compiled blocks in training: h100-zp crashed, h100-zq located it,
     h100-zr and h100-zs (both phase orders) measured it after the fix."""
@@ -948,11 +980,59 @@ def graphs_row(runs: dict[str, dict]) -> str:
         f"step (compile) took {firsts}. Losses within {max(g['loss_gap'] for _, g in pairs):.3f} (padding to 32 "
         f"reorders bf16 sums). Break-even: at ~{ms:.0f} ms a replayed step, ~{lengths} lengths (the real "
         f"catalog's ~350-1,950 tokens at a multiple of 32) cost ~{lengths * record / 60:.0f} min of recording "
-        f"against ~{steps * ms / 1e3 / 60:.1f} min saved over a 75k-row epoch ({steps:,} steps) | no: off by "
-        f"default and experimental; it loses on a one-epoch run, needs `--grad-accum 1` (pytorch/pytorch#169545: "
-        f"accumulated gradients would be the graphs' output buffers, overwritten by the next replay) and did not "
-        f"lift nvidia-smi's busy figure |")
-    return lever + history + measured
+        f"against ~{steps * ms / 1e3 / 60:.1f} min saved over a 75k-row epoch ({steps:,} steps). ")
+    verdict = ("| no: off by default and experimental; it loses on a one-epoch run, needs `--grad-accum 1` "
+               "(pytorch/pytorch#169545: accumulated gradients would be the graphs' output buffers, overwritten by "
+               "the next replay) and did not lift nvidia-smi's busy figure |")
+    return lever + history + measured + recording_sentences(runs, ms, lengths, steps) + verdict
+
+
+CHECKS = ("cudagraph_trees.py:expired", "cudagraph_trees.py:_is_alias_of_live_recorded_tensor",
+          "cudagraph_trees.py:maybe_deref", "cudagraph_trees.py:_is_cuda_graph_recorded_tensor",
+          "cudagraph_trees.py:data_ptr", "cudagraph_trees.py:is_live")
+
+
+def recording_sentences(runs: dict[str, dict], replay_ms: float, lengths: int, steps: int) -> str:
+    """Where a recording step's seconds went (h100-zv, the host's stacks sampled, bench/stack_samples.py; its stacks
+    file kept beside the run) and what the cheaper alias checks (common/graph_trees.py, commit 8aeb83d) left
+    (h100-zx, with train_fast beside it)."""
+    zv, zx = runs.get("h100-zv", {}), runs.get("h100-zx", {})
+    stacks = RUNS / "h100-zv-train_fast_graphs.stacks.txt.gz"
+    after = graphs_replay(zx) if zx else None
+    if not res(zv, "train_fast_graphs") or not after or not stacks.exists():
+        return ""
+    from stack_samples import parse, profile, record_and_replay_steps
+    recorded = record_and_replay_steps(res(zv, "train_fast_graphs"))[0]
+    per_step = parse(stacks)[1]
+    before = profile([x for k in recorded for x in per_step.get(k, [])], top=10_000)
+    own, incl = dict(before["self"]), dict(before["incl"])
+    checks = sum(own.get(name, 0) for name in CHECKS)
+    median_before = statistics.median(res(zv, "train_fast_graphs")["interval_times_s"][k] for k in recorded)
+    sampled = zx["train_fast_graphs"]["stacks"]["record"]
+    left = dict(sampled["self"])
+    left_checks = sum(left.get(name, 0) for name in CHECKS) + left.get(
+        "graph_trees.py:_is_alias_of_live_recorded_tensor", 0)
+    cost = after["record_s"]
+    return (
+        f"Why recording took seconds: the host's Python stacks, sampled every 0.1 s (h100-zv, "
+        f"`bench/stack_samples.py`, {len(recorded)} recording steps of median {median_before:.1f} s): of "
+        f"{before['seconds']:.0f} s, {incl.get('cudagraph_trees.py:run', 0):.0f} s in the forward's graphs, "
+        f"{checks:.0f} s of those in PyTorch's alias checks (`CUDAGraphNode._is_alias_of_live_recorded_tensor` and "
+        f"kin), and {own.get('graph.py:_engine_run_backward', 0):.0f} s waiting on the backward, which runs in the "
+        f"autograd engine's thread, unseen by that sampler. The checks compare each new graph's inputs and outputs "
+        f"with every output recorded earlier on the step's path of ~100 graphs, asking each whether it is alive "
+        f"(a C call) before comparing addresses: quadratic in the path, whose forwards output the activations "
+        f"saved for the backward. From commit 8aeb83d `common/graph_trees.py` compares addresses first (the same "
+        f"answers, tested against PyTorch's own on real storages). h100-zx, another H100, graphs first, then "
+        f"`train_fast`: a recording step {cost:.2f} s (median of {after['recorded']}; {left_checks:.1f} of the "
+        f"sampled {sampled['seconds']:.0f} s left in the checks, the rest CUDA syncs, the first replay, the "
+        f"backward), {median_before / cost:.1f}x shorter; the replayed steps {after['rate_fast']:.2f} -> "
+        f"{after['rate_graphs']:.2f} samples/s ({100 * (after['rate_graphs'] / after['rate_fast'] - 1):+.1f}%, "
+        f"{after['median_ms']:+.0f} ms a step) on a host where `train_fast` ran {busy(zx, 'train_fast')} busy. "
+        f"Break-even now: ~{lengths} lengths cost ~{lengths * cost / 60:.1f} min of recording against "
+        f"~{steps * replay_ms / 1e3 / 60:.1f} min saved an epoch at the {replay_ms:.0f} ms a step of the slower "
+        f"hosts above: graphs break even after ~{lengths * cost / (steps * replay_ms / 1e3):.0f} epochs there, and "
+        f"never where the host keeps up. ")
 
 
 def vision_mlp_row(runs: dict[str, dict]) -> str:
@@ -1063,6 +1143,7 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
 
 
 FLOATS_DEFAULT_COMMIT = "b5056d3"
+INFER_FLOATS_COMMIT = "the next"  # replaced by the commit that made the constants 7_infer.py's default
 # train_fast at today's defaults (the float constants aside: they leave the step rate as it was)
 LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp", "h100-zr", "h100-zs")
 

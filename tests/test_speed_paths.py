@@ -597,6 +597,20 @@ def test_compiled_blocks_take_the_models_floats_as_constants(tiny_model_dir):
     assert not torch._dynamo.config.specialize_float
 
 
+def test_inference_compiles_the_vision_blocks_with_float_constants_unless_told_not_to(tiny_model_dir):
+    """7_infer's --float-constants (the default, as in 6_train) reaches compile_blocks; --no-float-constants leaves
+    PyTorch's default. Predictions equal either way on an H100 (bench/RESULTS.md)."""
+    from conftest import load_stage
+    stage7 = load_stage("7_infer")
+    assert stage7.InferOptions().float_constants
+    for expected in (True, False):
+        cfg = stage7.InferOptions(compile="vision", backend="hf", float_constants=expected)
+        with torch._dynamo.config.patch(specialize_float=False):
+            model, backend, decoder = stage7.load_model(cfg, str(tiny_model_dir), None)
+            assert backend == "hf" and torch._dynamo.config.specialize_float is expected
+        torch._dynamo.reset()
+
+
 def vision_mlps(model):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
     return [m for m in model.modules() if isinstance(m, Qwen2_5_VLMLP)]
