@@ -888,12 +888,36 @@ def floats_row(runs: dict[str, dict]) -> str:
         f"rate: {floats['samples_per_s']} samples/s with them over {floats['timed_steps']} steps, in the range of "
         f"the other H100s' `train_fast` ({others}); "
         f"the A/B's other side was cut by its phase limit after {plain['steps_done']} steps, its longer compile "
-        f"having eaten the time, so no paired figure. The first two steps' losses equal h100-zs's `train_fast` "
+        f"having eaten the time, so no paired figure there. The first two steps' losses equal h100-zs's `train_fast` "
         f"to the bit (later ones part: this call ran 40 steps, a different learning-rate schedule); the same "
         f"losses on the CPU dry run (small model, `--compile all`); a test traces the blocks and finds no "
-        f"`.item()` reads left; the constants are fixed per model, so nothing recompiles | yes, default from commit "
-        f"{FLOATS_DEFAULT_COMMIT} (hf backend): 50-90 s off every training run's start; `--no-float-constants` "
-        f"restores PyTorch's default |")
+        f"`.item()` reads left; the constants are fixed per model, so nothing recompiles. {paired_floats(runs)}"
+        f"| yes, default from commit {FLOATS_DEFAULT_COMMIT} (hf backend): 50-90 s off every training run's start"
+        f"{' and ~5% off its steps' if paired_floats(runs) else ''}; `--no-float-constants` restores PyTorch's "
+        f"default |")
+
+
+def paired_floats(runs: dict[str, dict]) -> str:
+    """h100-zy: train_fast, train_fast_dynamic_floats, train_fast_again (A-B-A) over the same batches."""
+    zy = runs.get("h100-zy", {})
+    a, b, a2 = (res(zy, phase) for phase in ("train_fast", "train_fast_dynamic_floats", "train_fast_again"))
+    if not a or not b or not a2 or not b.get("train_finished"):
+        return ""
+    steps = [k for k in range(a["warmup_steps"], len(b["interval_times_s"]))
+             if all(x["interval_times_s"][k] for x in (a, b, a2))]
+
+    def ms(x, y) -> float:
+        return 1e3 * statistics.median(y["interval_times_s"][k] - x["interval_times_s"][k] for k in steps)
+
+    return (f"The paired step rate (h100-zy, A-B-A over the same {len(steps)} timed steps): {a['samples_per_s']} "
+            f"with the constants, {b['samples_per_s']} without, {a2['samples_per_s']} with them again; step by "
+            f"step {ms(a, b):+.0f} and {ms(a2, b):+.0f} ms without them (medians against either side; the two "
+            f"sides with them {ms(a, a2):+.0f} ms apart): more than the CPU's estimate of the `.item()` reads "
+            f"(~3 ms); on a launch-bound host the host's time counts in full, and the kernels compiled around "
+            f"constants may differ too (not separated); the first step {a['first_step_s']:.0f} s against "
+            f"{b['first_step_s']:.0f}; losses equal at the first step ({a['loss_first']:.4f}). That host was a "
+            f"slow one ({busy(zy, 'train_fast')} and {busy(zy, 'train_fast_again')} busy with them; the phase "
+            f"without them hit its time limit in the closing evaluation, after all its steps) ")
 
 
 def infer_floats_row(runs: dict[str, dict]) -> str:
@@ -1143,9 +1167,10 @@ def row(metric: str, baseline: str, ours: str, run: dict, device_note: str = "")
 
 
 FLOATS_DEFAULT_COMMIT = "b5056d3"
-INFER_FLOATS_COMMIT = "the next"  # replaced by the commit that made the constants 7_infer.py's default
+INFER_FLOATS_COMMIT = "862e53c"
 # train_fast at today's defaults (the float constants aside: they leave the step rate as it was)
 LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp", "h100-zr", "h100-zs")
+LATER_FLOATS = ("h100-zw", "h100-zx", "h100-zy")  # train_fast at the float-constants default
 
 
 def later_train(runs: dict[str, dict]) -> str:
@@ -1154,8 +1179,14 @@ def later_train(runs: dict[str, dict]) -> str:
     got = [(label, x) for label, x in got if x]
     if not got:
         return ""
+    floats = [(label, phase, res(runs[label], phase)) for label in LATER_FLOATS if label in runs
+              for phase in ("train_fast", "train_fast_again") if res(runs[label], phase)]
     return ("; at commit 73508e8 and later ones with the same defaults, no baseline in those calls: " +
-            ", ".join(f"{x['samples_per_s']} ({label})" for label, x in got))
+            ", ".join(f"{x['samples_per_s']} ({label})" for label, x in got) +
+            ("; from commit b5056d3 (float constants): " + ", ".join(
+                f"{x['samples_per_s']} ({label}{', ' + phase if phase != 'train_fast' else ''}"
+                f"{', stacks sampled' if runs[label]['train_fast'].get('stacks') else ''})"
+                for label, phase, x in floats) if floats else ""))
 
 
 def later_infer(runs: dict[str, dict]) -> str:
@@ -1164,8 +1195,8 @@ def later_infer(runs: dict[str, dict]) -> str:
 
 
 def later_busy(runs: dict[str, dict]) -> str:
-    return ", ".join(f"{busy(runs[label], phase)} ({label}, {phase})" for label in LATER_TRAIN
-                     for phase in ("train_fast", "train_fast_unpadded", "train_fast_cpp")
+    return ", ".join(f"{busy(runs[label], phase)} ({label}, {phase})" for label in LATER_TRAIN + LATER_FLOATS
+                     for phase in ("train_fast", "train_fast_unpadded", "train_fast_cpp", "train_fast_again")
                      if res(runs.get(label, {}), phase))
 
 
@@ -1256,6 +1287,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # train samples/s and GPU busy (h100-zd; h100-z a session earlier, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,train_hf,train_fast --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=260
+# the float constants' paired step rate, A-B-A (h100-zy, nvidia-h100-x1, at commit f40ed98)
+python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast,train_fast_dynamic_floats,train_fast_again --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
+# CUDA graphs' recording with the host's stacks sampled, before the cheaper alias checks (h100-zv, at commit c55ddf2,
+# with the inference A/B of the float constants, constants first; h100-zu at fa96b9b the other order, its sampler
+# then faulthandler's, which segfaulted the training phase; from commit 862e53c the constants are the default and
+# the same A/B is phase infer_fast_dynamic_floats):
+python3 bench/gpu_bench.py --out $OUT --deadline 570 --phases build,data,infer_fast_floats,infer_fast,train_fast_graphs --train-rows 384 --test-rows 640 --steps 40 --sample-stacks 0.1 --limits build=60,data=110,infer=100,train=215
+python3 bench/stack_samples.py $OUT/train_fast_graphs.stacks.txt.gz --result /tmp/gpu_bench/train_fast_graphs.json --steps record
+# ... and after them (h100-zx at commit f40ed98; h100-zw at 8aeb83d, where the sampler kept frames alive and the
+# graphs phase failed on a tensor in their pool)
+python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast_graphs,train_fast --train-rows 384 --test-rows 64 --steps 40 --sample-stacks 0.1 --limits build=60,data=100,train=215
 # train 2-GPU scaling at 6_train.py's default accumulation of 4 (h200x2-zb, nvidia-h100-x2, which gave 2 H200s)
 python3 bench/gpu_bench.py --out $OUT --deadline 555 --phases build,data,train_fast,train_fast_2gpu --train-rows 384 --test-rows 64 --steps 15 --grad-accum 4 --limits build=60,data=100,train=200
 # train samples/s and GPU busy at the default accumulation of 4 (h100-ze, nvidia-h100-x1)
