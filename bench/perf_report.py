@@ -26,6 +26,7 @@ HEAVY = ("predictions", "texts", "batch_log", "losses", "evals", "log_history") 
 def add(spec: str) -> None:
     label, commit, path = spec.split(":", 2)
     r = json.loads(Path(path).read_text())
+    keep_equal_length_shares(r)
     for v in r.values():
         if isinstance(v, dict):
             v.pop("log_tail", None)
@@ -36,6 +37,18 @@ def add(spec: str) -> None:
     r["label"], r["commit"] = label, commit
     RUNS.mkdir(exist_ok=True)
     (RUNS / f"{label}.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+
+
+def keep_equal_length_shares(r: dict) -> None:
+    """Before the batch logs are dropped: for infer_fast_2gpu beside infer_fast, each rank's speed at equal lengths
+    (equal_length_speed) and the mean prompt length of each side's timed batches (all but the first)."""
+    one, two = res(r, "infer_fast"), r.get("infer_fast_2gpu") or {}
+    ranks = [x for x in [two.get("result"), *two.get("other_ranks", [])] if x and x.get("batch_log")]
+    if not one.get("batch_log") or not ranks:
+        return
+    timed = [one["batch_log"][1:], *(x["batch_log"][1:] for x in ranks)]
+    two["equal_length_shares"] = [round(float(equal_length_speed(timed[0], t)), 4) for t in timed[1:]]
+    two["timed_prompt_len"] = [round(statistics.mean(b["prompt_len"] for b in t)) for t in timed]
 
 
 def load() -> dict[str, dict]:
@@ -1200,6 +1213,38 @@ def later_busy(runs: dict[str, dict]) -> str:
                      if res(runs.get(label, {}), phase))
 
 
+def equal_length_speed(one: list[dict], rank: list[dict]) -> float:
+    """A rank's speed as a share of one GPU's at the rank's own batch lengths: the one GPU's batches after the first
+    fitted as time = fixed + per-token x prompt length, that fit's time for the rank's batches over their time."""
+    import numpy as np
+    slope, fixed = np.polyfit([b["prompt_len"] for b in one], [b["generate_s"] for b in one], 1)
+    return sum(fixed + slope * b["prompt_len"] for b in rank) / sum(b["generate_s"] for b in rank)
+
+
+def later_infer_2gpu(runs: dict[str, dict]) -> str:
+    """h200x2-zc (1,024 rows): the 2-GPU ratio, and each rank's speed at equal lengths (keep_equal_length_shares)."""
+    zc = runs.get("h200x2-zc", {})
+    one, two = res(zc, "infer_fast"), zc.get("infer_fast_2gpu") or {}
+    if not one or not two.get("result") or not two.get("equal_length_shares"):
+        return ""
+    e1, e2 = one["samples_per_s"], two["samples_per_s_all_ranks"]
+    shares, lengths = two["equal_length_shares"], two["timed_prompt_len"]
+    return (f". At commit {zc['commit']} (h200x2-zc, 1,024 rows, 7 timed batches a rank): {e1} -> {e2}, "
+            f"{e2 / e1:.2f}x. Each side leaves its first, shortest batch out, so the ranks' timed batches are longer: "
+            f"{' and '.join(map(str, lengths[1:]))} prompt tokens against {lengths[0]}. At equal lengths each rank "
+            f"ran at {' and '.join(f'{100 * x:.1f}%' for x in shares)} of the one GPU's speed (the one GPU's "
+            f"batches fitted as fixed + per-token cost): ~{2 * statistics.mean(shares):.2f}x")
+
+
+def later_train_2gpu(runs: dict[str, dict]) -> str:
+    zc = runs.get("h200x2-zc", {})
+    one, two = res(zc, "train_fast"), res(zc, "train_fast_2gpu")
+    if not one or not two:
+        return ""
+    return (f". At commit {zc['commit']} (h200x2-zc, the default accumulation of 4): {one['samples_per_s']} -> "
+            f"{two['samples_per_s']}, {ratio(two, one)}")
+
+
 def ceiling_clause(runs: dict[str, dict]) -> str:
     label, f = floor_run(runs)
     if not f:
@@ -1245,7 +1290,8 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
         rows.append(row("infer 2-GPU scaling", f"{e1} samples/s (7_infer, 1 GPU, steady state)",
                         f"{e2} (torchrun, 2 GPUs: {e2 / e1:.2f}x, each rank from its first batch's end to its last; "
                         f"goal 1.9x: met. A whole 1,280-row job: {job1} -> {job2} s, {job1 / job2:.2f}x, as model "
-                        "loading and compiling are a fixed cost per job)", u, " (H100s not given)"))
+                        f"loading and compiling are a fixed cost per job{later_infer_2gpu(runs)})", u,
+                        " (H100s not given)"))
     d, s, z = runs.get("h200x2-zb", {}), runs.get("h200x2-za", {}), runs.get("h200x2-z", {})
     d1, d2 = res(d, "train_fast"), res(d, "train_fast_2gpu")
     t1, t2 = res(s, "train_fast"), res(s, "train_fast_2gpu")
@@ -1256,8 +1302,8 @@ def headline(runs: dict[str, dict]) -> list[tuple[str, str]]:
                         f"{ratio(d2, d1)}; goal 1.9x: met at the default accumulation. With an all-reduce after "
                         f"every micro-batch (`--grad-accum 1`, the worst case), the same code: {ratio(t2, t1)} "
                         f"(h200x2-za: {t1['samples_per_s']} -> {t2['samples_per_s']}) and {ratio(z2, z1)} "
-                        f"(h200x2-z), against {ratio(zs, z1)} with DDP as PyTorch sets it up)", d,
-                        " (H100s not given)"))
+                        f"(h200x2-z), against {ratio(zs, z1)} with DDP as PyTorch sets it up{later_train_2gpu(runs)})",
+                        d, " (H100s not given)"))
     r, x = runs.get("h100-s", {}), runs.get("h100-zc", {})
     prof_i, prof_t = prof.get("plain") or {}, res(r, "profile_train").get("plain") or {}
     if hf and fast and x:
@@ -1287,6 +1333,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # train samples/s and GPU busy (h100-zd; h100-z a session earlier, nvidia-h100-x1)
 python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,train_hf,train_fast --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=260
+# infer and train 2-GPU scaling at commit 862e53c (h200x2-zc, nvidia-h100-x2, which gave 2 H200s)
+python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,infer_fast,infer_fast_2gpu,train_fast,train_fast_2gpu --train-rows 384 --test-rows 1024 --steps 15 --grad-accum 4 --limits build=60,data=120,infer=90,train=130
 # the float constants' paired step rate, A-B-A (h100-zy, nvidia-h100-x1, at commit f40ed98)
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast,train_fast_dynamic_floats,train_fast_again --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
 # CUDA graphs' recording with the host's stacks sampled, before the cheaper alias checks (h100-zv, at commit c55ddf2,

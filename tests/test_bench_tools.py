@@ -268,3 +268,21 @@ def test_stack_samples_charge_each_steps_time_to_the_main_threads_frames(tmp_pat
     summary = summarize(stacks, {"batch_shapes": [[4, 64], [4, 96], [4, 64], [4, 96]]})
     assert summary["record"]["steps"] == [2, 3] and summary["replay"]["samples"] == 0
     assert summary["record"]["samples"] == len(per_step[2]) + len(per_step[3])
+
+
+def test_two_gpu_inference_speed_is_compared_at_equal_lengths():
+    """perf_report.keep_equal_length_shares: a rank whose batches cost 10% more than one GPU's at the same lengths
+    runs at 1/1.1 of its speed, whatever lengths its timed batches have; the timed mean lengths leave the first
+    batch out."""
+    from perf_report import keep_equal_length_shares
+
+    def log(lengths, slower=1.0):
+        return [{"prompt_len": 100, "generate_s": 9.0}] + [{"prompt_len": n, "generate_s": slower * (0.2 + 0.001 * n)}
+                                                         for n in lengths]
+    run = {"infer_fast": {"result": {"batch_log": log([300, 400, 500, 600, 900])}},
+           "infer_fast_2gpu": {"result": {"batch_log": log([700, 800])}, "other_ranks": [
+               {"batch_log": log([350, 1200], slower=1.1)}]}}
+    keep_equal_length_shares(run)
+    two = run["infer_fast_2gpu"]
+    assert two["equal_length_shares"] == [1.0, round(1 / 1.1, 4)]
+    assert two["timed_prompt_len"] == [540, 750, 775]
