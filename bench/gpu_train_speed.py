@@ -26,6 +26,8 @@ step only): the GPU time each part takes, with `handover` = from the previous st
 Under torchrun each rank also times a lone all-reduce of all its trainable gradients (`allreduce_ms`).
 `samples_per_s_repeated_lengths`: from the median interval over the timed steps whose padded length came twice
 before (CUDA graphs warm up and record on a length's first two steps, then replay).
+`--sample-stacks FILE` samples the host's Python stacks every `--sample-every` seconds into FILE, each step's
+begin marked (bench/stack_samples.py reads it back).
 Garbage collections during training are logged by step: each full one with its host ms (`gc_full`), the young
 ones counted and summed per step (`gc_young`); `gc_full_ms_timed`: the full ones' sum over the timed steps.
 """
