@@ -7,8 +7,10 @@ the step's path of graphs, and after it records, each output too (`CUDAGraphNode
 step). Each check is a Python loop that reads the tensor's storage pointer again and asks every earlier output
 whether it is still alive (a C call) before comparing pointers. A training step of the 3B has ~100 graphs on its
 path (32 frozen vision blocks, then the forward and backward of 36 decoder layers), the forwards' outputs include
-the activations saved for the backward, so the checks grow with the square of the path: sampled on an H100
-(bench/stack_samples.py, h100-zv), they took most of each recording step's 6-9 s.
+the activations saved for the backward, so the checks grow with the square of the path. Sampled on an H100
+(bench/stack_samples.py, h100-zv), they took 21 s of the forward graphs' 33 s over ten recording steps of median
+7.4 s (the backward, in the autograd engine's thread, unseen); with the replacements a recording step took 2.85 s
+(h100-zx, bench/RESULTS.md).
 
 The replacements give the same answers: they read the tensor's pointer once and compare pointers before asking
 about liveness (an earlier output at another address can never match, alive or not); where a pointer matches,
