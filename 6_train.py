@@ -71,6 +71,9 @@ class TrainOptions:
                                     "compiled blocks, --grad-accum 1", False)
     pad_multiple: int = options.opt("pad each training batch's length up to a multiple of this, so CUDA graphs meet "
                                     "few shapes (0: 32 with --cuda-graphs, else none)", 0)
+    host_vision_indices: bool = options.opt("build the vision tower's indices (rotary positions, attention and "
+                                            "window boundaries) in the loader's workers; off: the tower builds them "
+                                            "on the GPU every step, reading the image grids back (hf backend)", True)
     padding_mask: bool = options.opt("mask the padding in training attention with a 4-D mask (SDPA's memory-efficient "
                                      "kernel). Off (default): causal attention alone, exact for right-padded batches "
                                      "(padding follows every real token), so SDPA runs its flash kernel: ~3% faster "
@@ -290,7 +293,8 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
     trainer = PriceTrainer(model=model, args=training_arguments(cfg, max_steps, torch.cuda.is_available()),
                            train_dataset=train_ds, eval_dataset=val_ds,
                            data_collator=for_tokenizer(tokenizer, drop_images=cfg.text_only, host_ids=host_ids,
-                                                       padding_mask=cfg.padding_mask, pad_multiple=cfg.padded_to),
+                                                       padding_mask=cfg.padding_mask, pad_multiple=cfg.padded_to,
+                                                       vision_indices=cfg.host_vision_indices),
                            loader_options={"num_workers": cfg.workers, "pin_memory": cfg.pin_memory,
                                            "persistent_workers": cfg.persistent_workers,
                                            "prefetch_factor": cfg.prefetch_factor},

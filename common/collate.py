@@ -43,6 +43,9 @@ class Collator:
     # The padded length rounded up to a multiple of this: fewer distinct shapes for CUDA graphs, each recorded
     # once per shape (training, right padding: the extra columns are padding like any other)
     pad_multiple: int = 1
+    # With host ids: the vision tower's indices too (rotary positions, attention and window boundaries); False leaves
+    # them to the tower, which builds them on the device from the grids each forward (reading the grids back)
+    vision_indices: bool = True
 
     def without_image(self, s: dict) -> dict:
         """The sample as a text-only chat would have encoded it (vision span cut, answer shifted)."""
@@ -115,7 +118,7 @@ class Collator:
         per_sample = [sample_positions(s["input_ids"], s.get("image_grid_thw") if s.get("pixel_values") is not None
                                        else None, layout.image_token_id, layout.merge_size) for s in samples]
         out = {"position_ids": batch_positions(per_sample, columns, width, text_row=not self.with_labels)}
-        if grids is not None:
+        if grids is not None and self.vision_indices:
             out.update(vision_indices(grids, layout))
         return out
 
@@ -138,10 +141,10 @@ def check_image_tokens(sample: dict, layout: HostLayout) -> None:
 
 def for_tokenizer(tokenizer, padding_side: str = "right", with_labels: bool = True,
                   drop_images: bool = False, host_ids: HostLayout | None = None, padding_mask: bool = True,
-                  pad_multiple: int = 1) -> Collator:
+                  pad_multiple: int = 1, vision_indices: bool = True) -> Collator:
     ids = tokenizer.convert_tokens_to_ids
     return Collator(pad_id=tokenizer.pad_token_id, image_token_id=ids("<|image_pad|>"), end_id=ids("<|im_end|>"),
                     vocab_size=tokenizer.vocab_size, padding_side=padding_side, with_labels=with_labels,
                     drop_images=drop_images, vision_start_id=ids("<|vision_start|>"),
                     vision_end_id=ids("<|vision_end|>"), host_ids=host_ids, padding_mask=padding_mask,
-                    pad_multiple=pad_multiple)
+                    pad_multiple=pad_multiple, vision_indices=vision_indices)

@@ -166,7 +166,12 @@ def skip_image_readbacks(model) -> None:
     image_token_id, video_token_id = inner.config.image_token_id, inner.config.video_token_id
 
     def image_features(pixel_values, image_grid_thw=None, **kwargs):
-        out = inner.visual(pixel_values.type(inner.visual.dtype), grid_thw=image_grid_thw, **kwargs)
+        # as the library's own get_image_features takes them (transformers' accepts_precomputed_kwargs): the
+        # collator's `image_position_ids`, `image_cu_seqlens`, ... reach the tower as `position_ids`, ...; passed
+        # on unrenamed, the tower ignored them and rebuilt each on the GPU, reading the grids back every step
+        vision = {k.removeprefix("image_") if k.startswith("image_") else k: v for k, v in kwargs.items()
+                  if not k.startswith(("video_", "audio_"))}
+        out = inner.visual(pixel_values.type(inner.visual.dtype), grid_thw=image_grid_thw, **vision)
         out.pooler_output = (out.pooler_output,)
         return out
 

@@ -700,3 +700,39 @@ def test_graph_recording_checks_answer_as_pytorchs_own(monkeypatch):
         assert any(answers) and not all(answers)
     assert reborn  # the allocator gave some dead outputs' addresses to new tensors: no alias, in both versions
     assert all(originals[("CUDAGraphNode", "_is_alias_of_live_recorded_tensor")](here, t) is None for t in reborn)
+
+
+def test_training_forward_takes_the_collators_vision_indices(tiny_model_dir, encoded_demo, monkeypatch):
+    """With skip_image_readbacks (training, hf backend) the vision tower takes the indices the host-ids collator
+    built (`image_position_ids`, `image_cu_seqlens`, `image_window_index`, ...) instead of rebuilding them from the
+    grids on the device, which reads the grids back every step; the loss is the one the library's path gives."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+    from common.modeling import skip_image_readbacks
+    from common.positions import HostLayout
+    from common.predict import with_normalized_pixels
+    model = tiny(tiny_model_dir, lora=True)
+    layout = HostLayout.from_model(model)
+    batch = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout), None)
+    plain = {k: v for k, v in batch.items() if not k.startswith("image_") or k == "image_grid_thw"}
+    # 6_train --no-host-vision-indices: the same batch without them (the bench's A/B)
+    without = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout, vision_indices=False), None)
+    assert without.keys() == plain.keys() and "position_ids" in without
+    handed = []
+    for name, key in (("get_vision_position_ids", "position_ids"), ("get_vision_attention_seqlens", "cu_seqlens"),
+                      ("get_vision_window_index", "window_index")):
+        def recording(*a, _original=getattr(qwen, name), _key=key, **kw):
+            handed.append((kw.get("kwargs") or {}).get(_key) is not None)
+            return _original(*a, **kw)
+        monkeypatch.setattr(qwen, name, recording)
+    with torch.no_grad():
+        want = model(**plain).loss
+        assert handed == [False] * 3  # the library's path without them: built from the grids
+        skip_image_readbacks(model)
+        handed.clear()
+        got = model(**batch).loss
+        assert handed == [True] * 3
+        handed.clear()
+        rebuilt = model(**without).loss
+        assert handed == [False] * 3
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6) and torch.allclose(rebuilt, want, rtol=1e-6, atol=1e-6)
