@@ -294,7 +294,7 @@ def render(runs: dict[str, dict]) -> str:
               "| default since the first release; the 2-GPU headline is now measured at it |",
               padding_mask_row(runs), *filter(None, [vision_mlp_row(runs)]),
               cpp_wrapper_row(runs), graphs_row(runs),
-              floats_row(runs), infer_floats_row(runs),
+              floats_row(runs), infer_floats_row(runs), vision_indices_row(runs),
               needs_row(runs, lm_only), ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
@@ -963,6 +963,27 @@ def infer_floats_row(runs: dict[str, dict]) -> str:
         f"{-statistics.mean(first):.1f} s off the first batch; the steady rate is unchanged. Predictions "
         f"{equal} equal, texts too | yes, default from commit {INFER_FLOATS_COMMIT} (hf backend), so both stages "
         f"compile alike; `--no-float-constants` restores PyTorch's default |")
+
+
+def vision_indices_row(runs: dict[str, dict]) -> str:
+    """The training forward taking the collator's vision indices again (commit 18d516a), found in h100-zx's sampled
+    train_fast steps; the A/B (train_fast_device_indices) is not yet run."""
+    zx = runs.get("h100-zx", {})
+    if not res(zx, "train_fast"):
+        return ""
+    got = [res(r, "train_fast_device_indices") for r in runs.values()]
+    lever = ("| the training forward takes the collator's vision indices (rotary positions, attention and window "
+             "boundaries) again: from commit e3da4db the image merge that skips the read-backs passed them on under "
+             "their `image_` names, which the tower does not take, so it rebuilt them on the GPU every step, reading "
+             "the grids back (a regression, fixed in commit 18d516a; `--no-host-vision-indices` restores it for the "
+             "A/B) | h100-zx's `train_fast`, host stacks sampled: ~50 ms of each ~320 ms step's host time in the "
+             "tower's index building (`get_vision_position_ids` and the tower's forward), part of it waiting at the "
+             "read-backs for the GPU to drain: between 0 and ~15% a step on a launch-bound host | ")
+    if not any(got):
+        return lever + ("not yet measured on a GPU (the device time ran out); every training figure above from "
+                        "commit e3da4db to 18d516a was taken with the regression | yes, default (exact: a test checks "
+                        "the tower takes all three kinds of indices and the loss equals the library's path) |")
+    return lever + "measured: see train_fast_device_indices in the runs table | yes, default |"
 
 
 def graphs_row(runs: dict[str, dict]) -> str:
