@@ -895,6 +895,7 @@ def floats_row(runs: dict[str, dict]) -> str:
                        for label in ("h100-zr", "h100-zs") if res(runs.get(label, {}), "train_fast_graphs"))
     others = ", ".join(str(res(runs[label], "train_fast")["samples_per_s"]) for label in ("h100-zr", "h100-zs")
                        if label in runs)
+    paired = paired_floats(runs)
     return lever + (
         f"h100-zt, the same batches, constants first: the first step (compile) {floats['first_step_s']:.0f} s "
         f"against {plain['first_step_s']:.0f} s (the second phase, compiling its own graphs); {firsts}. The step "
@@ -904,9 +905,9 @@ def floats_row(runs: dict[str, dict]) -> str:
         f"having eaten the time, so no paired figure there. The first two steps' losses equal h100-zs's `train_fast` "
         f"to the bit (later ones part: this call ran 40 steps, a different learning-rate schedule); the same "
         f"losses on the CPU dry run (small model, `--compile all`); a test traces the blocks and finds no "
-        f"`.item()` reads left; the constants are fixed per model, so nothing recompiles. {paired_floats(runs)}"
+        f"`.item()` reads left; the constants are fixed per model, so nothing recompiles. {paired}"
         f"| yes, default from commit {FLOATS_DEFAULT_COMMIT} (hf backend): 50-90 s off every training run's start"
-        f"{' and ~5% off its steps' if paired_floats(runs) else ''}; `--no-float-constants` restores PyTorch's "
+        f"{' and ~5% off its steps' if paired else ''}; `--no-float-constants` restores PyTorch's "
         f"default |")
 
 

@@ -161,17 +161,17 @@ def skip_image_readbacks(model) -> None:
     image-token count check (formatted into its message before the check runs). The collator checks the same
     count on the host (`common.collate.check_image_tokens`); use only with batches from a host-ids collator."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from transformers.utils.generic import accepts_precomputed_kwargs
     inner = next(m for m in model.modules() if isinstance(m, Qwen2_5_VLModel))
     checked_placeholder_mask = inner.get_placeholder_mask
     image_token_id, video_token_id = inner.config.image_token_id, inner.config.video_token_id
 
+    # the decorator the library's own get_image_features carries: the collator's `image_position_ids`,
+    # `image_cu_seqlens`, ... reach the tower as `position_ids`, ...; passed on unrenamed, the tower ignored them and
+    # rebuilt each on the GPU, reading the grids back every step
+    @accepts_precomputed_kwargs(modality="image")
     def image_features(pixel_values, image_grid_thw=None, **kwargs):
-        # as the library's own get_image_features takes them (transformers' accepts_precomputed_kwargs): the
-        # collator's `image_position_ids`, `image_cu_seqlens`, ... reach the tower as `position_ids`, ...; passed
-        # on unrenamed, the tower ignored them and rebuilt each on the GPU, reading the grids back every step
-        vision = {k.removeprefix("image_") if k.startswith("image_") else k: v for k, v in kwargs.items()
-                  if not k.startswith(("video_", "audio_"))}
-        out = inner.visual(pixel_values.type(inner.visual.dtype), grid_thw=image_grid_thw, **vision)
+        out = inner.visual(pixel_values.type(inner.visual.dtype), grid_thw=image_grid_thw, **kwargs)
         out.pooler_output = (out.pooler_output,)
         return out
 
