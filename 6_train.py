@@ -71,6 +71,9 @@ class TrainOptions:
                                     "compiled blocks, --grad-accum 1", False)
     pad_multiple: int = options.opt("pad each training batch's length up to a multiple of this, so CUDA graphs meet "
                                     "few shapes (0: 32 with --cuda-graphs, else none)", 0)
+    lora_groups: bool = options.opt("run the LoRA projections that read the same input (q/k/v, gate/up) as one "
+                                    "GEMM each for their base weights, their A and their B matrices: fewer, larger "
+                                    "kernels, the same math (hf backend)", False)
     host_vision_indices: bool = options.opt("build the vision tower's indices (rotary positions, attention and "
                                             "window boundaries) in the loader's workers; off: the tower builds them "
                                             "on the GPU every step, reading the image grids back (hf backend)", True)
@@ -255,6 +258,7 @@ def load_model(cfg: TrainOptions, model_path: str):
 
     from common.modeling import (LoraSettings, compile_blocks, load_for_training, pad_vision_mlp,
                                  split_compiled_graphs_for_ddp, use_cudnn_attention)
+    from common.lora_fusion import fuse_shared_input_lora
     from common.vision_attention import use_bucketed_vision_attention
     set_seed(cfg.seed)  # before the LoRA weights are drawn: the Trainer seeds only after the model exists
     model, backend = load_for_training(model_path, cfg.backend,
@@ -264,6 +268,8 @@ def load_model(cfg: TrainOptions, model_path: str):
         use_bucketed_vision_attention(model)
     if backend == "hf":
         pad_vision_mlp(model, cfg.vision_mlp_multiple)  # before compiling: the blocks compile with its shapes
+        if cfg.lora_groups:
+            fuse_shared_input_lora(model)
     split_compiled_graphs_for_ddp(cfg.ddp_split_graphs)
     compile_blocks(model, cfg.compile, backend, cfg.cuda_graphs, cfg.float_constants)
     use_cudnn_attention(cfg.cudnn_attention)
