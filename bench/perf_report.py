@@ -911,26 +911,37 @@ def floats_row(runs: dict[str, dict]) -> str:
         f"default |")
 
 
-def paired_floats(runs: dict[str, dict]) -> str:
-    """h100-zy: train_fast, train_fast_dynamic_floats, train_fast_again (A-B-A) over the same batches."""
-    zy = runs.get("h100-zy", {})
-    a, b, a2 = (res(zy, phase) for phase in ("train_fast", "train_fast_dynamic_floats", "train_fast_again"))
+def aba_steps(run: dict, a_phase: str, b_phase: str, a2_phase: str) -> dict | None:
+    """An A-B-A call (the same batches three times): the step-by-step medians, ms, of B - A, B - A2 and A2 - A over
+    the timed steps all three ran, with the three phases' results."""
+    a, b, a2 = (res(run, phase) for phase in (a_phase, b_phase, a2_phase))
     if not a or not b or not a2 or not b.get("train_finished"):
-        return ""
+        return None
     steps = [k for k in range(a["warmup_steps"], len(b["interval_times_s"]))
              if all(x["interval_times_s"][k] for x in (a, b, a2))]
 
     def ms(x, y) -> float:
         return 1e3 * statistics.median(y["interval_times_s"][k] - x["interval_times_s"][k] for k in steps)
 
-    return (f"The paired step rate (h100-zy, A-B-A over the same {len(steps)} timed steps): {a['samples_per_s']} "
+    return {"a": a, "b": b, "a2": a2, "steps": len(steps), "b_minus_a": ms(a, b), "b_minus_a2": ms(a2, b),
+            "a2_minus_a": ms(a, a2)}
+
+
+def paired_floats(runs: dict[str, dict]) -> str:
+    """h100-zy: train_fast, train_fast_dynamic_floats, train_fast_again (A-B-A) over the same batches."""
+    zy = runs.get("h100-zy", {})
+    p = aba_steps(zy, "train_fast", "train_fast_dynamic_floats", "train_fast_again")
+    if not p:
+        return ""
+    a, b, a2 = p["a"], p["b"], p["a2"]
+    return (f"The paired step rate (h100-zy, A-B-A over the same {p['steps']} timed steps): {a['samples_per_s']} "
             f"with the constants, {b['samples_per_s']} without, {a2['samples_per_s']} with them again; step by "
-            f"step {ms(a, b):+.0f} and {ms(a2, b):+.0f} ms without them (medians against either side; the two "
-            f"sides with them {ms(a, a2):+.0f} ms apart): more than the CPU's estimate of the `.item()` reads "
-            f"(~3 ms); on a launch-bound host the host's time counts in full, and the kernels compiled around "
-            f"constants may differ too (not separated); the first step {a['first_step_s']:.0f} s against "
-            f"{b['first_step_s']:.0f}; losses equal at the first step ({a['loss_first']:.4f}). That host was a "
-            f"slow one ({busy(zy, 'train_fast')} and {busy(zy, 'train_fast_again')} busy with them; the phase "
+            f"step {p['b_minus_a']:+.0f} and {p['b_minus_a2']:+.0f} ms without them (medians against either side; "
+            f"the two sides with them {p['a2_minus_a']:+.0f} ms apart): more than the CPU's estimate of the "
+            f"`.item()` reads (~3 ms); on a launch-bound host the host's time counts in full, and the kernels "
+            f"compiled around constants may differ too (not separated); the first step {a['first_step_s']:.0f} s "
+            f"against {b['first_step_s']:.0f}; losses equal at the first step ({a['loss_first']:.4f}). That host was "
+            f"a slow one ({busy(zy, 'train_fast')} and {busy(zy, 'train_fast_again')} busy with them; the phase "
             f"without them hit its time limit in the closing evaluation, after all its steps) ")
 
 
@@ -968,11 +979,10 @@ def infer_floats_row(runs: dict[str, dict]) -> str:
 
 def vision_indices_row(runs: dict[str, dict]) -> str:
     """The training forward taking the collator's vision indices again (commit 18d516a), found in h100-zx's sampled
-    train_fast steps; the A/B (train_fast_device_indices) is not yet run."""
+    train_fast steps; measured A-B-A in h100-zz (train_fast_device_indices, train_fast, ..._again)."""
     zx = runs.get("h100-zx", {})
     if not res(zx, "train_fast"):
         return ""
-    got = [res(r, "train_fast_device_indices") for r in runs.values()]
     lever = ("| the training forward takes the collator's vision indices (rotary positions, attention and window "
              "boundaries) again: from commit e3da4db the image merge that skips the read-backs passed them on under "
              "their `image_` names, which the tower does not take, so it rebuilt them on the GPU every step, reading "
@@ -980,11 +990,27 @@ def vision_indices_row(runs: dict[str, dict]) -> str:
              "A/B) | h100-zx's `train_fast`, host stacks sampled: ~50 ms of each ~320 ms step's host time in the "
              "tower's index building (`get_vision_position_ids` and the tower's forward), part of it waiting at the "
              "read-backs for the GPU to drain: between 0 and ~15% a step on a launch-bound host | ")
-    if not any(got):
-        return lever + ("not yet measured on a GPU (the device time ran out); every training figure above from "
-                        "commit e3da4db to 18d516a was taken with the regression | yes, default (exact: a test checks "
-                        "the tower takes all three kinds of indices and the loss equals the library's path) |")
-    return lever + "measured: see train_fast_device_indices in the runs table | yes, default |"
+    zz = runs.get("h100-zz", {})
+    p = aba_steps(zz, "train_fast_device_indices", "train_fast", "train_fast_device_indices_again")
+    if not p:
+        return lever + ("not yet measured on a GPU; every training figure above from commit e3da4db to 18d516a was "
+                        "taken with the regression | yes, default (exact: a test checks the tower takes all three "
+                        "kinds of indices and the loss equals the library's path) |")
+    a, b, a2 = p["a"], p["b"], p["a2"]
+    seg = lambda x, part: f"{x['segments_ms'][part]:.0f}"  # noqa: E731
+    return lever + (
+        f"h100-zz (commit {zz['commit']}), A-B-A over the same {p['steps']} timed steps: {a['samples_per_s']} "
+        f"samples/s rebuilding them on the GPU, {b['samples_per_s']} taking the collator's, {a2['samples_per_s']} "
+        f"rebuilding them again ({100 * (b['samples_per_s'] / a['samples_per_s'] - 1):+.0f}% and "
+        f"{100 * (b['samples_per_s'] / a2['samples_per_s'] - 1):+.0f}%); step by step {p['b_minus_a']:+.0f} and "
+        f"{p['b_minus_a2']:+.0f} ms (medians against either side; the two rebuilding sides {p['a2_minus_a']:+.0f} ms "
+        f"apart). The forward's median {seg(b, 'forward')} ms against {seg(a, 'forward')} and {seg(a2, 'forward')}, "
+        f"the backward's {seg(b, 'backward')} against {seg(a, 'backward')} and {seg(a2, 'backward')}; GPU busy "
+        f"{busy(zz, 'train_fast')} against {busy(zz, 'train_fast_device_indices')} and "
+        f"{busy(zz, 'train_fast_device_indices_again')}; first-step losses equal ({b['loss_first']:.4f}). Every "
+        f"training figure above from commit e3da4db to 18d516a was taken with the regression | yes, default "
+        f"(exact: a test checks the tower takes all three kinds of indices and the loss equals the library's "
+        f"path) |")
 
 
 def graphs_row(runs: dict[str, dict]) -> str:
@@ -1206,6 +1232,7 @@ INFER_FLOATS_COMMIT = "862e53c"
 # train_fast at today's defaults (the float constants aside: they leave the step rate as it was)
 LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp", "h100-zr", "h100-zs")
 LATER_FLOATS = ("h100-zw", "h100-zx", "h100-zy")  # train_fast at the float-constants default
+LATER_INDICES = ("h100-zz",)  # train_fast with the collator's vision indices taken again (commit 18d516a)
 
 
 def later_train(runs: dict[str, dict]) -> str:
@@ -1214,14 +1241,19 @@ def later_train(runs: dict[str, dict]) -> str:
     got = [(label, x) for label, x in got if x]
     if not got:
         return ""
-    floats = [(label, phase, res(runs[label], phase)) for label in LATER_FLOATS if label in runs
-              for phase in ("train_fast", "train_fast_again") if res(runs[label], phase)]
+
+    def era(intro: str, labels: tuple) -> str:
+        found = [(label, phase, res(runs[label], phase)) for label in labels if label in runs
+                 for phase in ("train_fast", "train_fast_again") if res(runs[label], phase)]
+        return (intro + ", ".join(
+            f"{x['samples_per_s']} ({label}{', ' + phase if phase != 'train_fast' else ''}"
+            f"{', stacks sampled' if runs[label]['train_fast'].get('stacks') else ''})"
+            for label, phase, x in found)) if found else ""
+
     return ("; at commit 73508e8 and later ones with the same defaults, no baseline in those calls: " +
             ", ".join(f"{x['samples_per_s']} ({label})" for label, x in got) +
-            ("; from commit b5056d3 (float constants): " + ", ".join(
-                f"{x['samples_per_s']} ({label}{', ' + phase if phase != 'train_fast' else ''}"
-                f"{', stacks sampled' if runs[label]['train_fast'].get('stacks') else ''})"
-                for label, phase, x in floats) if floats else ""))
+            era("; from commit b5056d3 (float constants): ", LATER_FLOATS) +
+            era("; from commit 18d516a (the collator's vision indices taken again): ", LATER_INDICES))
 
 
 def later_infer(runs: dict[str, dict]) -> str:
@@ -1230,8 +1262,8 @@ def later_infer(runs: dict[str, dict]) -> str:
 
 
 def later_busy(runs: dict[str, dict]) -> str:
-    return ", ".join(f"{busy(runs[label], phase)} ({label}, {phase})" for label in LATER_TRAIN + LATER_FLOATS
-                     for phase in ("train_fast", "train_fast_unpadded", "train_fast_cpp", "train_fast_again")
+    return ", ".join(f"{busy(runs[label], phase)} ({label}, {phase})"
+                     for label in LATER_TRAIN + LATER_FLOATS + LATER_INDICES for phase in ("train_fast", "train_fast_unpadded", "train_fast_cpp", "train_fast_again")
                      if res(runs.get(label, {}), phase))
 
 
@@ -1359,6 +1391,8 @@ python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,train_h
 python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,infer_fast,infer_fast_2gpu,train_fast,train_fast_2gpu --train-rows 384 --test-rows 1024 --steps 15 --grad-accum 4 --limits build=60,data=120,infer=90,train=130
 # the float constants' paired step rate, A-B-A (h100-zy, nvidia-h100-x1, at commit f40ed98)
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast,train_fast_dynamic_floats,train_fast_again --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
+# the collator's vision indices against the tower's own, A-B-A (h100-zz, nvidia-h100-x1, at commit fb70031)
+python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast_device_indices,train_fast,train_fast_device_indices_again --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
 # CUDA graphs' recording with the host's stacks sampled, before the cheaper alias checks (h100-zv, at commit c55ddf2,
 # with the inference A/B of the float constants, constants first; h100-zu at fa96b9b the other order, its sampler
 # then faulthandler's, which segfaulted the training phase; from commit 862e53c the constants are the default and
