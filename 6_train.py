@@ -73,7 +73,8 @@ class TrainOptions:
                                     "few shapes (0: 32 with --cuda-graphs, else none)", 0)
     lora_groups: bool = options.opt("run the LoRA projections that read the same input (q/k/v, gate/up) as one "
                                     "GEMM each for their base weights, their A and their B matrices: fewer, larger "
-                                    "kernels, the same math (hf backend)", False)
+                                    "kernels, peft's math (~4% a step on an H100, bench/RESULTS.md; hf backend)",
+                                    True)
     host_vision_indices: bool = options.opt("build the vision tower's indices (rotary positions, attention and "
                                             "window boundaries) in the loader's workers; off: the tower builds them "
                                             "on the GPU every step, reading the image grids back (hf backend)", True)

@@ -29,8 +29,9 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   train_fast_device_indices  train_fast with --no-host-vision-indices: the vision tower builds its indices on  }
                      the GPU each step, reading the grids back (until the fix after commit 5fd4d0e, every      }
                      training run did so, the collator's indices ignored)                                       }
-  train_fast_lora_groups  train_fast with --lora-groups: q/k/v and gate/up LoRA projections run as one GEMM  }
-                     group each                                                                               }
+  train_fast_ungrouped  train_fast with --no-lora-groups: peft's LoRA layers one by one, not q/k/v and gate/up  }
+                     as one GEMM group each (before the default changed, phase train_fast_lora_groups measured  }
+                     the other side)                                                                           }
   train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
   train_unsloth16  6_train.py --backend unsloth --no-load-in-4bit (bf16 base), batch --unsloth-batch
   vision           bench/gpu_vision_speed.py: vision tower and prefill, per-window against bucketed
@@ -80,7 +81,7 @@ import stack_samples  # noqa: E402
 PY = sys.executable
 ALL = ["build", "data", "train_hf", "train_fast", "train_fast_big", "train_fast_autogc", "train_fast_masked",
        "train_fast_unpadded", "train_fast_cpp", "train_fast_graphs", "train_fast_dynamic_floats",
-       "train_fast_device_indices", "train_fast_lora_groups", "train_fast_2gpu",
+       "train_fast_device_indices", "train_fast_ungrouped", "train_fast_2gpu",
        "train_fast_2gpu_stock", "train_fast_2gpu_bucket", "train_fast_2gpu_split", "train_unsloth", "train_unsloth16",
        "vision", "floor", "infer_plain", "infer_fast", "infer_fast_2gpu", "infer_fast_big", "infer_fast_generate",
        "infer_fast_mlp", "infer_fast_unpadded", "infer_fast_dynamic_floats", "infer_free", "profile_train",
@@ -326,7 +327,7 @@ def main() -> None:
               "train_fast_graphs": ("hf", a.fast_batch, [*fast, "--cuda-graphs"], 1),
               "train_fast_dynamic_floats": ("hf", a.fast_batch, [*fast, "--no-float-constants"], 1),
               "train_fast_device_indices": ("hf", a.fast_batch, [*fast, "--no-host-vision-indices"], 1),
-              "train_fast_lora_groups": ("hf", a.fast_batch, [*fast, "--lora-groups"], 1),
+              "train_fast_ungrouped": ("hf", a.fast_batch, [*fast, "--no-lora-groups"], 1),
               "train_fast_2gpu": ("hf", a.fast_batch, fast, 2),
               "train_fast_2gpu_stock": ("hf", a.fast_batch, [*fast, "--ddp-broadcast-buffers",
                                                              "--no-ddp-grads-in-buckets"], 2),

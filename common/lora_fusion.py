@@ -69,10 +69,20 @@ def _stack_base_weights(module, layers) -> None:
         stacked = torch.cat([getattr(b, name).detach() for b in bases])
         # a frozen parameter, not a buffer: DDP, if asked to broadcast buffers, would send these every step
         module.register_parameter(f"stacked_base_{name}", torch.nn.Parameter(stacked, requires_grad=False))
+    _view_stacked(module, layers)
+
+
+def _view_stacked(module, layers) -> None:
+    """Make each layer's base weight and bias a view of the module's stacked tensors again."""
+    import torch
+    for name in ("weight", "bias"):
+        stacked = getattr(module, f"stacked_base_{name}")
+        if stacked is None:
+            continue
         start = 0
-        for b in bases:
-            rows = getattr(b, name).shape[0]
-            setattr(b, name, torch.nn.Parameter(stacked[start:start + rows], requires_grad=False))
+        for layer in layers:
+            rows = getattr(layer.base_layer, name).shape[0]
+            setattr(layer.base_layer, name, torch.nn.Parameter(stacked.data[start:start + rows], requires_grad=False))
             start += rows
 
 
@@ -107,8 +117,19 @@ def _fused_classes():
         return _CLASSES
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
-    class GroupedLoraAttention(qwen.Qwen2_5_VLAttention):
+    class StackedBases:
+        GROUP: tuple = ()
+
+        def _apply(self, fn, recurse=True):
+            # .to() / .cuda() / .half() move the stacked tensor and each layer's view on their own, into separate
+            # copies (the 3B's language model would hold 3.4 GiB of its weights twice); view the moved stack again
+            super()._apply(fn, recurse)
+            _view_stacked(self, [getattr(self, name) for name in self.GROUP])
+            return self
+
+    class GroupedLoraAttention(StackedBases, qwen.Qwen2_5_VLAttention):
         """The library's attention forward (transformers 5.17), with q/k/v from one shared-input LoRA group."""
+        GROUP = ("q_proj", "k_proj", "v_proj")
 
         def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                     position_embeddings=None, **kwargs):
@@ -127,8 +148,9 @@ def _fused_classes():
                                      position_ids=position_ids, **kwargs)
             return self.o_proj(out.reshape(bsz, q_len, -1).contiguous()), weights
 
-    class GroupedLoraMLP(qwen.Qwen2MLP):
+    class GroupedLoraMLP(StackedBases, qwen.Qwen2MLP):
         """The library's SwiGLU MLP, with gate/up from one shared-input LoRA group."""
+        GROUP = ("gate_proj", "up_proj")
 
         def forward(self, x):
             gate, up = shared_input_lora(self, x, (self.gate_proj, self.up_proj))

@@ -64,6 +64,31 @@ def test_grouped_lora_gives_peft_s_loss_gradients_and_tokens(tiny_model_dir, enc
     assert torch.equal(tokens[0], tokens[1])
 
 
+def test_grouped_lora_keeps_one_copy_of_the_base_weights_when_moved(tiny_model_dir):
+    """.to() moves the stacked tensor and each layer's view on their own; the group views the moved stack again."""
+    import gc
+    import weakref
+
+    from common.lora_fusion import fuse_shared_input_lora
+    model = tiny_trained_lora(tiny_model_dir)
+    attention = model.base_model.model.model.language_model.layers[0].self_attn
+    mlp = model.base_model.model.model.language_model.layers[0].mlp
+    old = weakref.ref(attention.k_proj.base_layer.weight)
+    fuse_shared_input_lora(model)
+    gc.collect()
+    assert old() is None  # the weight it replaced is gone
+    model.to(torch.float64)
+    for module, layers in ((attention, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
+        assert module.stacked_base_weight.dtype == torch.float64
+        start = module.stacked_base_weight.data_ptr()
+        for name in layers:
+            weight = getattr(module, name).base_layer.weight
+            assert weight.dtype == torch.float64 and weight.data_ptr() == start
+            start += weight.numel() * weight.element_size()
+    assert attention.v_proj.base_layer.bias.untyped_storage().data_ptr() == \
+        attention.stacked_base_bias.untyped_storage().data_ptr()
+
+
 def test_grouped_lora_compiles_without_a_graph_break(tiny_model_dir, encoded_demo):
     from torch._dynamo.testing import CompileCounter
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
