@@ -294,7 +294,7 @@ def render(runs: dict[str, dict]) -> str:
               "| default since the first release; the 2-GPU headline is now measured at it |",
               padding_mask_row(runs), *filter(None, [vision_mlp_row(runs)]),
               cpp_wrapper_row(runs), graphs_row(runs),
-              floats_row(runs), infer_floats_row(runs), vision_indices_row(runs),
+              floats_row(runs), infer_floats_row(runs), vision_indices_row(runs), lora_groups_row(runs),
               needs_row(runs, lm_only), ""]
     L += ["### Inference", "",
           "| run | phase | GPUs | batch | samples/s end to end | generate-only samples/s | median batch s | prompt tokens "
@@ -923,8 +923,11 @@ def aba_steps(run: dict, a_phase: str, b_phase: str, a2_phase: str) -> dict | No
     def ms(x, y) -> float:
         return 1e3 * statistics.median(y["interval_times_s"][k] - x["interval_times_s"][k] for k in steps)
 
+    def rate(x) -> float:  # over the whole window: 16 / median step swings with which length is the median one
+        return round(x["samples_per_step"] * len(steps) / sum(x["interval_times_s"][k] for k in steps), 2)
+
     return {"a": a, "b": b, "a2": a2, "steps": len(steps), "b_minus_a": ms(a, b), "b_minus_a2": ms(a2, b),
-            "a2_minus_a": ms(a, a2)}
+            "a2_minus_a": ms(a, a2), "rates": (rate(a), rate(b), rate(a2))}
 
 
 def paired_floats(runs: dict[str, dict]) -> str:
@@ -999,10 +1002,11 @@ def vision_indices_row(runs: dict[str, dict]) -> str:
     a, b, a2 = p["a"], p["b"], p["a2"]
     seg = lambda x, part: f"{x['segments_ms'][part]:.0f}"  # noqa: E731
     return lever + (
-        f"h100-zz (commit {zz['commit']}), A-B-A over the same {p['steps']} timed steps: {a['samples_per_s']} "
-        f"samples/s rebuilding them on the GPU, {b['samples_per_s']} taking the collator's, {a2['samples_per_s']} "
-        f"rebuilding them again ({100 * (b['samples_per_s'] / a['samples_per_s'] - 1):+.0f}% and "
-        f"{100 * (b['samples_per_s'] / a2['samples_per_s'] - 1):+.0f}%); step by step {p['b_minus_a']:+.0f} and "
+        f"h100-zz (commit {zz['commit']}), A-B-A over the same {p['steps']} timed steps: {p['rates'][0]} "
+        f"samples/s rebuilding them on the GPU, {p['rates'][1]} taking the collator's, {p['rates'][2]} rebuilding "
+        f"them again ({100 * (p['rates'][1] / p['rates'][0] - 1):+.0f}% and "
+        f"{100 * (p['rates'][1] / p['rates'][2] - 1):+.0f}%; by the median step {a['samples_per_s']}, "
+        f"{b['samples_per_s']} and {a2['samples_per_s']}); step by step {p['b_minus_a']:+.0f} and "
         f"{p['b_minus_a2']:+.0f} ms (medians against either side; the two rebuilding sides {p['a2_minus_a']:+.0f} ms "
         f"apart). The forward's median {seg(b, 'forward')} ms against {seg(a, 'forward')} and {seg(a2, 'forward')}, "
         f"the backward's {seg(b, 'backward')} against {seg(a, 'backward')} and {seg(a2, 'backward')}; GPU busy "
@@ -1011,6 +1015,44 @@ def vision_indices_row(runs: dict[str, dict]) -> str:
         f"training figure above from commit e3da4db to 18d516a was taken with the regression | yes, default "
         f"(exact: a test checks the tower takes all three kinds of indices and the loss equals the library's "
         f"path) |")
+
+
+def lora_groups_row(runs: dict[str, dict]) -> str:
+    """The LoRA projections that share an input run as one group each (commit fdb107f): h100-zza (A-B-A with the
+    groups as B, before the .to() fix that kept the base weights in one copy), h100-zzb (the groups as the default,
+    A-B-A with peft's layers as B)."""
+    lever = ("| the LoRA projections that read the same input run as one group each (`--lora-groups`, "
+             "`common/lora_fusion.py`): in every decoder layer q/k/v and gate/up each take one GEMM for their frozen "
+             "base weights (stacked once, the layers' weights views into the stack), one for their stacked A and "
+             "one for their B laid block-diagonally; peft's math and parameters | a decoder layer's q/k/v and gate/up "
+             "LoRA layers run 40 GEMMs a step (forward and backward), each reading or writing a tensor of the "
+             "input's size; grouped, ~20: fewer launches on a launch-bound host and fewer passes over the "
+             "activations | ")
+    za = runs.get("h100-zza", {})
+    first = aba_steps(za, "train_fast", "train_fast_lora_groups", "train_fast_again")
+    if not first:
+        return lever + "not run on a GPU | no |"
+    a, b, a2 = first["a"], first["b"], first["a2"]
+    text = (f"h100-zza (commit {za['commit']}, the groups as B): {' / '.join(map(str, first['rates']))} samples/s "
+            f"over the same {first['steps']} timed steps ({a['samples_per_s']} / {b['samples_per_s']} / "
+            f"{a2['samples_per_s']} by the median step, which swings with the batch length that falls in the "
+            f"middle), step by step {first['b_minus_a']:+.0f} and {first['b_minus_a2']:+.0f} ms with the groups "
+            f"(medians against either side; the two sides without {first['a2_minus_a']:+.0f} ms apart). Memory: {b['memory_before_train_gib']} GiB before training "
+            f"against {a['memory_before_train_gib']}, the Trainer's move to the GPU having copied the stacked "
+            f"weights and their views apart (fixed: the groups view the moved stack again, tested)")
+    zb = runs.get("h100-zzb", {})
+    second = aba_steps(zb, "train_fast", "train_fast_ungrouped", "train_fast_again")
+    if not second:
+        return lever + text + " | yes, default from commit 17cc438 (hf backend); not yet measured after the fix |"
+    a, b, a2 = second["a"], second["b"], second["a2"]
+    text += (f". h100-zzb (commit {zb['commit']}, the groups the default, peft's layers as B): "
+             f"{' / '.join(map(str, second['rates']))} over the whole window, step by step {-second['b_minus_a']:+.0f} and "
+             f"{-second['b_minus_a2']:+.0f} ms with the groups (the two grouped sides {second['a2_minus_a']:+.0f} ms "
+             f"apart); memory before training {a['memory_before_train_gib']} GiB against {b['memory_before_train_gib']}"
+             f", peak {a['train_peak_gib']} and {a2['train_peak_gib']} against {b['train_peak_gib']}; GPU busy "
+             f"{busy(zb, 'train_fast')} and {busy(zb, 'train_fast_again')} against {busy(zb, 'train_fast_ungrouped')}"
+             f"; first-step losses {a['loss_first']:.4f} and {b['loss_first']:.4f}")
+    return lever + text + " | yes, default from commit 17cc438 (hf backend); `--no-lora-groups` for peft's layers |"
 
 
 def graphs_row(runs: dict[str, dict]) -> str:
@@ -1232,7 +1274,8 @@ INFER_FLOATS_COMMIT = "862e53c"
 # train_fast at today's defaults (the float constants aside: they leave the step rate as it was)
 LATER_TRAIN = ("h100-zk", "h100-zl", "h100-zn", "h100-zo", "h100-zp", "h100-zr", "h100-zs")
 LATER_FLOATS = ("h100-zw", "h100-zx", "h100-zy")  # train_fast at the float-constants default
-LATER_INDICES = ("h100-zz",)  # train_fast with the collator's vision indices taken again (commit 18d516a)
+LATER_INDICES = ("h100-zz", "h100-zza")  # train_fast with the collator's vision indices taken again (commit 18d516a)
+LATER_GROUPS = ("h100-zzb",)  # train_fast with the LoRA groups (the default from commit 17cc438)
 
 
 def later_train(runs: dict[str, dict]) -> str:
@@ -1253,7 +1296,8 @@ def later_train(runs: dict[str, dict]) -> str:
     return ("; at commit 73508e8 and later ones with the same defaults, no baseline in those calls: " +
             ", ".join(f"{x['samples_per_s']} ({label})" for label, x in got) +
             era("; from commit b5056d3 (float constants): ", LATER_FLOATS) +
-            era("; from commit 18d516a (the collator's vision indices taken again): ", LATER_INDICES))
+            era("; from commit 18d516a (the collator's vision indices taken again): ", LATER_INDICES) +
+            era("; from commit 17cc438 (LoRA groups): ", LATER_GROUPS))
 
 
 def later_infer(runs: dict[str, dict]) -> str:
@@ -1263,7 +1307,7 @@ def later_infer(runs: dict[str, dict]) -> str:
 
 def later_busy(runs: dict[str, dict]) -> str:
     return ", ".join(f"{busy(runs[label], phase)} ({label}, {phase})"
-                     for label in LATER_TRAIN + LATER_FLOATS + LATER_INDICES for phase in ("train_fast", "train_fast_unpadded", "train_fast_cpp", "train_fast_again")
+                     for label in LATER_TRAIN + LATER_FLOATS + LATER_INDICES + LATER_GROUPS for phase in ("train_fast", "train_fast_unpadded", "train_fast_cpp", "train_fast_again")
                      if res(runs.get(label, {}), phase))
 
 
@@ -1391,6 +1435,9 @@ python3 bench/gpu_bench.py --out $OUT --deadline 540 --phases build,data,train_h
 python3 bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,infer_fast,infer_fast_2gpu,train_fast,train_fast_2gpu --train-rows 384 --test-rows 1024 --steps 15 --grad-accum 4 --limits build=60,data=120,infer=90,train=130
 # the float constants' paired step rate, A-B-A (h100-zy, nvidia-h100-x1, at commit f40ed98)
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast,train_fast_dynamic_floats,train_fast_again --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
+# the LoRA groups against peft's layers one by one, A-B-A (h100-zzb, nvidia-h100-x1, at commit 17cc438; h100-zza at
+# fdb107f, before the groups were the default: phases train_fast,train_fast_lora_groups,train_fast_again)
+python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast,train_fast_ungrouped,train_fast_again --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
 # the collator's vision indices against the tower's own, A-B-A (h100-zz, nvidia-h100-x1, at commit fb70031)
 python3 bench/gpu_bench.py --out $OUT --deadline 575 --phases build,data,train_fast_device_indices,train_fast,train_fast_device_indices_again --train-rows 384 --test-rows 64 --steps 30 --limits build=60,data=100,train=200
 # CUDA graphs' recording with the host's stacks sampled, before the cheaper alias checks (h100-zv, at commit c55ddf2,
