@@ -64,6 +64,55 @@ def test_grouped_lora_gives_peft_s_loss_gradients_and_tokens(tiny_model_dir, enc
     assert torch.equal(tokens[0], tokens[1])
 
 
+def test_grouped_lora_follows_peft_s_switches_and_unequal_ranks(tiny_model_dir, encoded_demo):
+    """Disabling, merging or unloading the adapter after grouping, and per-layer ranks: the grouped model gives what
+    peft gives (a group that no longer qualifies runs the library's forward)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from common.lora_fusion import fuse_shared_input_lora
+    from common.modeling import LANGUAGE_TARGETS
+    batch = shard_batch(encoded_demo, n=3)
+
+    def model(ranks: dict | None = None):
+        torch.manual_seed(0)
+        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LANGUAGE_TARGETS,
+                                                     rank_pattern=ranks or {}))
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+        return peft_model.eval()
+
+    def logits(m):
+        with torch.no_grad():
+            return m(**batch).logits
+
+    def close(a, b) -> bool:
+        return (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+    uneven = {"k_proj": 4, "up_proj": 12}  # the block-diagonal B's offsets follow each layer's own rank
+    plain, grouped = model(uneven), model(uneven)
+    assert fuse_shared_input_lora(grouped) == 8
+    assert grouped.base_model.model.model.language_model.layers[0].self_attn.k_proj.lora_A["default"].out_features == 4
+    lora_on = logits(plain)
+    assert close(logits(grouped), lora_on)
+    with plain.disable_adapter(), grouped.disable_adapter():
+        lora_off = logits(plain)
+        assert not close(lora_off, lora_on) and close(logits(grouped), lora_off)
+    plain.merge_adapter()
+    grouped.merge_adapter()  # merges into the views, so into the stack: counted once
+    assert close(logits(grouped), lora_on)
+    grouped.unmerge_adapter()
+    assert close(logits(grouped), lora_on)
+    unloaded = grouped.merge_and_unload()
+    assert close(logits(unloaded), lora_on)
+    unloaded.to(torch.float64)  # plain Linear layers now: nothing to view again
+    assert unloaded.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float64
+
+
 def test_grouped_lora_keeps_one_copy_of_the_base_weights_when_moved(tiny_model_dir):
     """.to() moves the stacked tensor and each layer's view on their own; the group views the moved stack again."""
     import gc
