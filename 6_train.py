@@ -71,10 +71,11 @@ class TrainOptions:
                                     "compiled blocks, --grad-accum 1", False)
     pad_multiple: int = options.opt("pad each training batch's length up to a multiple of this, so CUDA graphs meet "
                                     "few shapes (0: 32 with --cuda-graphs, else none)", 0)
-    lora_groups: bool = options.opt("run the LoRA projections that read the same input (q/k/v, gate/up) as one "
-                                    "GEMM each for their base weights, their A and their B matrices: fewer, larger "
-                                    "kernels, peft's math (~4% a step on an H100, bench/RESULTS.md; hf backend)",
-                                    True)
+    lora_groups: str = options.opt("run the LoRA projections that read the same input (q/k/v, gate/up) as one GEMM "
+                                   "each for their base weights, their A and their B matrices: fewer, larger kernels, "
+                                   "peft's math (~5% a step on an H100, bench/RESULTS.md; hf backend). auto: on a GPU; "
+                                   "off on the CPU, whose fp32 results then stay the library's to the bit", "auto",
+                                   choices=["auto", "on", "off"])
     host_vision_indices: bool = options.opt("build the vision tower's indices (rotary positions, attention and "
                                             "window boundaries) in the loader's workers; off: the tower builds them "
                                             "on the GPU every step, reading the image grids back (hf backend)", True)
@@ -255,11 +256,12 @@ def training_stream(cfg: TrainOptions, train_ds):
 
 def load_model(cfg: TrainOptions, model_path: str):
     """(LoRA model with the speed options applied, backend actually used)."""
+    import torch
     from transformers import set_seed
 
+    from common.lora_fusion import fuse_shared_input_lora
     from common.modeling import (LoraSettings, compile_blocks, load_for_training, pad_vision_mlp,
                                  split_compiled_graphs_for_ddp, use_cudnn_attention)
-    from common.lora_fusion import fuse_shared_input_lora
     from common.vision_attention import use_bucketed_vision_attention
     set_seed(cfg.seed)  # before the LoRA weights are drawn: the Trainer seeds only after the model exists
     model, backend = load_for_training(model_path, cfg.backend,
@@ -269,7 +271,7 @@ def load_model(cfg: TrainOptions, model_path: str):
         use_bucketed_vision_attention(model)
     if backend == "hf":
         pad_vision_mlp(model, cfg.vision_mlp_multiple)  # before compiling: the blocks compile with its shapes
-        if cfg.lora_groups:
+        if cfg.lora_groups == "on" or (cfg.lora_groups == "auto" and torch.cuda.is_available()):
             fuse_shared_input_lora(model)
     split_compiled_graphs_for_ddp(cfg.ddp_split_graphs)
     compile_blocks(model, cfg.compile, backend, cfg.cuda_graphs, cfg.float_constants)

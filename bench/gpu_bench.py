@@ -29,7 +29,7 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
   train_fast_device_indices  train_fast with --no-host-vision-indices: the vision tower builds its indices on  }
                      the GPU each step, reading the grids back (until the fix after commit 5fd4d0e, every      }
                      training run did so, the collator's indices ignored)                                       }
-  train_fast_ungrouped  train_fast with --no-lora-groups: peft's LoRA layers one by one, not q/k/v and gate/up  }
+  train_fast_ungrouped  train_fast with --lora-groups off: peft's LoRA layers one by one, not q/k/v and gate/up  }
                      as one GEMM group each (before the default changed, phase train_fast_lora_groups measured  }
                      the other side)                                                                           }
   train_unsloth    6_train.py --backend unsloth (4-bit), batch --unsloth-batch
@@ -327,7 +327,7 @@ def main() -> None:
               "train_fast_graphs": ("hf", a.fast_batch, [*fast, "--cuda-graphs"], 1),
               "train_fast_dynamic_floats": ("hf", a.fast_batch, [*fast, "--no-float-constants"], 1),
               "train_fast_device_indices": ("hf", a.fast_batch, [*fast, "--no-host-vision-indices"], 1),
-              "train_fast_ungrouped": ("hf", a.fast_batch, [*fast, "--no-lora-groups"], 1),
+              "train_fast_ungrouped": ("hf", a.fast_batch, [*fast, "--lora-groups", "off"], 1),
               "train_fast_2gpu": ("hf", a.fast_batch, fast, 2),
               "train_fast_2gpu_stock": ("hf", a.fast_batch, [*fast, "--ddp-broadcast-buffers",
                                                              "--no-ddp-grads-in-buckets"], 2),

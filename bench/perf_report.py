@@ -1043,7 +1043,7 @@ def lora_groups_row(runs: dict[str, dict]) -> str:
     zb = runs.get("h100-zzb", {})
     second = aba_steps(zb, "train_fast", "train_fast_ungrouped", "train_fast_again")
     if not second:
-        return lever + text + " | yes, default from commit 17cc438 (hf backend); not yet measured after the fix |"
+        return lever + text + " | yes, default on a GPU from commit 17cc438 (hf backend); not yet measured after the fix |"
     a, b, a2 = second["a"], second["b"], second["a2"]
     text += (f". h100-zzb (commit {zb['commit']}, the groups the default, peft's layers as B): "
              f"{' / '.join(map(str, second['rates']))} over the whole window, step by step {-second['b_minus_a']:+.0f} and "
@@ -1052,7 +1052,9 @@ def lora_groups_row(runs: dict[str, dict]) -> str:
              f", peak {a['train_peak_gib']} and {a2['train_peak_gib']} against {b['train_peak_gib']}; GPU busy "
              f"{busy(zb, 'train_fast')} and {busy(zb, 'train_fast_again')} against {busy(zb, 'train_fast_ungrouped')}"
              f"; first-step losses {a['loss_first']:.4f} and {b['loss_first']:.4f}")
-    return lever + text + " | yes, default from commit 17cc438 (hf backend); `--no-lora-groups` for peft's layers |"
+    return lever + text + (" | yes, default on a GPU (hf backend; from commit 17cc438, `--lora-groups auto`: off on "
+                           "the CPU, whose fp32 results stay the library's to the bit); `--lora-groups off` for "
+                           "peft's layers |")
 
 
 def graphs_row(runs: dict[str, dict]) -> str:

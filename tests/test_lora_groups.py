@@ -171,7 +171,7 @@ def test_grouped_lora_trains_and_saves_the_same_adapter_through_the_trainer(shar
         r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out),
                        "--max-steps", "2", "--grad-accum", "2", "--batch-size", "4", "--workers", "0",
                        "--eval-steps", "0", "--eval-samples", "4", "--logging-steps", "1",
-                       "--learning-rate", str(learning_rate), "--lora-groups" if grouped else "--no-lora-groups")
+                       "--learning-rate", str(learning_rate), "--lora-groups", "on" if grouped else "auto")
         assert r.returncode == 0, r.stderr[-3000:]
         assert ("run as one group each" in r.stderr) is grouped
         stats = json.loads((out / "stats.json").read_text())
