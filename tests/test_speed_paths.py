@@ -434,6 +434,8 @@ def test_cheap_train_calls_still_set_every_modules_mode(tiny_model_dir, tmp_path
 def test_compiled_blocks_stay_one_graph_each_under_ddp_unless_split(tmp_path, split):
     """A compiled block with more trainable bytes than DDP's 1 MB first bucket (a 3B decoder layer holds 3.3 MB of
     LoRA weights) is cut in two by torch.compile under DDP unless 6_train.py turns the cut off (its default)."""
+    import gc
+
     import torch.distributed as dist
     from torch._dynamo.testing import CompileCounter
 
@@ -459,6 +461,11 @@ def test_compiled_blocks_stay_one_graph_each_under_ddp_unless_split(tmp_path, sp
         torch._dynamo.reset()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         ddp(torch.randn(8, 256)).sum().backward()
+        # DDP's reducer holds the process group: freed at this frame's end, after the group is destroyed, it would
+        # join gloo's worker threads holding the GIL while a worker may need it to free a finished work (a deadlock
+        # seen once in CI); let it go while the group is still registered
+        del ddp
+        gc.collect()
         assert compiled_graphs_split_for_ddp() is split
         assert counter.frame_count == (2 if split else 1)
         assert all(p.grad is not None for p in model.parameters())
