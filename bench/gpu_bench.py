@@ -27,8 +27,8 @@ hang does not cost the others; results go to OUT/results.json as each phase ends
                      the compiled blocks as 0-d CPU tensors read with .item() (PyTorch's default; before     }
                      the default changed, phase train_fast_floats measured the other side)                  }
   train_fast_device_indices  train_fast with --no-host-vision-indices: the vision tower builds its indices on  }
-                     the GPU each step, reading the grids back (until the fix after commit 5fd4d0e, every      }
-                     training run did so, the collator's indices ignored)                                       }
+                     the GPU each step, reading the grids back (from commit e3da4db to the fix in 18d516a,    }
+                     every training run did so, the collator's indices ignored)                               }
   train_fast_ungrouped  train_fast with --lora-groups off: peft's LoRA layers one by one, not q/k/v and gate/up  }
                      as one GEMM group each (before the default changed, phase train_fast_lora_groups measured  }
                      the other side)                                                                           }

@@ -1052,6 +1052,10 @@ def lora_groups_row(runs: dict[str, dict]) -> str:
              f", peak {a['train_peak_gib']} and {a2['train_peak_gib']} against {b['train_peak_gib']}; GPU busy "
              f"{busy(zb, 'train_fast')} and {busy(zb, 'train_fast_again')} against {busy(zb, 'train_fast_ungrouped')}"
              f"; first-step losses {a['loss_first']:.4f} and {b['loss_first']:.4f}")
+    text += (". Not measured on a GPU since: commit 622b988 (after a review, each grouped forward first checks that "
+             "its group still qualifies, and falls back to peft's layers once an adapter is disabled, merged or "
+             "unloaded: the same math, and under torch.compile the check becomes guards, with no graph break, tested)"
+             " and dd5facc (the `auto` default)")
     return lever + text + (" | yes, default on a GPU (hf backend; from commit 17cc438, `--lora-groups auto`: off on "
                            "the CPU, whose fp32 results stay the library's to the bit); `--lora-groups off` for "
                            "peft's layers |")
