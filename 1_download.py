@@ -9,6 +9,9 @@ Writes  WORK_DIR/images/{split}/SAMPLE_ID.EXT   the verified original bytes, nam
 
 A rerun skips images already on disk and URLs that failed for good (404, not an image, too large, ...);
 it tries again only what may succeed (timeouts, 5xx, 429, truncated bodies), unless --retry-failed.
+Only public http(s) hosts are fetched: other schemes are `bad_url`; link-local hosts (cloud metadata) are
+always `blocked_host`, and so are loopback, private and reserved ones unless --allow-private-hosts.
+Every CSV is checked before the first download.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ class DownloadOptions:
     max_image_pixels: int = options.opt("larger images are refused as decompression bombs", 89_478_485)
     retry_failed: bool = options.opt("also retry URLs that failed for good in an earlier run", False)
     skip_bad_rows: bool = options.opt("skip train rows with bad ids/prices (counted) instead of failing", False)
+    allow_private_hosts: bool = options.opt("also fetch from loopback, private and reserved addresses (a local "
+                                            "image server); link-local ones stay refused", False)
 
     def problems(self) -> list[str]:
         out = []
@@ -55,11 +60,14 @@ class DownloadOptions:
 def main(cfg: DownloadOptions) -> dict:
     log = logs.setup("download")
     policy = FetchPolicy(timeout_s=cfg.timeout_s, retries=cfg.retries, backoff_s=cfg.backoff_s,
-                         max_bytes=cfg.max_bytes, max_image_pixels=cfg.max_image_pixels)
+                         max_bytes=cfg.max_bytes, max_image_pixels=cfg.max_image_pixels,
+                         allow_private_hosts=cfg.allow_private_hosts)
+    # every CSV is checked before the first download: a bad test.csv must not wait for the train images
+    catalogs = {split: read_catalog(cfg.data_dir / f"{split}.csv", split, cfg.skip_bad_rows)
+                for split in layout.resolve_splits(cfg.split)}
     all_stats = {}
-    for split in layout.resolve_splits(cfg.split):
+    for split, catalog in catalogs.items():
         started = time.time()
-        catalog = read_catalog(cfg.data_dir / f"{split}.csv", split, cfg.skip_bad_rows)
         out_dir = layout.images_dir(cfg.work_dir, split)
         counts = download_split(catalog.rows, out_dir, policy, cfg.concurrency, cfg.retry_failed)
         stats = {"split": split, "rows_in": catalog.n_input, "rows_skipped_bad_input": catalog.skipped,

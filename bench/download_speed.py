@@ -62,7 +62,7 @@ def run_starter(rows: pd.DataFrame, out_dir: Path) -> dict:
 
 def run_ours(rows: pd.DataFrame, out_dir: Path, concurrency: int, timeout_s: float) -> dict:
     t0 = time.perf_counter()
-    counts = download_split(rows, out_dir, FetchPolicy(timeout_s=timeout_s), concurrency)
+    counts = download_split(rows, out_dir, FetchPolicy(timeout_s=timeout_s, allow_private_hosts=True), concurrency)
     seconds = time.perf_counter() - t0
     return {"ok": counts.get("ok", 0), "seconds": seconds, "counts": counts}
 

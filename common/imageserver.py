@@ -7,6 +7,7 @@
     /fault/notimage/NAME      an HTML page (200)      /fault/oversized/NAME  a 200 MB body
     /fault/bomb/NAME          a PNG declaring 40000x40000 pixels
     /fault/redirect/NAME      302 to itself, forever
+    /fault/moved/URL          302 to URL (percent-encoded), once
 
 `latency_s` delays every answer (benchmarks use 50 ms). `hits` counts requests per path.
 Run alone: `python -m common.imageserver --root DIR --port 8765`.
@@ -21,6 +22,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from urllib.parse import unquote
 
 OVERSIZED_BYTES = 200 * 1024 * 1024
 
@@ -93,9 +95,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(200, b"<html><body>Access denied</body></html>", "text/html")
         if kind == "bomb":
             return self._send(200, bomb_png(), "image/png")
-        if kind == "redirect":
+        if kind in ("redirect", "moved"):
             self.send_response(302)
-            self.send_header("Location", self.path)
+            self.send_header("Location", self.path if kind == "redirect" else unquote(name))
             self.send_header("Content-Length", "0")
             self.end_headers()
             return

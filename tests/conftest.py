@@ -80,7 +80,7 @@ def stage_options(stage: str, **kw):
 
 
 # Fast retry settings for tests: the fault routes still fail or pass as in production, only sooner.
-FAST_DOWNLOAD = dict(concurrency=8, timeout_s=2.0, retries=2, backoff_s=0.02)
+FAST_DOWNLOAD = dict(concurrency=8, timeout_s=2.0, retries=2, backoff_s=0.02, allow_private_hosts=True)
 
 
 def run_stages_1_to_3(data_dir: Path, work_dir: Path, download=None, resize=None, jsonl=None) -> dict:

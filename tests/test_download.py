@@ -102,6 +102,7 @@ def fault_run(tmp_path_factory):
     with ImageServer(root, slow_s=SLOW_S) as server:
         write_catalog(data, server, CASES)
         cfg = stage_options("1_download", data_dir=data, work_dir=work, split="train", concurrency=len(CASES),
+                            allow_private_hosts=True,
                             timeout_s=TIMEOUT_S, retries=RETRIES, backoff_s=0.02, max_bytes=MAX_BYTES)
         images = work / "images" / "train"
         t0 = time.monotonic()
@@ -195,7 +196,7 @@ def test_retry_failed_requests_permanent_failures_again(fault_run, tmp_path):
     work = tmp_path / "work"
     stage = fault_run["stage"]
     cfg = stage_options("1_download", data_dir=data, work_dir=work, split="train", timeout_s=TIMEOUT_S,
-                        retries=0, backoff_s=0.01)
+                        retries=0, backoff_s=0.01, allow_private_hosts=True)
     stage.main(cfg)
     before = Counter(server.hits)
     stage.main(cfg)
@@ -224,7 +225,8 @@ def test_journal_of_a_killed_run_is_honoured(fault_run, tmp_path):
     (images / ".ok_a.jpg.abc.tmp").write_bytes(b"half a file")  # a temp file a kill left behind
     before = Counter(server.hits)
     fault_run["stage"].main(stage_options("1_download", data_dir=data, work_dir=tmp_path / "work", split="train",
-                                          timeout_s=TIMEOUT_S, retries=0, backoff_s=0.01))
+                                          timeout_s=TIMEOUT_S, retries=0, backoff_s=0.01,
+                                          allow_private_hosts=True))
     new = Counter(server.hits) - before
     assert new["/fault/404/a.jpg"] == 0
     assert new["/fault/500/a.jpg"] == 1  # retryable: tried again
@@ -237,14 +239,14 @@ def test_429_waits_for_retry_after(fault_run):
     server = fault_run["server"]
     for name in ("retry_after.jpg", "no_retry.jpg"):  # fresh names: the server's 429 comes on a path's first hit
         small_jpeg(fault_run["root"] / name)
-    policy = FetchPolicy(timeout_s=2, retries=1, backoff_s=0.01)
+    policy = FetchPolicy(timeout_s=2, retries=1, backoff_s=0.01, allow_private_hosts=True)
     t0 = time.monotonic()
     res = fetch(server.url("/fault/429/retry_after.jpg"), policy)
     waited = time.monotonic() - t0
     assert res.status == "ok" and res.attempts == 2
     assert waited >= 0.95, f"Retry-After: 1 not honoured (retried after {waited:.2f}s)"
     # without retries left, the 429 is reported and marked retryable for a later run
-    res = fetch(server.url("/fault/429/no_retry.jpg"), FetchPolicy(timeout_s=2, retries=0))
+    res = fetch(server.url("/fault/429/no_retry.jpg"), FetchPolicy(timeout_s=2, retries=0, allow_private_hosts=True))
     assert res.status == "http_429" and "http_429" in RETRYABLE
 
 
@@ -281,7 +283,7 @@ def test_odd_responses_fail_one_row_not_the_run(tmp_path):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{srv.server_address[1]}"
-        policy = FetchPolicy(timeout_s=2, retries=1, backoff_s=0.01)
+        policy = FetchPolicy(timeout_s=2, retries=1, backoff_s=0.01, allow_private_hosts=True)
         assert fetch(base + "/gzip", policy).status == "bad_response"
         assert fetch(base + "/badlen", policy).status == "not_image"
         res = fetch(base + "/503", policy)
@@ -310,7 +312,7 @@ def test_e2e_shared_url_fetched_once_and_failures_listed(small_demo_work):
 
 def _cli(data: Path, work: Path) -> list[str]:
     return [sys.executable, str(ROOT / "1_download.py"), "--data-dir", str(data), "--work-dir", str(work),
-            "--concurrency", "4", "--timeout-s", "5", "--retries", "1", "--backoff-s", "0.02"]
+            "--concurrency", "4", "--timeout-s", "5", "--retries", "1", "--backoff-s", "0.02", "--allow-private-hosts"]
 
 
 def _count_images(folder: Path) -> int:
