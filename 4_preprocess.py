@@ -23,7 +23,7 @@ from common import layout, logs, options
 from common.chat_jsonl import read_jsonl
 from common.fsio import write_json
 from common.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from common.modeling import resolve_model
+from common.modeling import check_model_files, resolve_model
 from common.preprocess import preprocess_split
 from common.sample_store import clean_partial
 
@@ -55,6 +55,7 @@ class PreprocessOptions:
 def main(cfg: PreprocessOptions) -> dict:
     log = logs.setup("preprocess")
     model_path = resolve_model(cfg.model, cfg.work_dir)
+    check_model_files(model_path)  # here, once, rather than failing in every worker
     all_stats = {}
     for split in layout.resolve_splits(cfg.split, layout.JSONL_SPLITS):
         started = time.time()

@@ -28,7 +28,7 @@ from common.fsio import read_json, write_json
 @dataclass
 class TrainOptions:
     work_dir: Path = options.opt("folder every stage writes under", Path("work"))
-    output_dir: str = options.opt("where the adapter and checkpoints go (default WORK_DIR/train)", "")
+    output_dir: str = options.opt("where the adapter and checkpoints go; empty: WORK_DIR/train", "")
     model: str = options.opt("base model: tiny | LOCAL_DIR | HUB_ID", "tiny")
     backend: str = options.opt("unsloth (GPU), hf (transformers+peft), or auto", "auto",
                                choices=["auto", "unsloth", "hf"])
@@ -171,6 +171,11 @@ class TrainOptions:
                 out.append(f"{path} not found: run the earlier stages first")
         return out
 
+    def memory_hint(self) -> str:
+        return (f" in stage 6 at micro-batch {self.batch_size} x {self.grad_accum} accumulation, with "
+                f"{gpu_memory_text()}: lower --batch-size (a larger --grad-accum keeps the effective batch), or "
+                "add --gradient-checkpointing or --load-in-4bit")
+
     @property
     def padded_to(self) -> int:
         return self.pad_multiple or (32 if self.cuda_graphs else 1)
@@ -178,6 +183,13 @@ class TrainOptions:
     @property
     def out(self) -> Path:
         return Path(self.output_dir) if self.output_dir else layout.train_output_dir(self.work_dir)
+
+
+def gpu_memory_text() -> str:
+    import torch
+    if not torch.cuda.is_available():
+        return "no GPU"
+    return f"{torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30:.0f} GiB of GPU memory"
 
 
 def datasets(cfg: TrainOptions, model_path: str, spec):
@@ -279,13 +291,15 @@ def load_model(cfg: TrainOptions, model_path: str):
     return model, backend
 
 
-def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_ds, val_ds, max_steps: int):
+def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_ds, val_ds, max_steps: int,
+                 samples_per_epoch: int):
     import torch
 
     from common.collate import for_tokenizer
     from common.modeling import skip_image_readbacks
     from common.positions import HostLayout
-    from common.training import CheckpointMarker, NonFiniteGuard, PriceTrainer, ScheduledGarbageCollection
+    from common.training import (CheckpointMarker, EpochBanner, NonFiniteGuard, PriceTrainer,
+                                 ScheduledGarbageCollection)
     # position ids and vision indices built by the collator (in the loader's workers), not on the GPU; measured
     # on the transformers backend, whose forward takes them (Unsloth builds its own)
     host_ids = HostLayout.from_model(model) if backend == "hf" else None
@@ -309,8 +323,11 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
                                            "prefetch_factor": cfg.prefetch_factor},
                            eval_options=eval_options, answer_only=cfg.loss_positions == "answer" and backend == "hf",
                            pixel_spec=spec, no_cache=backend == "hf", grads_in_buckets=cfg.ddp_grads_in_buckets,
-                           cuda_graphs=cfg.cuda_graphs,
+                           cuda_graphs=cfg.cuda_graphs, samples_per_epoch=samples_per_epoch,
                            callbacks=[CheckpointMarker()])
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    logging.getLogger("transformers.trainer").addFilter(
+        EpochBanner(samples_per_epoch, world * cfg.batch_size * cfg.grad_accum, max_steps))
     trainer.add_callback(NonFiniteGuard(trainer))
     if cfg.gc_every:
         trainer.add_callback(ScheduledGarbageCollection(cfg.gc_every))
@@ -341,7 +358,8 @@ def main(cfg: TrainOptions) -> dict:
     log.info("%d train samples, world %d x batch %d x accum %d -> %d steps", num_samples, world, cfg.batch_size,
              cfg.grad_accum, max_steps)
     model, backend = load_model(cfg, model_path)
-    trainer = make_trainer(cfg, model, backend, tokenizer, spec, training_stream(cfg, train_ds), val_ds, max_steps)
+    trainer = make_trainer(cfg, model, backend, tokenizer, spec, training_stream(cfg, train_ds), val_ds, max_steps,
+                           num_samples)
     if rank0 and cfg.out.exists():
         remove_incomplete_checkpoints(cfg.out)
     resume_from = latest_complete_checkpoint(cfg.out) if cfg.resume else None

@@ -28,7 +28,7 @@ from common.fsio import read_json, write_json
 class InferOptions:
     work_dir: Path = options.opt("folder every stage writes under", Path("work"))
     data_dir: Path = options.opt("folder holding test.csv (the ids to answer)", Path("dataset"))
-    train_dir: str = options.opt("what 6_train.py wrote (default WORK_DIR/train)", "")
+    train_dir: str = options.opt("what 6_train.py wrote; empty: WORK_DIR/train", "")
     adapter: str = options.opt("LoRA adapter: auto (TRAIN_DIR), none (base model only), or a folder", "auto")
     model: str = options.opt("base model; default: the one TRAIN_DIR was trained from", "")
     backend: str = options.opt("unsloth, hf, or auto", "auto", choices=["auto", "unsloth", "hf"])
@@ -36,7 +36,8 @@ class InferOptions:
                              choices=["test", "validation"])
     source: str = options.opt("shards (stage 5) or jsonl (stage 3, encoded on the fly)", "shards",
                               choices=["shards", "jsonl"])
-    output: str = options.opt("predictions CSV (default WORK_DIR/test_out.csv, or WORK_DIR/eval/validation_pred.csv)", "")
+    output: str = options.opt("predictions CSV; empty: WORK_DIR/test_out.csv (validation: "
+                                          "WORK_DIR/eval/validation_pred.csv)", "")
     batch_size: int = options.opt("samples per generate call", 32)
     workers: int = options.opt("dataloader worker processes", 2)
     sort_by_length: bool = options.opt("batch samples of similar length together (less padding)", True)
@@ -86,6 +87,12 @@ class InferOptions:
         if not (layout.jsonl_dir(self.work_dir) / "stats.json").exists():
             out.append(f"{layout.jsonl_dir(self.work_dir) / 'stats.json'} not found: run 3_create_jsonl.py first")
         return out
+
+    def memory_hint(self) -> str:
+        import torch
+        total = (f"{torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30:.0f} GiB"
+                 if torch.cuda.is_available() else "no GPU")
+        return f" in stage 7 at batch size {self.batch_size}, with {total}: lower --batch-size"
 
     @property
     def tdir(self) -> Path:

@@ -9,35 +9,45 @@
 # Options: --data-dir D  --work-dir W  --model M  --from-stage N  --to-stage N  --ngpu N  --demo
 #          --demo-port P (default 8765)  --demo-train-rows N  --demo-test-rows N
 # PYTHON (default: python3) picks the interpreter.
+
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DATA_DIR="" WORK_DIR="work" MODEL="tiny" FROM=1 TO=7 NGPU=1 DEMO=0 PORT=8765 TRAIN_ROWS=2000 TEST_ROWS=200
 PY="${PYTHON:-python3}"
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^$/p' "$0" | sed -e 's/^# \{0,1\}//' -e '/^$/d'; }
+bad() { echo "run.sh: $1" >&2; usage >&2; exit 2; }
+value() { [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || bad "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data-dir) DATA_DIR="$2"; shift 2 ;;
-    --work-dir) WORK_DIR="$2"; shift 2 ;;
-    --model) MODEL="$2"; shift 2 ;;
-    --from-stage) FROM="$2"; shift 2 ;;
-    --to-stage) TO="$2"; shift 2 ;;
-    --ngpu) NGPU="$2"; shift 2 ;;
+    --data-dir) value "$@"; DATA_DIR="$2"; shift 2 ;;
+    --work-dir) value "$@"; WORK_DIR="$2"; shift 2 ;;
+    --model) value "$@"; MODEL="$2"; shift 2 ;;
+    --from-stage) value "$@"; FROM="$2"; shift 2 ;;
+    --to-stage) value "$@"; TO="$2"; shift 2 ;;
+    --ngpu) value "$@"; NGPU="$2"; shift 2 ;;
     --demo) DEMO=1; shift ;;
-    --demo-port) PORT="$2"; shift 2 ;;
-    --demo-train-rows) TRAIN_ROWS="$2"; shift 2 ;;
-    --demo-test-rows) TEST_ROWS="$2"; shift 2 ;;
+    --demo-port) value "$@"; PORT="$2"; shift 2 ;;
+    --demo-train-rows) value "$@"; TRAIN_ROWS="$2"; shift 2 ;;
+    --demo-test-rows) value "$@"; TEST_ROWS="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "run.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+    *) bad "unknown option $1" ;;
   esac
 done
-case "$FROM$TO" in *[!0-9]*) echo "run.sh: --from-stage/--to-stage take numbers 1..7" >&2; exit 2 ;; esac
+number() { case "$2" in ''|*[!0-9]*) bad "$1 takes a whole number, not '$2'" ;; esac; }
+number --from-stage "$FROM"; number --to-stage "$TO"; number --ngpu "$NGPU"; number --demo-port "$PORT"
+number --demo-train-rows "$TRAIN_ROWS"; number --demo-test-rows "$TEST_ROWS"
+[ "$FROM" -ge 1 ] && [ "$FROM" -le 7 ] || bad "--from-stage must be 1..7, not $FROM"
+[ "$TO" -ge 1 ] && [ "$TO" -le 7 ] || bad "--to-stage must be 1..7, not $TO"
+[ "$FROM" -le "$TO" ] || bad "--from-stage $FROM comes after --to-stage $TO"
+[ "$NGPU" -ge 1 ] || bad "--ngpu must be at least 1"
 [ -z "$DATA_DIR" ] && DEMO=1
 
 # Stage-specific settings: the demo uses small images and a short schedule so that it runs on a CPU.
-PIXELS=() JSONL=() TRAIN=() INFER=()
+DOWNLOAD=() PIXELS=() JSONL=() TRAIN=() INFER=()
 if [ "$DEMO" = 1 ]; then
   DATA_DIR="$WORK_DIR/demo"
+  DOWNLOAD=(--allow-private-hosts)  # its images are served from 127.0.0.1
   PIXELS=(--min-pixels 12544 --max-pixels 25088)
   JSONL=(--validation-split-ratio 0.1)
   TRAIN=(--batch-size 8 --grad-accum 1 --epochs 6 --learning-rate 3e-3 --lora-r 32 --lora-alpha 32
@@ -75,7 +85,7 @@ launch() {  # run a stage script, under torchrun when more than one GPU is asked
   if [ "$NGPU" -gt 1 ]; then "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" "$@"; else "$PY" "$@"; fi
 }
 
-stage 1 "download images" "$PY" 1_download.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR"
+stage 1 "download images" "$PY" 1_download.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR" "${DOWNLOAD[@]}"
 stage 2 "resize images" "$PY" 2_resize.py --work-dir "$WORK_DIR" "${PIXELS[@]}"
 stage 3 "chat JSONL" "$PY" 3_create_jsonl.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR" "${JSONL[@]}"
 stage 4 "encode samples" "$PY" 4_preprocess.py --work-dir "$WORK_DIR" --model "$MODEL" "${PIXELS[@]}"
@@ -83,5 +93,4 @@ stage 5 "pack shards" "$PY" 5_convert.py --work-dir "$WORK_DIR"
 stage 6 "train" launch 6_train.py --work-dir "$WORK_DIR" --model "$MODEL" "${TRAIN[@]}"
 stage 7 "predict validation (report)" launch 7_infer.py --work-dir "$WORK_DIR" --data-dir "$DATA_DIR" --split validation "${INFER[@]}"
 stage 7 "predict test" launch 7_infer.py --work-dir "$WORK_DIR" --data-dir "$DATA_DIR" "${INFER[@]}"
-[ "$TO" -ge 7 ] && "$PY" -m common.summary --work-dir "$WORK_DIR" --data-dir "$DATA_DIR"
-exit 0
+if [ "$TO" -eq 7 ]; then "$PY" -m common.summary --work-dir "$WORK_DIR" --data-dir "$DATA_DIR"; fi

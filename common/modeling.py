@@ -7,10 +7,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import layout
+from common.errors import PipelineError
 
 log = logging.getLogger("model")
 # LoRA on the language model's seven projections only: names like `gate_proj` also match the vision
@@ -19,13 +21,70 @@ LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|
 VISION_TARGETS = r".*visual.*\.(qkv|proj|gate_proj|up_proj|down_proj)"
 
 
+class ModelNotFound(PipelineError, ValueError):
+    pass
+
+
+class MissingPackage(PipelineError, ImportError):
+    pass
+
+
+def require(package: str, needed_for: str, instead: str) -> None:
+    """One line naming a missing optional package, what needs it and how to do without it."""
+    if importlib.util.find_spec(package) is None:
+        raise MissingPackage(f"{needed_for} needs the {package} package, which is not installed: {instead}")
+
+
+def require_cuda(needed_for: str, instead: str) -> None:
+    import torch
+    if not torch.cuda.is_available():
+        build = "a CPU build of torch" if torch.version.cuda is None else "a CUDA torch that sees no GPU"
+        raise MissingPackage(f"{needed_for} needs a CUDA GPU; this machine has {build}: {instead}")
+
+
+def _looks_like_path(name: str) -> bool:
+    path = Path(name).expanduser()
+    return name.startswith(("/", ".", "~")) or path.exists() or Path(path.parts[0]).exists()
+
+
 def resolve_model(name: str, work_dir: Path) -> str:
+    """`tiny` (built under WORK_DIR/models), a local folder with a config.json, or a hub id reachable now (in the
+    local cache, or online). Anything else is one clear line."""
     if name == "tiny":
         from common.tiny import ensure_tiny_model
         return str(ensure_tiny_model(layout.models_dir(work_dir) / "tiny"))
-    if Path(name).exists():
-        return str(Path(name).resolve())
-    return name  # a hub id
+    if _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"model folder {name} not found (or has no config.json)")
+        return str(path.resolve())
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+    try:
+        hf_hub_download(name, "config.json")
+    except HFValidationError:
+        raise ModelNotFound(f"--model {name}: no such local folder, and not a hub id (owner/name)") from None
+    except (GatedRepoError, RepositoryNotFoundError):
+        raise ModelNotFound(f"model {name} not found on the Hugging Face hub (or gated: log in first)") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as err:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
+        raise ModelNotFound(f"model {name} is not in the local Hugging Face cache and the hub cannot be reached"
+                            f"{offline}: {type(err).__name__}; download it where there is a network, or pass "
+                            "a local folder") from None
+    return name
+
+
+def check_model_files(path: str) -> None:
+    """Load the tokenizer and image settings once, so that a broken model folder is one line in the parent
+    process, not a failure in every worker."""
+    from common.encode import ImageSpec
+    try:
+        load_tokenizer(path)
+        ImageSpec.from_model(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelNotFound(f"model {path}: cannot load its tokenizer or image-processor settings: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 def load_tokenizer(path: str):
@@ -221,6 +280,10 @@ def bind_local_gpu() -> None:
 
 def pick_backend(requested: str) -> str:
     import torch
+    if requested == "unsloth":
+        require_cuda("--backend unsloth", "use --backend hf (transformers + peft)")
+        require("unsloth", "--backend unsloth", "pip install -r requirements-gpu.txt on a CUDA machine, or use "
+                "--backend hf")
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
@@ -280,6 +343,8 @@ def load_for_training(path: str, backend: str, lora: LoraSettings, load_in_4bit:
     cuda = torch.cuda.is_available()
     kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
     if load_in_4bit and cuda:
+        require("bitsandbytes", "a 4-bit base (--load-in-4bit)", "pip install -r requirements-gpu.txt, or pass "
+                "--no-load-in-4bit")
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,

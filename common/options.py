@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -68,7 +69,11 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None):
     parser = build_parser(cls, description)
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = cls(**vars(ns))
-    problems = cfg.problems() if hasattr(cfg, "problems") else []
+    from common.errors import PipelineError
+    try:
+        problems = cfg.problems() if hasattr(cfg, "problems") else []
+    except PipelineError as err:  # e.g. a backend that cannot run here, found while checking the options
+        problems = [str(err)]
     if problems:
         raise OptionsError(parser.prog, problems)
     return cfg
@@ -85,20 +90,44 @@ def dumps(cfg) -> str:
     return json.dumps(to_jsonable(cfg), indent=2, sort_keys=True)
 
 
+def _worker_message(err: BaseException) -> str | None:
+    """The original message of an error a DataLoader worker raised (torch re-raises it here with the worker's
+    traceback folded into the text), else None."""
+    text = str(err)
+    if "in DataLoader worker process" not in text or "Original Traceback" not in text:
+        return None
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]*(Error|Exception|Exit)\w*: ", "", last)
+
+
 def run_stage(main, cls, description: str | None = None) -> None:
-    """Parse the options, run main(cfg); a PipelineError is printed as one clear line, exit status 1."""
-    from common.errors import PipelineError
+    """Parse the options, run main(cfg). An error the pipeline raises on purpose (a PipelineError), one raised in
+    a data loader worker, running out of GPU memory or of disk space are printed as one clear line, exit 1."""
     cfg = parse(cls, description=description)
     try:
         main(cfg)
-    except PipelineError as err:
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {err}\n")
-        raise SystemExit(1) from None
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+    except Exception as err:
+        message = one_line_error(err, cfg)
+        if message is None:
             raise
-        # Outputs are written under temporary names, so what was finished before stays whole.
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: out of disk space writing "
-                         f"{err.filename or 'an output'} ({err.strerror}); free space and rerun: "
-                         "finished work is kept\n")
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
         raise SystemExit(1) from None
+
+
+def one_line_error(err: Exception, cfg=None) -> str | None:
+    """The one line a stage prints for an error it expects, or None for a bug (which keeps its traceback)."""
+    from common.errors import PipelineError
+    worker = _worker_message(err)
+    if isinstance(err, PipelineError):
+        return worker or str(err)
+    if type(err).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+        hint = cfg.memory_hint() if hasattr(cfg, "memory_hint") else ""
+        return (f"out of GPU memory ({str(err).splitlines()[0][:160]}){hint}; finished work and checkpoints "
+                "are kept")
+    if worker is not None:
+        return f"a data loader worker failed: {worker}"
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        # Outputs are written under temporary names, so what was finished before stays whole.
+        return (f"out of disk space writing {err.filename or 'an output'} ({err.strerror}); free space and "
+                "rerun: finished work is kept")
+    return None

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from multiprocessing import get_context
 from pathlib import Path
 
 from tqdm import tqdm
 
 from common.encode import Encoder, ImageSpec, SampleError, validate
+from common.errors import PipelineError
 from common.sample_store import PIXEL_STORAGE, done_ids, sample_files, write_sample
+from common.workers import map_in_processes
 
 _worker: dict = {}
 
@@ -60,7 +61,10 @@ def _work(job: tuple[int, dict]) -> tuple[str, str, list[str], int]:
     except (SampleError, ValueError) as err:
         return row["sample_id"], "failed", [f"{getattr(err, 'reason', 'bad_row')}: {err}"], 0
     files = sample_files(sample, meta)
-    write_sample(out_dir, row["sample_id"], files)
+    try:
+        write_sample(out_dir, row["sample_id"], files)
+    except OSError as err:
+        raise PipelineError(f"sample {row['sample_id']}: cannot write {out_dir / row['sample_id']}: {err}") from None
     return row["sample_id"], "ok", notes, sum(len(b) for b in files.values())
 
 
@@ -71,28 +75,17 @@ def preprocess_split(rows: list[dict], out_dir: Path, split: str, model_path: st
     jobs = [(i, r) for i, r in enumerate(rows) if r["sample_id"] not in have]
     counts, notes_count, failures, nbytes = Counter(skipped=len(rows) - len(jobs)), Counter(), defaultdict(list), 0
     init_args = (model_path, max_length, min_pixels, max_pixels, str(out_dir), split)
-    if workers <= 1:
-        _init(*init_args)
-        results = map(_work, jobs)
-        pool = None
-    else:
-        pool = get_context("spawn").Pool(workers, initializer=_init, initargs=init_args)
-        results = pool.imap_unordered(_work, jobs, chunksize=32)
-    try:
-        for sid, status, notes, size in tqdm(results, total=len(jobs), desc=f"preprocess {split}",
-                                             unit="sample", mininterval=1):
-            counts[status] += 1
-            nbytes += size
-            for note in notes:
-                if status == "failed":
-                    failures[note.split(":")[0]].append(sid)
-                else:
-                    notes_count[note] += 1
-                    if note.startswith("image_dropped"):
-                        failures[note].append(sid)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    results = map_in_processes(_work, jobs, workers, _init, init_args, chunksize=32)
+    for sid, status, notes, size in tqdm(results, total=len(jobs), desc=f"preprocess {split}",
+                                         unit="sample", mininterval=1):
+        counts[status] += 1
+        nbytes += size
+        for note in notes:
+            if status == "failed":
+                failures[note.split(":")[0]].append(sid)
+            else:
+                notes_count[note] += 1
+                if note.startswith("image_dropped"):
+                    failures[note].append(sid)
     return {"counts": dict(counts), "notes": dict(notes_count), "problem_ids": dict(failures),
             "bytes_written": nbytes, "workers": workers or os.cpu_count()}

@@ -5,7 +5,6 @@ import csv
 import io
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -13,6 +12,7 @@ from tqdm import tqdm
 from common.fsio import clean_temp_files, read_json, write_bytes, write_json, write_text
 from common.image_store import read_manifest
 from common.images import ImageRejected, jpeg_bytes, load_resized
+from common.workers import map_in_processes
 
 FIELDS = ["sample_id", "status", "file", "width", "height"]
 
@@ -60,10 +60,9 @@ def resize_split(images_dir: Path, out_dir: Path, params: dict, workers: int) ->
                          params["max_pixels"], params["max_image_pixels"], params["use_draft"], params["quality"]))
         else:
             results[sid] = (sid, f"no_image:{row['status']}", "", 0, 0)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for res in tqdm(pool.map(_resize_one, jobs, chunksize=16), total=len(jobs),
-                        desc=f"resize {out_dir.name}", unit="img", mininterval=1):
-            results[res[0]] = res
+    for res in tqdm(map_in_processes(_resize_one, jobs, workers, start_method="fork"), total=len(jobs),
+                    desc=f"resize {out_dir.name}", unit="img", mininterval=1):
+        results[res[0]] = res
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(FIELDS)

@@ -249,12 +249,33 @@ def ranks_hold_same_weights(model: torch.nn.Module) -> bool | None:
     return bool(torch.equal(low, high))
 
 
+class EpochBanner(logging.Filter):
+    """The Trainer's start-of-training banner with the epochs this run plans: a stream has no length, so the
+    Trainer prints "Num Epochs = 9,223,372,036,854,775,807" and one epoch of max_steps."""
+
+    def __init__(self, samples_per_epoch: int, global_batch: int, max_steps: int):
+        super().__init__()
+        self.samples, self.epochs = samples_per_epoch, max_steps * global_batch / max(1, samples_per_epoch)
+        self.steps_per_epoch = samples_per_epoch / global_batch
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        fixed = {"  Num examples =": f"  Num examples = {self.samples:,} per epoch",
+                 "  Num Epochs =": f"  Num Epochs = {self.epochs:.2f}",
+                 "  Num update steps per epoch =": f"  Num update steps per epoch = {self.steps_per_epoch:.1f}"}
+        for start, line in fixed.items():
+            if text.startswith(start):
+                record.msg, record.args = line, ()
+        return True
+
+
 class PriceTrainer(Trainer):
     def __init__(self, *args, loader_options: dict, eval_options: dict, answer_only: bool = False,
                  pixel_spec=None, no_cache: bool = False, grads_in_buckets: bool = False, cuda_graphs: bool = False,
-                 **kwargs):
+                 samples_per_epoch: int = 0, **kwargs):
         self.grads_in_buckets = grads_in_buckets  # read while the base class builds its accelerator
         super().__init__(*args, **kwargs)
+        self.samples_per_epoch = samples_per_epoch
         skip_needless_train_walks(self.model)
         self.loader_options = loader_options
         self.eval_options = eval_options
@@ -266,6 +287,13 @@ class PriceTrainer(Trainer):
         self.forward_kwargs = {"use_cache": False} if no_cache else {}
         self._flops_per_token = None
         self.cuda_graphs = cuda_graphs
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Logs with the epoch counted in samples seen (the Trainer, given a stream, counts the run as one)."""
+        if self.samples_per_epoch:
+            self.state.epoch = self.state.global_step * self.args.world_size * self.args.train_batch_size * \
+                self.args.gradient_accumulation_steps / self.samples_per_epoch
+        super().log(logs, start_time)
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         """DDP's options as the Trainer sets them, plus gradient_as_bucket_view, which TrainingArguments lacks."""
