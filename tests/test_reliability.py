@@ -37,6 +37,7 @@ def digest(work: Path) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [7, 2026])
 def test_kill_minus_9_in_every_stage_then_rerun_gives_the_same_outputs(tmp_path, seed):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}

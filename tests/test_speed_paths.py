@@ -68,7 +68,7 @@ def test_bucketed_vision_attention_matches_the_per_window_path(tiny_model_dir, e
             AttentionInterface.register(va.NAME, counting)
             calls.clear()
             fast = tower(pixels, grid_thw=grid).pooler_output
-        assert torch.allclose(plain, fast, atol=1e-6, rtol=0), (plain - fast).abs().max()
+        torch.testing.assert_close(fast, plain)
         assert len(calls) == len(tower.blocks)  # one call per layer, not one per window
         assert max(calls) > len(grid)            # ... and the window layers' call held every window
     AttentionInterface.register(va.NAME, va.bucketed_sdpa)
@@ -80,7 +80,7 @@ def test_bucketed_vision_attention_matches_the_per_window_path(tiny_model_dir, e
         va.use_bucketed_vision_attention(model)
         fast = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert model.config.text_config._attn_implementation == "sdpa"  # the language model is left alone
-    assert torch.allclose(plain, fast, atol=1e-5, rtol=0), (plain - fast).abs().max()
+    torch.testing.assert_close(fast, plain)
 
 
 def test_answer_only_logits_give_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
@@ -99,7 +99,7 @@ def test_answer_only_logits_give_the_same_loss_and_gradients(tiny_model_dir, enc
     assert math.isclose(loss.item(), full.loss.item(), rel_tol=1e-6), (loss.item(), full.loss.item())
     for name, p in model.named_parameters():
         if p.requires_grad:
-            assert torch.allclose(p.grad, grads[name], atol=1e-7, rtol=1e-4), name
+            torch.testing.assert_close(p.grad, grads[name], msg=name)
 
 
 def test_answer_only_training_matches_full_logits_through_the_trainer(shard_work, tmp_path):
@@ -121,7 +121,7 @@ def test_answer_only_training_matches_full_logits_through_the_trainer(shard_work
     assert len(loss_answer) == 2 and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(loss_answer, loss_all)), \
         (loss_answer, loss_all)
     for name, w in weights_all.items():
-        assert torch.allclose(weights_answer[name], w, atol=1e-6, rtol=1e-4), name
+        torch.testing.assert_close(weights_answer[name], w, msg=name)
 
 
 def test_length_grouped_batches_keep_every_sample_and_cut_padding():
@@ -191,7 +191,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model_dir, encode
     (eager, g_eager), (compiled, g_compiled) = trained(False), trained(True)
     assert math.isclose(eager, compiled, rel_tol=1e-5), (eager, compiled)
     for name, g in g_eager.items():
-        assert torch.allclose(g_compiled[name], g, atol=1e-6, rtol=1e-3), name
+        torch.testing.assert_close(g_compiled[name], g, msg=name)
 
 
 def _allowed_by_the_rule(generated: list[int], digits: list[int], dot: int, end: int) -> list[int]:
@@ -494,7 +494,8 @@ def test_ready_made_mask_and_host_checked_image_tokens_give_the_same_loss_and_gr
     skip_image_readbacks(model)
     got = loss_and_grads(model, host, trainable)
     assert torch.equal(got[0], want[0])
-    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w)
 
 
 def test_training_collator_drops_a_needless_mask_and_names_a_sample_with_wrong_image_tokens(tiny_model_dir,
@@ -537,8 +538,9 @@ def test_causal_attention_alone_gives_a_right_padded_batch_the_same_loss_and_gra
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     want, got = loss_and_grads(model, masked, trainable), loss_and_grads(model, causal, trainable)
-    assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
-    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
+    torch.testing.assert_close(got[0], want[0])
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w)
 
 
 def test_padding_to_a_multiple_gives_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
@@ -561,8 +563,9 @@ def test_padding_to_a_multiple_gives_the_same_loss_and_gradients(tiny_model_dir,
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     want, got = loss_and_grads(model, tight, trainable), loss_and_grads(model, padded, trainable)
-    assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
-    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got[1], want[1]))
+    torch.testing.assert_close(got[0], want[0])
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w)
 
 
 def test_compiled_blocks_take_the_models_floats_as_constants(tiny_model_dir):
@@ -638,8 +641,9 @@ def test_padded_vision_mlp_gives_the_same_loss_and_gradients(tiny_model_dir, enc
     assert all(m.gate_proj.out_features == m.up_proj.out_features == m.down_proj.in_features == 144 for m in mlps)
     assert [p for p in model.parameters() if p.requires_grad] == trainable  # the LoRA weights, untouched
     got = loss_and_grads(model, batch, trainable)
-    assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
-    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(got[1], want[1]))
+    torch.testing.assert_close(got[0], want[0])
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w)
     assert pad_vision_mlp(model, 48) == 0  # already a multiple
 
 
@@ -652,7 +656,7 @@ def test_padded_vision_mlp_leaves_inference_logits_and_trainable_vision_layers_a
         want = model(**batch).logits
         assert pad_vision_mlp(model, 48) == len(vision_mlps(model))
         got = model(**batch).logits
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want)
     # LoRA on the vision tower (--tune-vision): its layers keep the shapes their adapters are saved with
     tuned, _ = load_for_training(str(tiny_model_dir), "hf", LoraSettings(r=8, alpha=16, tune_vision=True), False,
                                  False, 0)
@@ -742,4 +746,5 @@ def test_training_forward_takes_the_collators_vision_indices(tiny_model_dir, enc
         handed.clear()
         rebuilt = model(**without).loss
         assert handed == [False] * 3
-    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6) and torch.allclose(rebuilt, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(rebuilt, want)
