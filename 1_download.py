@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import layout, logs, options
-from common.catalog import read_catalog
-from common.download import FetchPolicy
+from common.data.catalog import read_catalog
+from common.data.download import FetchPolicy
 from common.fsio import write_json
-from common.image_store import download_split
+from common.data.image_store import download_split
 
 
 @dataclass

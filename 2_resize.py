@@ -20,8 +20,8 @@ from pathlib import Path
 
 from common import layout, logs, options
 from common.fsio import write_json
-from common.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR
-from common.resize_store import check_params, resize_split
+from common.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR
+from common.data.resize_store import check_params, resize_split
 
 
 @dataclass

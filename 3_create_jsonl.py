@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import layout, logs, options
-from common.catalog import read_catalog
-from common.chat_jsonl import split_validation, to_records, write_jsonl
+from common.data.catalog import read_catalog
+from common.data.chat_jsonl import split_validation, to_records, write_jsonl
 from common.fsio import write_json
-from common.resize_store import resized_files
+from common.data.resize_store import resized_files
 
 
 @dataclass

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import layout, logs, options
-from common.chat_jsonl import read_jsonl
+from common.data.chat_jsonl import read_jsonl
 from common.fsio import write_json
-from common.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from common.modeling import check_model_files, resolve_model
-from common.preprocess import preprocess_split
-from common.sample_store import clean_partial
+from common.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from common.model.loading import check_model_files, resolve_model
+from common.data.preprocess import preprocess_split
+from common.data.sample_store import clean_partial
 
 
 @dataclass

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import layout, logs, options
-from common.chat_jsonl import read_jsonl
+from common.data.chat_jsonl import read_jsonl
 from common.fsio import write_json
-from common.shards import pack_split
+from common.data.shards import pack_split
 
 
 @dataclass

@@ -150,7 +150,7 @@ class TrainOptions:
         if self.cuda_graphs:
             import torch
 
-            from common.modeling import pick_backend
+            from common.model.loading import pick_backend
             if not torch.cuda.is_available():
                 out.append("--cuda-graphs needs a GPU")
             if pick_backend(self.backend) != "hf":
@@ -195,12 +195,12 @@ def gpu_memory_text() -> str:
 def datasets(cfg: TrainOptions, model_path: str, spec):
     """(train stream, validation stream for evaluation, samples per epoch)."""
     if cfg.source == "jsonl":
-        from common.jsonl_source import JsonlStream
+        from common.data.jsonl_source import JsonlStream
         enc = (model_path, spec, cfg.max_length, cfg.min_pixels, cfg.max_pixels)
         train = JsonlStream(layout.jsonl_path(cfg.work_dir, "train"), *enc, shuffle=True, seed=cfg.seed, infinite=True)
         val = JsonlStream(layout.jsonl_path(cfg.work_dir, "validation"), *enc)
         return train, val, train.num_samples
-    from common.shards import ShardStream
+    from common.data.shards import ShardStream
     train = ShardStream(layout.shards_dir(cfg.work_dir, "train"), spec, shuffle=True, shuffle_buffer=cfg.shuffle_buffer,
                         seed=cfg.seed, infinite=True, skip_corrupt=cfg.skip_corrupt_shards,
                         normalize=False)
@@ -225,7 +225,7 @@ def training_arguments(cfg: TrainOptions, max_steps: int, cuda: bool):
         ddp_broadcast_buffers=cfg.ddp_broadcast_buffers,
         logging_nan_inf_filter=False,  # its per-step isnan() check stalls the GPU; NonFiniteGuard stops on NaN instead
         accelerator_config={"dispatch_batches": False, "split_batches": False},
-        gradient_checkpointing=False,  # set up by common.modeling, with the frozen-vision fix
+        gradient_checkpointing=False,  # set up by common.model.loading, with the frozen-vision fix
         disable_tqdm=False, log_level="info", log_level_replica="warning")
     if int(os.environ.get("WORLD_SIZE", 1)) == 1 and args.n_gpu > 1:
         # without torchrun the Trainer would wrap the model in nn.DataParallel, which breaks on Qwen2.5-VL's
@@ -258,7 +258,7 @@ def save_final(cfg: TrainOptions, model, tokenizer, model_path: str, backend: st
 
 
 def training_stream(cfg: TrainOptions, train_ds):
-    from common.training import LengthGroupedStream, RecordingStream
+    from common.model.training import LengthGroupedStream, RecordingStream
     if cfg.record_samples:
         train_ds = RecordingStream(train_ds, Path(cfg.record_samples))
     if cfg.group_by_length:
@@ -271,10 +271,10 @@ def load_model(cfg: TrainOptions, model_path: str):
     import torch
     from transformers import set_seed
 
-    from common.lora_fusion import fuse_shared_input_lora
-    from common.modeling import (LoraSettings, compile_blocks, load_for_training, pad_vision_mlp,
+    from common.speed.lora_groups import fuse_shared_input_lora
+    from common.model.loading import (LoraSettings, compile_blocks, load_for_training, pad_vision_mlp,
                                  split_compiled_graphs_for_ddp, use_cudnn_attention)
-    from common.vision_attention import use_bucketed_vision_attention
+    from common.speed.vision_attention import use_bucketed_vision_attention
     set_seed(cfg.seed)  # before the LoRA weights are drawn: the Trainer seeds only after the model exists
     model, backend = load_for_training(model_path, cfg.backend,
                                        LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.tune_vision),
@@ -295,10 +295,10 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
                  samples_per_epoch: int):
     import torch
 
-    from common.collate import for_tokenizer
-    from common.modeling import skip_image_readbacks
-    from common.positions import HostLayout
-    from common.training import (CheckpointMarker, EpochBanner, NonFiniteGuard, PriceTrainer,
+    from common.model.collate import for_tokenizer
+    from common.model.loading import skip_image_readbacks
+    from common.speed.positions import HostLayout
+    from common.model.training import (CheckpointMarker, EpochBanner, NonFiniteGuard, PriceTrainer,
                                  ScheduledGarbageCollection)
     # position ids and vision indices built by the collator (in the loader's workers), not on the GPU; measured
     # on the transformers backend, whose forward takes them (Unsloth builds its own)
@@ -335,11 +335,12 @@ def make_trainer(cfg: TrainOptions, model, backend: str, tokenizer, spec, train_
 
 
 def main(cfg: TrainOptions) -> dict:
-    from common.modeling import import_backend
+    from common.model.loading import import_backend
     import_backend(cfg.backend)  # Unsloth, if chosen, must be imported before transformers
-    from common.encode import ImageSpec
-    from common.modeling import bind_local_gpu, compiled_graphs_split_for_ddp, load_tokenizer, resolve_model
-    from common.training import (latest_complete_checkpoint, plan_steps, ranks_hold_same_weights,
+    from common.data.encode import ImageSpec
+    from common.model.loading import bind_local_gpu, compiled_graphs_split_for_ddp, resolve_model
+    from common.data.encode import load_tokenizer
+    from common.model.training import (latest_complete_checkpoint, plan_steps, ranks_hold_same_weights,
                                  remove_incomplete_checkpoints)
     log = logs.setup("train")
     if (cfg.out / "COMPLETE").exists() and not cfg.overwrite:

@@ -70,7 +70,7 @@ class InferOptions:
         if self.vision_mlp_multiple < 0:
             out.append("--vision-mlp-multiple must be >= 0")
         if self.decode in ("static", "graphs"):
-            from common.modeling import pick_backend
+            from common.model.loading import pick_backend
             if pick_backend(self.backend) != "hf":
                 out.append(f"--decode {self.decode} runs the transformers model: it needs --backend hf (here "
                            f"--backend {self.backend} means {pick_backend(self.backend)})")
@@ -108,19 +108,19 @@ class InferOptions:
 def expected_rows(cfg: InferOptions) -> tuple[list[str], dict[str, float]]:
     """The ids that must be answered, in order, and their true prices where known (validation)."""
     if cfg.split == "test":
-        from common.catalog import read_catalog
+        from common.data.catalog import read_catalog
         return read_catalog(cfg.data_dir / "test.csv", "test").rows["sample_id"].tolist(), {}
-    from common.chat_jsonl import read_jsonl
+    from common.data.chat_jsonl import read_jsonl
     rows = read_jsonl(layout.jsonl_path(cfg.work_dir, "validation"))
     return [r["sample_id"] for r in rows], {r["sample_id"]: r["price"] for r in rows}
 
 
 def build_stream(cfg: InferOptions, model_path: str, spec, encoding: dict):
     if cfg.source == "jsonl":
-        from common.jsonl_source import JsonlStream
+        from common.data.jsonl_source import JsonlStream
         return JsonlStream(layout.jsonl_path(cfg.work_dir, cfg.split), model_path, spec, encoding["max_length"],
                            encoding["min_pixels"], encoding["max_pixels"])
-    from common.shards import ShardStream
+    from common.data.shards import ShardStream
     return ShardStream(layout.shards_dir(cfg.work_dir, cfg.split), spec, skip_corrupt=cfg.skip_corrupt_shards,
                        normalize=False)
 
@@ -129,9 +129,9 @@ def load_model(cfg: InferOptions, base: str, adapter: str | None):
     """(model with the speed options applied, backend actually used, static decoder or None for generate())."""
     import torch
 
-    from common.modeling import (compile_blocks, load_for_inference, make_decoder, pad_vision_mlp,
+    from common.model.loading import (compile_blocks, load_for_inference, make_decoder, pad_vision_mlp,
                                  use_cudnn_attention)
-    from common.vision_attention import use_bucketed_vision_attention
+    from common.speed.vision_attention import use_bucketed_vision_attention
     model, backend = load_for_inference(base, adapter, cfg.backend)
     if cfg.vision_attention == "bucketed":
         use_bucketed_vision_attention(model)
@@ -146,16 +146,17 @@ def load_model(cfg: InferOptions, base: str, adapter: str | None):
 
 
 def main(cfg: InferOptions) -> dict:
-    from common.modeling import import_backend
+    from common.model.loading import import_backend
     import_backend(cfg.backend)  # Unsloth, if chosen, must be imported before transformers
     import torch
     import torch.distributed as dist
 
-    from common.collate import for_tokenizer
-    from common.encode import ImageSpec
-    from common.inference import merge, read_parts, run_predictions, write_predictions_csv
-    from common.modeling import bind_local_gpu, load_tokenizer, resolve_model
-    from common.positions import HostLayout
+    from common.model.collate import for_tokenizer
+    from common.data.encode import ImageSpec
+    from common.model.inference import merge, read_parts, run_predictions, write_predictions_csv
+    from common.model.loading import bind_local_gpu, resolve_model
+    from common.data.encode import load_tokenizer
+    from common.speed.positions import HostLayout
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
     bind_local_gpu()
@@ -190,7 +191,7 @@ def main(cfg: InferOptions) -> dict:
              "world_size": world, "backend": backend,
              "output": str(cfg.out_csv), "options": options.to_jsonable(cfg)}
     if truth:
-        from common.report import write_report
+        from common.model.report import write_report
         stats["evaluation"] = write_report(cfg.work_dir / "eval", rows, truth, median)
     write_json(out_dir / "stats.json", stats)
     log.info("%d rows in, %d rows out -> %s; fallbacks %s", len(ids), len(rows), cfg.out_csv,

@@ -55,10 +55,10 @@ if [ "$DEMO" = 1 ]; then
   INFER=(--workers 1)
   if [ "$FROM" -le 1 ]; then
     if [ ! -f "$DATA_DIR/demo.json" ]; then
-      "$PY" -m common.demo --out "$DATA_DIR" --base-url "http://127.0.0.1:$PORT" \
+      "$PY" -m common.demo.catalog --out "$DATA_DIR" --base-url "http://127.0.0.1:$PORT" \
         --train-rows "$TRAIN_ROWS" --test-rows "$TEST_ROWS"
     fi
-    "$PY" -m common.imageserver --root "$DATA_DIR/images" --port "$PORT" > "$WORK_DIR/imageserver.log" 2>&1 &
+    "$PY" -m common.demo.imageserver --root "$DATA_DIR/images" --port "$PORT" > "$WORK_DIR/imageserver.log" 2>&1 &
     SERVER_PID=$!
     trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
     for _ in $(seq 50); do

@@ -3,8 +3,8 @@
     python bench/download_speed.py                 # 600 demo images, 50 ms server latency
     python bench/download_speed.py --write         # also update the download section of bench/RESULTS.md
 
-The server (common.imageserver, in its own process) adds `--latency-ms` to every answer, which stands in
-for a remote host's round trip. "ours" is common.image_store.download_split, the function 1_download.py
+The server (common.demo.imageserver, in its own process) adds `--latency-ms` to every answer, which stands in
+for a remote host's round trip. "ours" is common.data.image_store.download_split, the function 1_download.py
 runs (threads, keep-alive sessions, a decode check, atomic fsynced writes, a manifest). "starter" is what
 a first notebook does: multiprocessing.Pool(processes=cpu_count()) mapping urlopen-and-save over the URLs.
 """
@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
-from common.catalog import read_catalog  # noqa: E402
-from common.demo import write_demo  # noqa: E402
-from common.download import FetchPolicy  # noqa: E402
-from common.image_store import download_split, read_manifest  # noqa: E402
+from common.data.catalog import read_catalog  # noqa: E402
+from common.demo.catalog import write_demo  # noqa: E402
+from common.data.download import FetchPolicy  # noqa: E402
+from common.data.image_store import download_split, read_manifest  # noqa: E402
 from bench_results import RESULTS, cpu_device, update_section  # noqa: E402
 SECTION = "download"
 
@@ -70,7 +70,7 @@ def run_ours(rows: pd.DataFrame, out_dir: Path, concurrency: int, timeout_s: flo
 # ------------------------------------------------------------------------------ the server
 
 def start_server(root: Path, latency_ms: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "common.imageserver", "--root", str(root), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "common.demo.imageserver", "--root", str(root), "--port", "0",
                              "--latency-ms", str(latency_ms)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     m = re.search(r"(http://127\.0\.0\.1:\d+)", line)
@@ -167,7 +167,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     lines = ["## Download speed (`bench/download_speed.py`)", "",
-             f"Device: {cpu_device()}. Loopback `common.imageserver` in its own process, {args.latency_ms:g} ms "
+             f"Device: {cpu_device()}. Loopback `common.demo.imageserver` in its own process, {args.latency_ms:g} ms "
              f"added to every answer; the same URLs and server for both; median of {args.repeats} run(s). "
              "\"valid images\" decode with PIL; the starter counts any 200 answer as a success.", ""]
     for name, res in measured.items():

@@ -31,7 +31,7 @@ def one_run(model_dir: str, constants: bool, steps: int) -> dict:
     torch.set_num_threads(1)  # host time is what is measured; one thread keeps the tiny kernels from scattering
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
 
-    from common.modeling import LoraSettings, load_for_training
+    from common.model.loading import LoraSettings, load_for_training
     torch.manual_seed(0)
     model, _ = load_for_training(model_dir, "hf", LoraSettings(r=8, alpha=16), False, False, 0)
     layers = [m for m in model.modules() if isinstance(m, Qwen2_5_VLDecoderLayer)]
@@ -60,7 +60,7 @@ def main() -> None:
     if a.one:
         print(json.dumps(one_run(a.model_dir, a.one == "constants", a.steps)))
         return
-    from common.tiny import ensure_tiny_model
+    from common.demo.tiny import ensure_tiny_model
     rows, per_layer = [], []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(ensure_tiny_model(Path(tmp) / "tiny"))

@@ -61,13 +61,13 @@ def run_seven(args, argv: list[str]) -> dict:
     if "--backend" in argv and argv[argv.index("--backend") + 1] == "unsloth":
         import unsloth  # noqa: F401
     stage7 = load_stage("7_infer.py")
-    import common.inference as ci
+    import common.model.inference as ci
     from common import options
     cfg = options.parse(stage7.InferOptions, argv)
     shutil.rmtree(cfg.work_dir / f"infer_{cfg.split}", ignore_errors=True)  # no resuming between runs
     batches, marks, texts, collated_ids = [], {}, {}, collections.deque()
     inner = ci.predict_batch
-    import common.collate as cc
+    import common.model.collate as cc
     collate = cc.Collator.__call__
 
     def recording_collate(self, samples):  # run_predictions collates batches in order, one ahead of predict_batch

@@ -33,7 +33,7 @@ from gpu_build_model import config  # noqa: E402
 
 def gemm_shapes(rows: int, prompt_tokens: int, image_px: int = 448, vision_mlp_multiple: int = 128) -> list[dict]:
     """(part, M, K, N, bias, calls per batch) of every linear layer in a prefill, the vision MLP's width padded to
-    a multiple of vision_mlp_multiple as 7_infer.py pads it (common.modeling.pad_vision_mlp; 1: as the model
+    a multiple of vision_mlp_multiple as 7_infer.py pads it (common.model.loading.pad_vision_mlp; 1: as the model
     has it)."""
     cfg = config("3b")
     t, v = cfg.text_config, cfg.vision_config
@@ -189,7 +189,7 @@ def main() -> None:
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("gpu_prefill_floor.py times CUDA kernels: run it on the GPU machine")
-    torch.backends.cuda.enable_cudnn_sdp(False)  # as common.modeling.use_cudnn_attention(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as common.model.loading.use_cudnn_attention(False)
     started = time.time()
     gemms = [time_gemm(s, a.reps) for s in gemm_shapes(a.rows, a.prompt_tokens)]
     unpadded = [time_gemm(s, a.reps) for s in gemm_shapes(a.rows, a.prompt_tokens, vision_mlp_multiple=1)

@@ -139,7 +139,7 @@ def ms(start, end) -> float:
 def run_train(argv: list[str], phases: Phases) -> dict:
     from transformers import TrainerCallback
     stage6 = load_stage("6_train.py")
-    import common.training as ct
+    import common.model.training as ct
     from common import options
 
     class Hook(TrainerCallback):
@@ -161,14 +161,14 @@ def run_train(argv: list[str], phases: Phases) -> dict:
 
 def run_infer(argv: list[str], phases: Phases) -> dict:
     stage7 = load_stage("7_infer.py")
-    import common.inference as ci
-    import common.predict as cp
+    import common.model.inference as ci
+    import common.model.predict as cp
     from common import options
     cfg = options.parse(stage7.InferOptions, argv)
     shutil.rmtree(cfg.work_dir / f"infer_{cfg.split}", ignore_errors=True)
     import torch
 
-    import common.decode as cd
+    import common.speed.decode as cd
     forwards: list[list] = []  # per batch: [(start event, end event)] for each model forward or decode step
     hooked: set[int] = set()
     in_step = []  # a static decoder's step is timed as one unit, whether replayed or run eagerly

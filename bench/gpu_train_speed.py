@@ -309,7 +309,7 @@ def main() -> None:
         import unsloth  # noqa: F401  (before transformers, as 6_train.py does for this backend)
     import torch
     stage6 = load_stage("6_train.py")
-    import common.training as ct
+    import common.model.training as ct
     from common import options
 
     meta = {"name": args.name, "backend_requested": backend, "argv": train_argv, "versions": versions(),

@@ -1,6 +1,6 @@
 """Where a forward's time goes, and what bucketed vision attention and compiled vision blocks change: the
 vision tower alone and the whole prefill (vision + language model), per-window `sdpa`, then
-`common.vision_attention`, then that plus torch.compile of each vision block, same inputs.
+`common.speed.vision_attention`, then that plus torch.compile of each vision block, same inputs.
 
     python bench/gpu_vision_speed.py --model /tmp/qwen25vl3b-random --result R.json [--images 64]
 
@@ -59,7 +59,7 @@ def main() -> None:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from common.vision_attention import use_bucketed_vision_attention
+    from common.speed.vision_attention import use_bucketed_vision_attention
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(a.model, dtype=torch.bfloat16).to("cuda").eval()
     tower = model.model.visual
     batch = inputs(a.images, "cuda")
@@ -79,7 +79,7 @@ def main() -> None:
     run_all("sdpa")
     use_bucketed_vision_attention(model)
     run_all("bucketed")
-    from common.modeling import compile_blocks
+    from common.model.loading import compile_blocks
     t0 = time.perf_counter()
     compile_blocks(model, "vision", "hf")
     run_all("compiled")

@@ -1,6 +1,6 @@
 """Loader samples/s into training batches: stage 5's shards (ShardStream) against the lean path
 (JsonlStream: the chat JSONL read and each 448x448 JPEG decoded and encoded per sample), both through a
-torch DataLoader with the training collator (common.collate.for_tokenizer), 0, 1 and 2 workers.
+torch DataLoader with the training collator (common.model.collate.for_tokenizer), 0, 1 and 2 workers.
 
     python bench/loader_speed.py                  # 256 samples, real catalog text, 448x448 images
     python bench/loader_speed.py --write          # also update the shards section of bench/RESULTS.md
@@ -26,12 +26,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from common.collate import for_tokenizer  # noqa: E402
-from common.encode import ImageSpec  # noqa: E402
-from common.jsonl_source import JsonlStream  # noqa: E402
-from common.modeling import load_tokenizer  # noqa: E402
-from common.preprocess import preprocess_split  # noqa: E402
-from common.shards import ShardStream, pack_split  # noqa: E402
+from common.model.collate import for_tokenizer  # noqa: E402
+from common.data.encode import ImageSpec  # noqa: E402
+from common.data.jsonl_source import JsonlStream  # noqa: E402
+from common.data.encode import load_tokenizer
+from common.data.preprocess import preprocess_split  # noqa: E402
+from common.data.shards import ShardStream, pack_split  # noqa: E402
 
 # What one H100 consumes today and what the project aims at (FINDINGS.md / the issue), samples/s.
 H100 = {"training": (15, 40), "inference": (35, 120)}
@@ -110,7 +110,7 @@ def report(r: dict, dev: str, load: str) -> str:
         "",
         f"Device: {dev}; {load}. {r['n']} samples of {r['text']}, 448x448 images, {r['model']}; "
         f"{r['per_shard']} samples a shard; torch DataLoader, batch {r['batch_size']}, the training collator "
-        f"(`common.collate.for_tokenizer`: padding, label mask, mm_token_type_ids, float32 pixel_values "
+        f"(`common.model.collate.for_tokenizer`: padding, label mask, mm_token_type_ids, float32 pixel_values "
         f"[1024, 1176] a sample); {r['repeats']} passes, alternating: median samples/s after the first batch "
         "(range in brackets), median start-up = seconds to the first batch.",
         "",

@@ -258,7 +258,7 @@ def render(runs: dict[str, dict]) -> str:
               "to the GPU once | 11 and 2 of the 20 host syncs per 2 steps (h100-r) | not measured on the GPU "
               "(device time ran out) | yes |",
               "| the Trainer's per-step `model.train()` walk over ~3,400 modules skipped when every module is "
-              "already training (`common.training.skip_needless_train_walks`) | the h100-s profile: ~18 ms of host "
+              "already training (`common.model.training.skip_needless_train_walks`) | the h100-s profile: ~18 ms of host "
               "time a step with the GPU idle, ~5% | nvidia-smi busy 81.7% (h100-s) -> 86.6% (h100-x), 47.15 -> "
               "48.16 samples/s; two runs on the same bench (batches and recompiles differ between runs) | yes |",
               "| each compiled block one graph under DDP (`torch._dynamo.config.optimize_ddp` off; "

@@ -3,7 +3,7 @@
     python bench/preprocess_speed.py              # 200 samples, real catalog text, 448x448 JPEGs
     python bench/preprocess_speed.py --write      # also update the shards section of bench/RESULTS.md
 
-ours   common.preprocess's per-sample work, as 4_preprocess.py runs it: Encoder.encode (chat template
+ours   common.data.preprocess's per-sample work, as 4_preprocess.py runs it: Encoder.encode (chat template
        rendered once per layout, catalog and answer tokenized per sample, image cut into uint8 patches),
        validate, then the sample's folder (input_ids.npy, attention_mask.npy, pixel_values.npy, meta.json)
        written under a temp name and renamed.
@@ -52,7 +52,7 @@ def _pid_once_ready(_) -> int:
 
 
 def pool_run(rows: list[dict], out: Path, model: str, workers: int) -> tuple[float, float]:
-    """4_preprocess's pool as preprocess_split builds it (spawn, common.preprocess._init / _work,
+    """4_preprocess's pool as preprocess_split builds it (spawn, common.data.preprocess._init / _work,
     imap_unordered, chunks of 32): (seconds until every worker has initialised, seconds for the rows)."""
     from multiprocessing import get_context
     shutil.rmtree(out, ignore_errors=True)

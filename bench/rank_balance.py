@@ -2,7 +2,7 @@
 
 Each rank reads its own share of the data; each of its loader workers sorts windows of batch x window samples
 by length, cuts them into batches and shuffles the batches with a seed shared by all ranks
-(common.training.LengthGroupedStream), so at a step the ranks run the same quantile of their own windows. A
+(common.model.training.LengthGroupedStream), so at a step the ranks run the same quantile of their own windows. A
 step waits for the slower rank: balance = (the same batches run on one GPU) / (ranks x the steps' slowest).
 Step cost = padded language-model tokens + a fixed vision share per image (the tower sees 1,024 patches per
 448 px image whatever the text). CPU only:

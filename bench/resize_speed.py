@@ -3,8 +3,8 @@
     python bench/resize_speed.py                  # 300 images (60x45 .. 1600x1200, PNG with alpha, gray)
     python bench/resize_speed.py --write          # also update the resize section of bench/RESULTS.md
 
-"ours" is what 2_resize.py does per image: common.images.load_resized (JPEG draft decoding, EXIF, alpha
-flattened on white, smart_resize target, BICUBIC) + common.images.jpeg_bytes at quality 95. "plain" is
+"ours" is what 2_resize.py does per image: common.data.images.load_resized (JPEG draft decoding, EXIF, alpha
+flattened on white, smart_resize target, BICUBIC) + common.data.images.jpeg_bytes at quality 95. "plain" is
 Image.open -> convert("RGB") -> resize(BICUBIC) -> save(JPEG, 95) to the same target size, so both make
 the same output size and the difference is in how the pixels get there. Both write plain files (the
 stage's atomic fsynced write is left out of both). Each side runs `--repeats` times, alternating, and
@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common.demo import write_demo  # noqa: E402
-from common.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR, jpeg_bytes, load_resized, smart_resize  # noqa: E402
+from common.demo.catalog import write_demo  # noqa: E402
+from common.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR, jpeg_bytes, load_resized, smart_resize  # noqa: E402
 from bench_results import RESULTS, cpu_device, update_section  # noqa: E402
 SECTION = "resize"
 

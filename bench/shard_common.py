@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from common.chat_jsonl import write_jsonl  # noqa: E402
+from common.data.chat_jsonl import write_jsonl  # noqa: E402
 from common.prompt import build_messages, message_parts  # noqa: E402
 
 SHARED = Path(os.environ.get("PROJECT_SHARED", ROOT.parent / "shared"))  # a copy elsewhere, e.g. on the GPU machine
@@ -68,7 +68,7 @@ def model_source(scratch: Path) -> tuple[str, str]:
     """(model folder, words for the report): the real Qwen2.5 tokenizer if ../shared has it, else tiny."""
     if (QWEN_DIR / "tokenizer.json").exists():
         return str(QWEN_DIR), "the real Qwen2.5 tokenizer and processor config (../shared/qwen2.5-vl-processor)"
-    from common.tiny import ensure_tiny_model
+    from common.demo.tiny import ensure_tiny_model
     return str(ensure_tiny_model(scratch / "tiny")), "the tiny model's tokenizer (../shared absent)"
 
 
@@ -80,7 +80,7 @@ def catalogs(n: int) -> tuple[list[tuple[str, float]], str]:
         rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
         src = f"real catalog rows ({REAL_CSV.name})"
     else:
-        from common.demo import make_rows
+        from common.demo.catalog import make_rows
         rows = [(r.catalog_content, r.price) for r in make_rows(max(n, 100), 0, 0, False)]
         src = "demo catalog rows (../shared absent)"
     return [rows[i % len(rows)] for i in range(n)], src
@@ -131,7 +131,7 @@ class PlainHF:
     def __init__(self, model_path: str, min_pixels: int = PIX, max_pixels: int = PIX):
         from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
-        from common.modeling import load_tokenizer
+        from common.data.encode import load_tokenizer
         self.tok = load_tokenizer(model_path)
         self.proc = Qwen2VLImageProcessorPil.from_pretrained(model_path)
         self.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
@@ -154,7 +154,7 @@ def seed_files(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, bytes]:
     """The seed's sample layout: every processor output as .npy (float32 pixel_values [N, 1176])."""
     import json
 
-    from common.sample_store import npy_bytes
+    from common.data.sample_store import npy_bytes
     files = {f"{k}.npy": npy_bytes(v) for k, v in arrays.items()}
     files["meta.json"] = json.dumps(meta, sort_keys=True).encode()
     return files

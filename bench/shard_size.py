@@ -4,7 +4,7 @@ pixel_values [N, 1176]) against ours (uint8 patches [N, 588], int32 ids, uint8 m
     python bench/shard_size.py                # 64 samples, real catalog text, 448x448 images
     python bench/shard_size.py --write        # also update the shards section of bench/RESULTS.md
 
-Both layouts go through the same tar writer (common.shards.write_tar), the same number of samples a shard.
+Both layouts go through the same tar writer (common.data.shards.write_tar), the same number of samples a shard.
 Ours is what stages 4-5 write (preprocess_split + pack_split); the seed's is built from the HF processor's
 own outputs (bench/shard_common.PlainHF).
 """
@@ -19,8 +19,8 @@ from shard_common import PIX, PlainHF, device, make_rows, model_source, seed_fil
 
 import numpy as np  # noqa: E402
 
-from common.preprocess import preprocess_split  # noqa: E402
-from common.shards import iter_shard, load_index, pack_split, write_tar  # noqa: E402
+from common.data.preprocess import preprocess_split  # noqa: E402
+from common.data.shards import iter_shard, load_index, pack_split, write_tar  # noqa: E402
 
 FULL_TRAIN = 75_000  # rows in the challenge's train split (and as many in test)
 

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.demo import write_demo  # noqa: E402
-from common.imageserver import ImageServer  # noqa: E402
+from common.demo.catalog import write_demo  # noqa: E402
+from common.demo.imageserver import ImageServer  # noqa: E402
 
 _STAGES: dict[str, object] = {}
 
@@ -201,7 +201,7 @@ DEMO_PIXELS = {"min_pixels": 12544, "max_pixels": 25088}   # run.sh's demo sizes
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny Qwen2.5-VL (tokenizer, chat template, image-processor config), built once per session."""
-    from common.tiny import ensure_tiny_model
+    from common.demo.tiny import ensure_tiny_model
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny_model") / "tiny")
 
 
@@ -232,7 +232,7 @@ class EncodedDemo:
     demo_work: "DemoWork"
 
     def rows(self, split: str) -> list[dict]:
-        from common.chat_jsonl import read_jsonl
+        from common.data.chat_jsonl import read_jsonl
         return read_jsonl(self.work_dir / "jsonl" / f"{split}.jsonl")
 
     def pre_dir(self, split: str) -> Path:
@@ -242,7 +242,7 @@ class EncodedDemo:
         return self.work_dir / f"webdataset_{split}"
 
     def spec(self):
-        from common.encode import ImageSpec
+        from common.data.encode import ImageSpec
         return ImageSpec.from_model(str(self.model_path))
 
     def copy(self, dest: Path) -> "EncodedDemo":

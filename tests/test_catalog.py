@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.catalog import MAX_LISTED, CatalogError, read_catalog
+from common.data.catalog import MAX_LISTED, CatalogError, read_catalog
 from common.fsio import is_safe_id
 from conftest import load_stage, stage_options
 

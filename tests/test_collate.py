@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.collate import IGNORE, for_tokenizer
-from common.encode import Encoder, ImageSpec
-from common.modeling import load_tokenizer
+from common.model.collate import IGNORE, for_tokenizer
+from common.data.encode import Encoder, ImageSpec
+from common.data.encode import load_tokenizer
 from common.prompt import build_messages
-from common.tiny import ensure_tiny_model
+from common.demo.tiny import ensure_tiny_model
 
 REAL_PROCESSOR = Path(__file__).resolve().parents[2] / "shared" / "qwen2.5-vl-processor"
 

@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
-from common.download import RETRYABLE, FetchPolicy, fetch
+from common.data.download import RETRYABLE, FetchPolicy, fetch
 from common.fsio import is_temp_name
-from common.image_store import JOURNAL, read_manifest
-from common.imageserver import ImageServer
+from common.data.image_store import JOURNAL, read_manifest
+from common.demo.imageserver import ImageServer
 from conftest import ROOT, load_stage, small_jpeg, stage_options, write_csv_rows
 
 TIMEOUT_S = 0.5

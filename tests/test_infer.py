@@ -139,7 +139,7 @@ def test_batches_prepared_ahead_keep_their_order_and_hand_errors_to_the_caller()
     and a caller that stops early stops the thread."""
     import threading
 
-    from common.inference import _prepared_ahead
+    from common.model.inference import _prepared_ahead
 
     def batches(n, fail_at=None):
         for k in range(n):

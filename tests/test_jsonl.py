@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.chat_jsonl import JsonlError, read_jsonl
+from common.data.chat_jsonl import JsonlError, read_jsonl
 from common.prompt import SYSTEM_PROMPT, format_price, message_parts, user_text
 from conftest import load_stage, stage_options
 

@@ -25,7 +25,7 @@ def tiny_trained_lora(model_dir):
 def test_grouped_lora_gives_peft_s_loss_gradients_and_tokens(tiny_model_dir, encoded_demo):
     from peft import get_peft_model_state_dict
 
-    from common.lora_fusion import fuse_shared_input_lora
+    from common.speed.lora_groups import fuse_shared_input_lora
     batch = shard_batch(encoded_demo)
     plain, grouped = tiny_trained_lora(tiny_model_dir), tiny_trained_lora(tiny_model_dir)
     layers = grouped.base_model.model.model.language_model.layers
@@ -70,8 +70,8 @@ def test_grouped_lora_follows_peft_s_switches_and_unequal_ranks(tiny_model_dir, 
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from common.lora_fusion import fuse_shared_input_lora
-    from common.modeling import LANGUAGE_TARGETS
+    from common.speed.lora_groups import fuse_shared_input_lora
+    from common.model.loading import LANGUAGE_TARGETS
     batch = shard_batch(encoded_demo, n=3)
 
     def model(ranks: dict | None = None):
@@ -118,7 +118,7 @@ def test_grouped_lora_keeps_one_copy_of_the_base_weights_when_moved(tiny_model_d
     import gc
     import weakref
 
-    from common.lora_fusion import fuse_shared_input_lora
+    from common.speed.lora_groups import fuse_shared_input_lora
     model = tiny_trained_lora(tiny_model_dir)
     attention = model.base_model.model.model.language_model.layers[0].self_attn
     mlp = model.base_model.model.model.language_model.layers[0].mlp
@@ -142,7 +142,7 @@ def test_grouped_lora_compiles_without_a_graph_break(tiny_model_dir, encoded_dem
     from torch._dynamo.testing import CompileCounter
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
 
-    from common.lora_fusion import fuse_shared_input_lora
+    from common.speed.lora_groups import fuse_shared_input_lora
     batch = shard_batch(encoded_demo)
 
     def graphs(grouped: bool) -> int:

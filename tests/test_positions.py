@@ -9,8 +9,9 @@ import torch
 
 
 def _model_and_samples(tiny_model_dir, encoded_demo, n: int = 8):
-    from common.modeling import load_for_inference, load_tokenizer
-    from common.shards import ShardStream
+    from common.model.loading import load_for_inference
+    from common.data.encode import load_tokenizer
+    from common.data.shards import ShardStream
     model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
     tok = load_tokenizer(str(tiny_model_dir))
     stream = ShardStream(encoded_demo.shards_dir("train"), encoded_demo.spec(), normalize=False)
@@ -19,8 +20,8 @@ def _model_and_samples(tiny_model_dir, encoded_demo, n: int = 8):
 
 
 def _collators(tok, model, **kw):
-    from common.collate import for_tokenizer
-    from common.positions import HostLayout
+    from common.model.collate import for_tokenizer
+    from common.speed.positions import HostLayout
     layout = HostLayout.from_model(model)
     assert layout is not None
     return for_tokenizer(tok, **kw), for_tokenizer(tok, **kw, host_ids=layout)
@@ -60,7 +61,7 @@ def test_training_positions_equal_the_forwards_own(tiny_model_dir, encoded_demo)
 def test_vision_indices_equal_the_librarys_for_mixed_grids():
     from transformers.vision_utils import (get_vision_attention_seqlens, get_vision_position_ids,
                                            get_vision_window_index)
-    from common.positions import HostLayout, vision_indices
+    from common.speed.positions import HostLayout, vision_indices
 
     class FlashConfig:  # the library computes max lengths only for flash-style attention
         _attn_implementation = "flash_attention_2"
@@ -81,8 +82,8 @@ def test_vision_indices_equal_the_librarys_for_mixed_grids():
 def test_a_forward_and_its_loss_are_the_same_with_host_built_ids(tiny_model_dir, encoded_demo, attention):
     """Training's forward (right padding, labels) with the host-built position ids and vision indices gives
     the model's own logits and loss, through either vision attention."""
-    from common.predict import with_normalized_pixels
-    from common.vision_attention import use_bucketed_vision_attention
+    from common.model.predict import with_normalized_pixels
+    from common.speed.vision_attention import use_bucketed_vision_attention
     model, tok, samples = _model_and_samples(tiny_model_dir, encoded_demo)
     if attention == "bucketed":
         assert use_bucketed_vision_attention(model)
@@ -106,9 +107,9 @@ def test_a_forward_and_its_loss_are_the_same_with_host_built_ids(tiny_model_dir,
 
 
 def test_generate_and_the_static_decoder_write_the_same_tokens_with_host_built_ids(tiny_model_dir, encoded_demo):
-    from common.decode import StaticDecoder
-    from common.modeling import load_for_inference
-    from common.predict import predict_batch
+    from common.speed.decode import StaticDecoder
+    from common.model.loading import load_for_inference
+    from common.model.predict import predict_batch
     model, tok, samples = _model_and_samples(tiny_model_dir, encoded_demo, n=6)
     plain, host = _collators(tok, model, padding_side="left", with_labels=False)
     samples[3] = plain.without_image(samples[3])
@@ -121,7 +122,7 @@ def test_generate_and_the_static_decoder_write_the_same_tokens_with_host_built_i
 
 
 def test_an_image_run_that_does_not_fit_its_grid_is_refused():
-    from common.positions import sample_positions
+    from common.speed.positions import sample_positions
     ids = torch.tensor([1, 2, 9, 9, 9, 3])
     with pytest.raises(ValueError, match="3 image tokens for a 1x4x4 grid"):
         sample_positions(ids, torch.tensor([[1, 4, 4]]), image_token_id=9, merge_size=2)

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.chat_jsonl import write_jsonl
-from common.encode import Encoder, ImageSpec, SampleError, normalize_patches, validate
-from common.images import load_resized
-from common.modeling import load_tokenizer
-from common.preprocess import preprocess_split
+from common.data.chat_jsonl import write_jsonl
+from common.data.encode import Encoder, ImageSpec, SampleError, normalize_patches, validate
+from common.data.images import load_resized
+from common.data.encode import load_tokenizer
+from common.data.preprocess import preprocess_split
 from common.prompt import SYSTEM_PROMPT, build_messages, format_price, message_parts, user_text
-from common.shards import IndexableWebDataset, ShardStream, decode, iter_shard, load_index, pack_split
+from common.data.shards import IndexableWebDataset, ShardStream, decode, iter_shard, load_index, pack_split
 from conftest import DEMO_PIXELS, run_stage4, run_stage5
 
 PIX_448 = 448 * 448                 # = 256 * 28 * 28: a 448x448 image stays 448x448 (min = max)

@@ -100,7 +100,7 @@ def test_truncated_jpeg_in_resized_is_detected_and_counted(shard_work, tmp_path)
 
 
 def test_checkpoint_with_a_missing_file_is_not_resumed_from(shard_work, tmp_path):
-    from common.training import latest_complete_checkpoint
+    from common.model.training import latest_complete_checkpoint
     out = tmp_path / "train"
     r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out), "--max-steps", "6",
                    "--save-steps", "3", "--eval-steps", "0", "--batch-size", "2", "--grad-accum", "1", "--workers", "0")
@@ -130,9 +130,9 @@ def test_full_disk_fails_cleanly_and_keeps_finished_outputs(shard_work, tmp_path
 
 
 def test_hostile_ids_and_catalog_text(tmp_path, shard_work):
-    from common.catalog import CatalogError, read_catalog
-    from common.encode import Encoder, ImageSpec
-    from common.modeling import load_tokenizer
+    from common.data.catalog import CatalogError, read_catalog
+    from common.data.encode import Encoder, ImageSpec
+    from common.data.encode import load_tokenizer
     from common.prompt import build_messages
     path = tmp_path / "test.csv"
     path.write_bytes(b'sample_id,catalog_content,image_link\nok,x,\n"x\ny",x,\n"../y",x,\n"a/b",x,\n')
@@ -156,7 +156,7 @@ def test_hostile_ids_and_catalog_text(tmp_path, shard_work):
 NONFINITE_RANK = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-from common.training import nonfinite_on_any_rank
+from common.model.training import nonfinite_on_any_rank
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 flag = None if {bad} < 0 else torch.tensor(rank == {bad})

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import images as ours
-from common.image_store import MANIFEST_FIELDS
+from common.data import images as ours
+from common.data.image_store import MANIFEST_FIELDS
 from conftest import ROOT, load_stage, stage_options
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from common.sample_store import npy_bytes
-from common.shards import (IndexableWebDataset, ShardError, ShardStream, decode, iter_shard, load_index,
+from common.data.sample_store import npy_bytes
+from common.data.shards import (IndexableWebDataset, ShardError, ShardStream, decode, iter_shard, load_index,
                            pack_split, save_index, write_tar)
 from conftest import run_stage5
 

@@ -15,7 +15,7 @@ from conftest import run_script
 
 
 def tiny(model_dir, lora: bool = False):
-    from common.modeling import LoraSettings, load_for_training
+    from common.model.loading import LoraSettings, load_for_training
     from transformers import Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
     if lora:
@@ -35,10 +35,10 @@ def loss_and_grads(model, batch: dict, trainable: list) -> tuple:
 
 
 def shard_batch(encoded_demo, n: int = 6, **collator_kw):
-    from common.collate import for_tokenizer
-    from common.encode import ImageSpec
-    from common.modeling import load_tokenizer
-    from common.shards import ShardStream
+    from common.model.collate import for_tokenizer
+    from common.data.encode import ImageSpec
+    from common.data.encode import load_tokenizer
+    from common.data.shards import ShardStream
     spec = ImageSpec.from_model(str(encoded_demo.model_path))
     samples = [s for s in ShardStream(encoded_demo.work_dir / "webdataset_train", spec, split_by_rank=False)][:n]
     assert sum(s.get("pixel_values") is not None for s in samples) >= 2
@@ -46,7 +46,7 @@ def shard_batch(encoded_demo, n: int = 6, **collator_kw):
 
 
 def test_bucketed_vision_attention_matches_the_per_window_path(tiny_model_dir, encoded_demo):
-    import common.vision_attention as va
+    import common.speed.vision_attention as va
     from transformers import AttentionInterface
     model = tiny(tiny_model_dir).eval()
     tower = model.model.visual
@@ -84,7 +84,7 @@ def test_bucketed_vision_attention_matches_the_per_window_path(tiny_model_dir, e
 
 
 def test_answer_only_logits_give_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
-    from common.training import answer_only_loss, answer_positions
+    from common.model.training import answer_only_loss, answer_positions
     batch = shard_batch(encoded_demo)
     model = tiny(tiny_model_dir, lora=True).train()
     full = model(**batch)
@@ -125,7 +125,7 @@ def test_answer_only_training_matches_full_logits_through_the_trainer(shard_work
 
 
 def test_length_grouped_batches_keep_every_sample_and_cut_padding():
-    from common.training import LengthGroupedStream
+    from common.model.training import LengthGroupedStream
     rng = random.Random(0)
     samples = [{"sample_id": str(i), "input_ids": torch.zeros(rng.randint(300, 1200), dtype=torch.long)}
                for i in range(200)]
@@ -147,9 +147,9 @@ def test_length_grouped_batches_keep_every_sample_and_cut_padding():
 
 
 def test_uint8_patches_normalized_on_the_device_equal_the_float_stream(encoded_demo):
-    from common.encode import ImageSpec
-    from common.predict import with_normalized_pixels
-    from common.shards import ShardStream
+    from common.data.encode import ImageSpec
+    from common.model.predict import with_normalized_pixels
+    from common.data.shards import ShardStream
     spec = ImageSpec.from_model(str(encoded_demo.model_path))
     folder = encoded_demo.work_dir / "webdataset_train"
     floats = list(ShardStream(folder, spec, split_by_rank=False))
@@ -171,9 +171,9 @@ def test_uint8_patches_normalized_on_the_device_equal_the_float_stream(encoded_d
 
 def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
     """--compile (the GPU default): every vision block and decoder layer compiled on its own; fp32 on the CPU."""
-    from common.modeling import compile_blocks
-    from common.training import answer_only_loss, answer_positions
-    from common.vision_attention import use_bucketed_vision_attention
+    from common.model.loading import compile_blocks
+    from common.model.training import answer_only_loss, answer_positions
+    from common.speed.vision_attention import use_bucketed_vision_attention
     batch = shard_batch(encoded_demo)
     positions = answer_positions(batch["labels"])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -196,7 +196,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model_dir, encode
 
 def _allowed_by_the_rule(generated: list[int], digits: list[int], dot: int, end: int) -> list[int]:
     """The price grammar written out per row, as the constraint read before it ran on tensors."""
-    from common.predict import MAX_DECIMALS, MAX_INT_DIGITS
+    from common.model.predict import MAX_DECIMALS, MAX_INT_DIGITS
     if generated and generated[-1] == end:
         return [end]
     if dot in generated:
@@ -210,8 +210,8 @@ def _allowed_by_the_rule(generated: list[int], digits: list[int], dot: int, end:
 def test_number_constraint_on_tensors_allows_exactly_the_price_grammar(tiny_model_dir):
     """Every prefix the grammar can reach (up to max_new_tokens), batched at once: the same tokens allowed,
     and the allowed scores passed through unchanged."""
-    from common.modeling import load_tokenizer
-    from common.predict import NumberConstraint, max_new_tokens, number_tokens
+    from common.data.encode import load_tokenizer
+    from common.model.predict import NumberConstraint, max_new_tokens, number_tokens
     tok = load_tokenizer(str(tiny_model_dir))
     digits, dot = number_tokens(tok)
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -235,8 +235,8 @@ def test_number_constraint_on_tensors_allows_exactly_the_price_grammar(tiny_mode
 def test_flops_estimate_counts_parameters_once_and_matches_the_trainer(tiny_model_dir, tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from common.modeling import LoraSettings, load_for_training
-    from common.training import PriceTrainer
+    from common.model.loading import LoraSettings, load_for_training
+    from common.model.training import PriceTrainer
     model, _ = load_for_training(str(tiny_model_dir), "hf", LoraSettings(r=4, alpha=8), False, False, 0)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     ours = PriceTrainer(model=model, args=args, loader_options={}, eval_options={})
@@ -252,11 +252,12 @@ def test_host_computed_positions_are_what_generate_computes_and_change_nothing(t
     same batch is identical, and so are the generated tokens with and without them."""
     import itertools
 
-    from common.collate import for_tokenizer
-    from common.encode import ImageSpec
-    from common.modeling import load_for_inference, load_tokenizer
-    from common.predict import generation_positions, max_new_tokens, with_normalized_pixels
-    from common.shards import ShardStream
+    from common.model.collate import for_tokenizer
+    from common.data.encode import ImageSpec
+    from common.model.loading import load_for_inference
+    from common.data.encode import load_tokenizer
+    from common.model.predict import generation_positions, max_new_tokens, with_normalized_pixels
+    from common.data.shards import ShardStream
     model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
     tok = load_tokenizer(str(tiny_model_dir))
     spec = ImageSpec.from_model(str(tiny_model_dir))
@@ -283,12 +284,13 @@ def test_static_cache_decoder_writes_the_tokens_generate_writes(tiny_model_dir, 
     filled, a smaller last batch needing a longer cache."""
     import itertools
 
-    from common.collate import for_tokenizer
-    from common.decode import StaticDecoder
-    from common.encode import ImageSpec
-    from common.modeling import load_for_inference, load_tokenizer
-    from common.predict import NumberConstraint, generation_positions, max_new_tokens, with_normalized_pixels
-    from common.shards import ShardStream
+    from common.model.collate import for_tokenizer
+    from common.speed.decode import StaticDecoder
+    from common.data.encode import ImageSpec
+    from common.model.loading import load_for_inference
+    from common.data.encode import load_tokenizer
+    from common.model.predict import NumberConstraint, generation_positions, max_new_tokens, with_normalized_pixels
+    from common.data.shards import ShardStream
     model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
     fast, _ = load_for_inference(str(tiny_model_dir), None, "hf")  # the decoder changes its model's attention
     tok = load_tokenizer(str(tiny_model_dir))
@@ -325,9 +327,9 @@ def test_static_cache_decoder_writes_the_tokens_generate_writes(tiny_model_dir, 
 def test_grouped_decode_attention_matches_sdpa(tiny_model_dir, encoded_demo):
     """One decode step over a left-padded cache: the language model's logits with grouped_decode_sdpa (the
     query heads of a group folded into one SDPA call) equal transformers' sdpa (key/value heads copied)."""
-    import common.decode as cd
-    from common.modeling import load_for_inference
-    from common.predict import generation_positions, with_normalized_pixels
+    import common.speed.decode as cd
+    from common.model.loading import load_for_inference
+    from common.model.predict import generation_positions, with_normalized_pixels
     from transformers import AttentionInterface
     model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
     assert model.config.text_config.num_attention_heads > model.config.text_config.num_key_value_heads
@@ -356,9 +358,10 @@ def test_grouped_decode_attention_matches_sdpa(tiny_model_dir, encoded_demo):
 def test_compiled_language_mlps_decode_the_same_tokens(tiny_model_dir, encoded_demo):
     """--compile vision+mlp (stage 7, opt-in): the vision blocks and the language model's MLPs and norms, not
     its attention (which touches the cache); in fp32 the static decoder then writes the eager tokens."""
-    from common.decode import StaticDecoder
-    from common.modeling import compile_blocks, load_for_inference, load_tokenizer
-    from common.predict import NumberConstraint, generation_positions, max_new_tokens, with_normalized_pixels
+    from common.speed.decode import StaticDecoder
+    from common.model.loading import compile_blocks, load_for_inference
+    from common.data.encode import load_tokenizer
+    from common.model.predict import NumberConstraint, generation_positions, max_new_tokens, with_normalized_pixels
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention
     tok = load_tokenizer(str(tiny_model_dir))
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
@@ -382,9 +385,10 @@ def test_both_decoders_ignore_the_models_repetition_penalty(tiny_model_dir, enco
     """Qwen's generation config ships a repetition penalty that generate() applies even when greedy; stage 7 and
     training's evaluation decode without it on both paths, so they give the same prices (a penalty would also
     push down digits a price repeats). A model not on sdpa attention is refused by the static decoder."""
-    from common.decode import StaticDecoder
-    from common.modeling import load_for_inference, load_tokenizer
-    from common.predict import predict_batch
+    from common.speed.decode import StaticDecoder
+    from common.model.loading import load_for_inference
+    from common.data.encode import load_tokenizer
+    from common.model.predict import predict_batch
     tok = load_tokenizer(str(tiny_model_dir))
     batch = shard_batch(encoded_demo, n=6, padding_side="left", with_labels=False)
     prices = []
@@ -405,8 +409,8 @@ def test_cheap_train_calls_still_set_every_modules_mode(tiny_model_dir, tmp_path
     including one made to a single submodule behind the model's back, still reaches every module."""
     from transformers import TrainingArguments
 
-    from common.modeling import LoraSettings, load_for_training
-    from common.training import PriceTrainer
+    from common.model.loading import LoraSettings, load_for_training
+    from common.model.training import PriceTrainer
     model, _ = load_for_training(str(tiny_model_dir), "hf", LoraSettings(r=4, alpha=8, dropout=0.1), False, False, 0)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     trainer = PriceTrainer(model=model, args=args, loader_options={}, eval_options={})
@@ -439,7 +443,7 @@ def test_compiled_blocks_stay_one_graph_each_under_ddp_unless_split(tmp_path, sp
     import torch.distributed as dist
     from torch._dynamo.testing import CompileCounter
 
-    from common.modeling import compiled_graphs_split_for_ddp, split_compiled_graphs_for_ddp
+    from common.model.loading import compiled_graphs_split_for_ddp, split_compiled_graphs_for_ddp
     class Block(torch.nn.Module):  # a class of its own: dynamo does not compile torch.nn's own forwards
         def __init__(self):
             super().__init__()
@@ -480,9 +484,9 @@ def test_ready_made_mask_and_host_checked_image_tokens_give_the_same_loss_and_gr
     """A training batch from the host-ids collator carries the 4-D mask transformers would build, and the model
     merges image features without its GPU check (skip_image_readbacks): same loss and gradients as the model's
     own path on the same batch with the plain 2-D mask."""
-    from common.modeling import skip_image_readbacks
-    from common.positions import HostLayout
-    from common.predict import with_normalized_pixels
+    from common.model.loading import skip_image_readbacks
+    from common.speed.positions import HostLayout
+    from common.model.predict import with_normalized_pixels
     model = tiny(tiny_model_dir, lora=True)
     host = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=HostLayout.from_model(model)), None)
     assert host["attention_mask"].ndim == 4 and "pixel_values" in host  # the demo batch is padded, with images
@@ -500,11 +504,11 @@ def test_ready_made_mask_and_host_checked_image_tokens_give_the_same_loss_and_gr
 
 def test_training_collator_drops_a_needless_mask_and_names_a_sample_with_wrong_image_tokens(tiny_model_dir,
                                                                                             encoded_demo):
-    from common.collate import check_image_tokens, for_tokenizer
-    from common.encode import ImageSpec
-    from common.modeling import load_tokenizer
-    from common.positions import HostLayout
-    from common.shards import ShardStream
+    from common.model.collate import check_image_tokens, for_tokenizer
+    from common.data.encode import ImageSpec
+    from common.data.encode import load_tokenizer
+    from common.speed.positions import HostLayout
+    from common.data.shards import ShardStream
     layout = HostLayout.from_model(tiny(tiny_model_dir))
     spec = ImageSpec.from_model(str(encoded_demo.model_path))
     sample = next(s for s in ShardStream(encoded_demo.work_dir / "webdataset_train", spec, split_by_rank=False)
@@ -523,9 +527,9 @@ def test_causal_attention_alone_gives_a_right_padded_batch_the_same_loss_and_gra
     """6_train's default (--no-padding-mask): the collator leaves the padding mask out of a right-padded training
     batch, so attention is causal alone (SDPA's flash kernel takes no mask); padding follows every real token, so
     nothing real changes."""
-    from common.modeling import skip_image_readbacks
-    from common.positions import HostLayout
-    from common.predict import with_normalized_pixels
+    from common.model.loading import skip_image_readbacks
+    from common.speed.positions import HostLayout
+    from common.model.predict import with_normalized_pixels
     model = tiny(tiny_model_dir, lora=True)
     skip_image_readbacks(model)
     layout = HostLayout.from_model(model)
@@ -546,9 +550,9 @@ def test_causal_attention_alone_gives_a_right_padded_batch_the_same_loss_and_gra
 def test_padding_to_a_multiple_gives_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
     """--pad-multiple (32 under --cuda-graphs, so graphs are recorded for few lengths): the extra columns are
     right padding like the rest, with causal attention alone, so the loss and gradients stay as they were."""
-    from common.modeling import skip_image_readbacks
-    from common.positions import HostLayout
-    from common.predict import with_normalized_pixels
+    from common.model.loading import skip_image_readbacks
+    from common.speed.positions import HostLayout
+    from common.model.predict import with_normalized_pixels
     model = tiny(tiny_model_dir, lora=True)
     skip_image_readbacks(model)
     layout = HostLayout.from_model(model)
@@ -575,7 +579,7 @@ def test_compiled_blocks_take_the_models_floats_as_constants(tiny_model_dir):
     blocks' traced graphs show it (a capturing backend, on the CPU)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
 
-    from common.modeling import compile_blocks
+    from common.model.loading import compile_blocks
 
     def float_reads(backend: str | None = None, **settings) -> list[int]:
         with torch._dynamo.config.patch(specialize_float=False):  # PyTorch's default, restored after
@@ -629,8 +633,8 @@ def vision_mlps(model):
 def test_padded_vision_mlp_gives_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
     """--vision-mlp-multiple: the frozen vision MLP's width zero-padded (the tiny model's 128 -> 144 here; the 3B's
     3,420 -> 3,456) leaves the loss and the LoRA gradients as they were (fp32 on the CPU)."""
-    from common.modeling import pad_vision_mlp
-    from common.predict import with_normalized_pixels
+    from common.model.loading import pad_vision_mlp
+    from common.model.predict import with_normalized_pixels
     model = tiny(tiny_model_dir, lora=True)
     batch = with_normalized_pixels(shard_batch(encoded_demo, n=6), None)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -648,8 +652,8 @@ def test_padded_vision_mlp_gives_the_same_loss_and_gradients(tiny_model_dir, enc
 
 
 def test_padded_vision_mlp_leaves_inference_logits_and_trainable_vision_layers_alone(tiny_model_dir, encoded_demo):
-    from common.modeling import LoraSettings, load_for_training, pad_vision_mlp
-    from common.predict import with_normalized_pixels
+    from common.model.loading import LoraSettings, load_for_training, pad_vision_mlp
+    from common.model.predict import with_normalized_pixels
     model = tiny(tiny_model_dir).eval().requires_grad_(False)  # as load_for_inference gives it
     batch = with_normalized_pixels(shard_batch(encoded_demo, n=6, padding_side="left", with_labels=False), None)
     with torch.no_grad():
@@ -719,9 +723,9 @@ def test_training_forward_takes_the_collators_vision_indices(tiny_model_dir, enc
     grids on the device, which reads the grids back every step; the loss is the one the library's path gives."""
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
-    from common.modeling import skip_image_readbacks
-    from common.positions import HostLayout
-    from common.predict import with_normalized_pixels
+    from common.model.loading import skip_image_readbacks
+    from common.speed.positions import HostLayout
+    from common.model.predict import with_normalized_pixels
     model = tiny(tiny_model_dir, lora=True)
     layout = HostLayout.from_model(model)
     batch = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout), None)

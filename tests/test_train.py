@@ -115,7 +115,7 @@ def test_bad_options_are_all_reported_at_once(tmp_path):
 def _weights_check_rank(rank: int, store_dir: str, differ: bool, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from common.training import ranks_hold_same_weights
+    from common.model.training import ranks_hold_same_weights
     dist.init_process_group("gloo", store=dist.FileStore(f"{store_dir}/store", 2), rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
@@ -136,7 +136,7 @@ def test_ranks_holding_different_trainable_weights_are_caught(tmp_path, differ):
     mp.spawn(_weights_check_rank, args=(str(tmp_path), differ, str(tmp_path)), nprocs=2)
     verdicts = {json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
     assert verdicts == {not differ}
-    from common.training import ranks_hold_same_weights
+    from common.model.training import ranks_hold_same_weights
     assert ranks_hold_same_weights(torch.nn.Linear(2, 2)) is None  # outside torchrun
 
 
@@ -151,7 +151,7 @@ def test_garbage_collector_off_while_training_and_collected_on_schedule():
 
     from transformers import TrainerControl, TrainerState
 
-    from common.training import ScheduledGarbageCollection
+    from common.model.training import ScheduledGarbageCollection
     collections = []
 
     def record(phase, info):
@@ -192,7 +192,7 @@ class _GcState(torch.utils.data.IterableDataset):
 def test_loader_workers_collect_garbage_while_the_trainer_does_not():
     import gc
 
-    from common.training import train_loader
+    from common.model.training import train_loader
     options = {"num_workers": 1, "pin_memory": False, "persistent_workers": False, "prefetch_factor": 1}
     gc.disable()
     try:

@@ -10,8 +10,8 @@ from urllib.parse import quote
 
 import pytest
 
-from common.download import FetchPolicy, address_refused, fetch
-from common.imageserver import ImageServer
+from common.data.download import FetchPolicy, address_refused, fetch
+from common.demo.imageserver import ImageServer
 from conftest import load_stage, small_jpeg, stage_options, write_csv_rows
 
 POLICY = dict(timeout_s=2, retries=0, backoff_s=0.01)
@@ -115,7 +115,7 @@ def test_stage1_records_blocked_rows_and_checks_every_csv_first(tmp_path, server
     write_csv_rows(data / "test.csv", [{"sample_id": "t1", "catalog_content": "x", "image_link": ""},
                                        {"sample_id": "t1", "catalog_content": "y", "image_link": ""}])
     stage = load_stage("1_download")
-    from common.catalog import CatalogError
+    from common.data.catalog import CatalogError
     with pytest.raises(CatalogError, match="duplicate_sample_id"):
         stage.main(stage_options("1_download", data_dir=data, work_dir=work, **POLICY))
     assert not server.hits and not (work / "images").exists()  # the bad test.csv stopped it before any download

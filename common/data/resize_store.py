@@ -10,8 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.fsio import clean_temp_files, read_json, write_bytes, write_json, write_text
-from common.image_store import read_manifest
-from common.images import ImageRejected, jpeg_bytes, load_resized
+from common.data.image_store import read_manifest
+from common.data.images import ImageRejected, jpeg_bytes, load_resized
 from common.workers import map_in_processes
 
 FIELDS = ["sample_id", "status", "file", "width", "height"]

@@ -7,16 +7,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.encode import Encoder, ImageSpec, SampleError, validate
+from common.data.encode import Encoder, ImageSpec, SampleError, validate
 from common.errors import PipelineError
-from common.sample_store import PIXEL_STORAGE, done_ids, sample_files, write_sample
+from common.data.sample_store import PIXEL_STORAGE, done_ids, sample_files, write_sample
 from common.workers import map_in_processes
 
 _worker: dict = {}
 
 
 def _init(model_path: str, max_length: int, min_pixels: int, max_pixels: int, out_dir: str, split: str):
-    from common.modeling import load_tokenizer
+    from common.data.encode import load_tokenizer
     tok = load_tokenizer(model_path)
     spec = ImageSpec.from_model(model_path)
     _worker.update(encoder=Encoder(tok, spec, max_length, min_pixels, max_pixels), spec=spec,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from common.encode import ImageSpec, normalize_patches
+from common.data.encode import ImageSpec, normalize_patches
 from common.errors import PipelineError
 from common.fsio import atomic_path, read_json, write_json
 
@@ -289,7 +289,7 @@ def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_s
     """Pack stage 4's sample folders into shards in JSONL order; skip shards already complete."""
     from tqdm import tqdm
 
-    from common.sample_store import done_ids, read_sample_files
+    from common.data.sample_store import done_ids, read_sample_files
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for p in out_dir.glob(".*.tmp*"):

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.fsio import write_text
-from common.predict import predict_batch, prepare_batch
+from common.model.predict import predict_batch, prepare_batch
 
 log = logging.getLogger("infer")
 PART_FIELDS = ["sample_id", "price", "status"]

@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from common.collate import IGNORE
+from common.model.collate import IGNORE
 from common.errors import PipelineError
 from common.fsio import write_json
-from common.metrics import smape
-from common.predict import predict_batch, with_normalized_pixels
+from common.model.metrics import smape
+from common.model.predict import predict_batch, with_normalized_pixels
 
 log = logging.getLogger("train")
 COMPLETE = "COMPLETE"

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from common.chat_jsonl import read_jsonl
-from common.encode import Encoder, ImageSpec, normalize_patches
-from common.shards import _slot
+from common.data.chat_jsonl import read_jsonl
+from common.data.encode import Encoder, ImageSpec, normalize_patches
+from common.data.shards import _slot
 
 
 class JsonlStream(IterableDataset):
@@ -27,8 +27,8 @@ class JsonlStream(IterableDataset):
         self.num_samples = len(self.rows)
 
     def __iter__(self):
-        from common.modeling import load_tokenizer
-        from common.preprocess import encode_row
+        from common.data.encode import load_tokenizer
+        from common.data.preprocess import encode_row
         enc = Encoder(load_tokenizer(self.model_path), self.spec, self.max_length, self.min_pixels, self.max_pixels)
         slot, nslots = _slot()
         epoch = 0

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from common.errors import PipelineError
-from common.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, load_resized
+from common.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, load_resized
 from common.prompt import SYSTEM_PROMPT, catalog_from_user_text, message_parts, user_text
 
 if TYPE_CHECKING:
@@ -104,6 +104,24 @@ def device_constant(values, device) -> "torch.Tensor":
     if key not in _DEVICE_CONSTANTS:
         _DEVICE_CONSTANTS[key] = torch.as_tensor(values, device=device)
     return _DEVICE_CONSTANTS[key]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.chat_template is None:
+        for name in ("chat_template.jinja", "chat_template.json"):
+            p = Path(path) / name
+            if p.exists():
+                text = p.read_text()
+                tok.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+                break
+        else:
+            from common.demo.tiny import CHAT_TEMPLATE
+            tok.chat_template = CHAT_TEMPLATE  # Qwen2-VL's own format
+    if tok.pad_token is None:
+        tok.pad_token = "<|endoftext|>"
+    return tok
 
 
 class Encoder:

@@ -10,7 +10,7 @@
     /fault/moved/URL          302 to URL (percent-encoded), once
 
 `latency_s` delays every answer (benchmarks use 50 ms). `hits` counts requests per path.
-Run alone: `python -m common.imageserver --root DIR --port 8765`.
+Run alone: `python -m common.demo.imageserver --root DIR --port 8765`.
 """
 from __future__ import annotations
 

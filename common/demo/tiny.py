@@ -46,7 +46,7 @@ def _train_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from common.demo import tokenizer_corpus
+    from common.demo.catalog import tokenizer_corpus
     from common.prompt import SYSTEM_PROMPT, USER_TEMPLATE
 
     tok = Tokenizer(models.BPE())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from common.download import RETRYABLE, FetchPolicy, fetch
+from common.data.download import RETRYABLE, FetchPolicy, fetch
 from common.fsio import clean_temp_files, is_temp_name, write_bytes, write_text
 
 log = logging.getLogger("download")

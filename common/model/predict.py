@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from common.encode import device_constant, normalize_patches_torch
-from common.positions import VISION_KEYS
+from common.data.encode import device_constant, normalize_patches_torch
+from common.speed.positions import VISION_KEYS
 from common.prompt import parse_price
 
 MAX_INT_DIGITS = 6
@@ -124,7 +124,7 @@ def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=No
     from prepare_batch.
     host_positions: hand generate() the position ids computed on the host (measured on the transformers
     backend; Unsloth's generate keeps computing its own).
-    decoder: a `common.decode.StaticDecoder` to decode with instead of generate() (the same greedy tokens in
+    decoder: a `common.speed.decode.StaticDecoder` to decode with instead of generate() (the same greedy tokens in
     exact arithmetic; bf16 kernels may round near-ties differently; it needs the host position ids)."""
     device = next(model.parameters()).device
     if host_positions or decoder is not None:

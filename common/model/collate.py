@@ -11,7 +11,7 @@ text row first) for generation. A training batch then also carries its attention
 causal-and-padding mask transformers would build (none at all when no row is padded, which lets attention
 run causal), because building it on the GPU reads two flags back to the host every forward; and each
 sample's image tokens are checked here against its image grid, which the model re-checks on the GPU (another
-read-back) unless `common.modeling.skip_image_readbacks` trusts this check.
+read-back) unless `common.model.loading.skip_image_readbacks` trusts this check.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.positions import HostLayout, batch_positions, sample_positions, vision_indices
+from common.speed.positions import HostLayout, batch_positions, sample_positions, vision_indices
 
 IGNORE = -100
 

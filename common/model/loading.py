@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import layout
+from common.data.encode import load_tokenizer
 from common.errors import PipelineError
 
 log = logging.getLogger("model")
@@ -51,7 +52,7 @@ def resolve_model(name: str, work_dir: Path) -> str:
     """`tiny` (built under WORK_DIR/models), a local folder with a config.json, or a hub id reachable now (in the
     local cache, or online). Anything else is one clear line."""
     if name == "tiny":
-        from common.tiny import ensure_tiny_model
+        from common.demo.tiny import ensure_tiny_model
         return str(ensure_tiny_model(layout.models_dir(work_dir) / "tiny"))
     if _looks_like_path(name):
         path = Path(name).expanduser()
@@ -78,31 +79,13 @@ def resolve_model(name: str, work_dir: Path) -> str:
 def check_model_files(path: str) -> None:
     """Load the tokenizer and image settings once, so that a broken model folder is one line in the parent
     process, not a failure in every worker."""
-    from common.encode import ImageSpec
+    from common.data.encode import ImageSpec
     try:
         load_tokenizer(path)
         ImageSpec.from_model(path)
     except (OSError, ValueError, KeyError) as err:
         raise ModelNotFound(f"model {path}: cannot load its tokenizer or image-processor settings: "
                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.chat_template is None:
-        for name in ("chat_template.jinja", "chat_template.json"):
-            p = Path(path) / name
-            if p.exists():
-                text = p.read_text()
-                tok.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
-                break
-        else:
-            from common.tiny import CHAT_TEMPLATE
-            tok.chat_template = CHAT_TEMPLATE  # Qwen2-VL's own format
-    if tok.pad_token is None:
-        tok.pad_token = "<|endoftext|>"
-    return tok
 
 
 def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False, float_constants: bool = False) -> int:
@@ -138,7 +121,7 @@ def compile_blocks(model, which: str, backend: str, cuda_graphs: bool = False, f
                    for m in text.modules() if isinstance(m, (Qwen2MLP, Qwen2_5_VLRMSNorm))]
     graphed = "reduce-overhead" if cuda_graphs else None
     if blocks and cuda_graphs:
-        from common.graph_trees import speed_up_graph_recording
+        from common.speed.graph_trees import speed_up_graph_recording
         speed_up_graph_recording()
     if blocks and (cuda_graphs or (float_constants and backend == "hf")):
         torch._dynamo.config.specialize_float = True
@@ -218,7 +201,7 @@ def skip_image_readbacks(model) -> None:
     """Let the model's forward merge image features without two GPU -> host read-backs per forward: the split of
     the vision tower's output per image (`.tolist()` of the grids), undone by the forward's next line, and the
     image-token count check (formatted into its message before the check runs). The collator checks the same
-    count on the host (`common.collate.check_image_tokens`); use only with batches from a host-ids collator."""
+    count on the host (`common.model.collate.check_image_tokens`); use only with batches from a host-ids collator."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
     from transformers.utils.generic import accepts_precomputed_kwargs
     inner = next(m for m in model.modules() if isinstance(m, Qwen2_5_VLModel))
@@ -255,7 +238,7 @@ def use_cudnn_attention(enabled: bool) -> None:
 
 
 def make_decoder(model, decode: str, backend: str):
-    """None (decode with generate()) or a `common.decode.StaticDecoder`. auto: CUDA graphs on a GPU with the
+    """None (decode with generate()) or a `common.speed.decode.StaticDecoder`. auto: CUDA graphs on a GPU with the
     transformers backend (Unsloth's generate is its own); generate elsewhere, where launches cost little."""
     import torch
     if decode == "auto":
@@ -264,7 +247,7 @@ def make_decoder(model, decode: str, backend: str):
         return None
     if backend != "hf":
         raise ValueError(f"--decode {decode} runs the transformers model; backend {backend} decodes with generate")
-    from common.decode import StaticDecoder
+    from common.speed.decode import StaticDecoder
     return StaticDecoder(model, graphs=decode == "graphs")
 
 

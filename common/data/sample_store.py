@@ -4,7 +4,7 @@ Stage 5 packs the same bytes into shards, where the metadata member is named `me
 key). Text-only samples have no `pixel_values.npy`.
 
 `pixel_values.npy` holds the uint8 patches (`meta["pixel_storage"] == "uint8_patches"`); readers call
-`common.encode.normalize_patches` to get the processor's float32 values back. Each folder is written
+`common.data.encode.normalize_patches` to get the processor's float32 values back. Each folder is written
 under a temporary name and renamed, so a folder that exists is complete.
 """
 from __future__ import annotations

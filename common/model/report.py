@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common.fsio import write_json, write_text
-from common.metrics import mae_log, smape, smape_per_row
+from common.model.metrics import mae_log, smape, smape_per_row
 
 W, H, PAD = 640, 640, 60
 
