@@ -1,7 +1,10 @@
-"""Typed options: one dataclass per stage, turned into argparse once, validated all at once.
+"""Typed options: each stage's options are dataclasses, parsed by transformers' `HfArgumentParser` (the parser
+users of this stack know: `--flag`, `--no-flag`, `--name value`, and a group per dataclass), validated all at
+once before any work starts.
 
-A field's help text lives in its metadata (`opt("...")`); a field whose default is a bool becomes a
-`--flag / --no-flag` pair; `choices` in the metadata restrict a value.
+`--help` shows one line an option; a group marked `hidden` (the speed switches kept for A/B runs) appears only
+in `--help-all`. A stage's config is a dataclass whose fields are the groups (`cfg.schedule.learning_rate`), or,
+for a stage with a single group, that group itself.
 """
 from __future__ import annotations
 
@@ -25,51 +28,81 @@ class OptionsError(SystemExit):
 
 
 def opt(help: str, default=dataclasses.MISSING, choices=None, default_factory=dataclasses.MISSING):
-    meta = {"help": help, "choices": choices}
+    """A dataclass field with its one line of help (and allowed values)."""
+    meta = {"help": help} | ({"choices": choices} if choices else {})
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+METAVARS = {int: "N", float: "NUM", Path: "PATH", str: "TEXT"}
 
 
-def build_parser(cls, description: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+class OneLineHelp(argparse.RawDescriptionHelpFormatter):
+    """One line an option: its dashed name only (HfArgumentParser also accepts --under_scored ones), bools as
+    `--flag` or `--[no-]flag`, and the default where it says something."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=36, width=119)
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        name = next((o for o in action.option_strings if o.startswith("--") and "_" not in o),
+                    action.option_strings[-1])
+        if action.nargs == "?" and action.const is True:  # an HfArgumentParser bool
+            return f"--[no-]{name[2:]}" if action.default is True else name
+        if action.nargs == 0:
+            return name
+        metavar = METAVARS.get(action.type, "TEXT")
+        return f"{name} {self._metavar_formatter(action, metavar)(1)[0]}"
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.choices is not None and len("|".join(map(str, action.choices))) > 24:
+            text = f"{text}: {', '.join(map(str, action.choices))}"
+        default = action.default
+        if action.nargs == 0 or default in (None, "", argparse.SUPPRESS) or isinstance(default, bool):
+            return text
+        return f"{text} [{default}]".replace("%", "%%")
+
+    def _metavar_formatter(self, action, default_metavar):
+        if action.choices is not None and len("|".join(map(str, action.choices))) <= 24:
+            return lambda size: ("|".join(map(str, action.choices)),) * size
+        return lambda size: (default_metavar,) * size
+
+
+def groups_of(cls) -> list:
+    """The option dataclasses a stage's config is made of."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        choices = f.metadata.get("choices")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        # argparse %-formats every help string: a "3%" in the text or a default is text, not a placeholder
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
-        if tp is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
-            continue
-        origin = typing.get_origin(tp)
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else tp
-        if typing.get_origin(base) is list:
-            item = typing.get_args(base)[0]
-            parser.add_argument(_flag(f.name), dest=f.name, nargs="+", type=item, default=default,
-                                choices=choices, help=help_text)
-            continue
-        conv = base if base in (int, float, str, Path) else str
-        parser.add_argument(_flag(f.name), dest=f.name, type=conv, default=default, choices=choices,
-                            help=help_text)
+    fields = dataclasses.fields(cls)
+    if all(dataclasses.is_dataclass(hints[f.name]) for f in fields):
+        return [hints[f.name] for f in fields]
+    return [cls]
+
+
+def build_parser(cls, description: str | None, show_all: bool):
+    from transformers import HfArgumentParser
+    parser = HfArgumentParser(groups_of(cls), description=description, formatter_class=OneLineHelp,
+                              usage="%(prog)s [options]")
+    hidden = {f.name for g in groups_of(cls) if getattr(g, "hidden", False) for f in dataclasses.fields(g)}
+    if hidden:
+        parser.add_argument("--help-all", action="help", help="also list the switches kept for A/B runs and debugging")
+    for action in parser._actions:
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = argparse.SUPPRESS  # shown with its flag as --flag/--no-flag
+        elif action.dest in hidden and not show_all:
+            action.help = argparse.SUPPRESS
     return parser
 
 
 def parse(cls, argv: list[str] | None = None, description: str | None = None):
     """Parse argv into `cls` and run its `problems()` check, reporting every problem at once."""
-    parser = build_parser(cls, description)
-    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = cls(**vars(ns))
     from common.errors import PipelineError
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(cls, description, show_all="--help-all" in argv)
+    parts = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    cfg = parts[0] if groups_of(cls) == [cls] else cls(*parts)
     try:
         problems = cfg.problems() if hasattr(cfg, "problems") else []
     except PipelineError as err:  # e.g. a backend that cannot run here, found while checking the options
@@ -80,14 +113,7 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None):
 
 
 def to_jsonable(cfg) -> dict:
-    out = {}
-    for k, v in dataclasses.asdict(cfg).items():
-        out[k] = str(v) if isinstance(v, Path) else v
-    return out
-
-
-def dumps(cfg) -> str:
-    return json.dumps(to_jsonable(cfg), indent=2, sort_keys=True)
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 def _worker_message(err: BaseException) -> str | None:

@@ -79,6 +79,20 @@ def stage_options(stage: str, **kw):
     return cfg
 
 
+# torch.testing.assert_close's default (rtol, atol) per dtype, as its documentation lists them
+DEFAULT_TOLERANCES = {"torch.float64": (1e-7, 1e-7), "torch.float32": (1.3e-6, 1e-5), "torch.bfloat16": (1.6e-2, 1e-5),
+                      "torch.float16": (1e-3, 1e-5)}
+
+
+def assert_close_at_scale(got, want, msg=None) -> None:
+    """assert_close with its dtype's tolerances, the absolute one taken relative to the tensor's largest magnitude:
+    two paths that add the same terms in another order differ by a few ulps of those terms, which for an output
+    near zero (one logit among thousands) is far more than that output's own ulps."""
+    import torch
+    rtol, atol = DEFAULT_TOLERANCES[str(want.dtype)]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * max(1.0, want.abs().max().item()), msg=msg)
+
+
 # Fast retry settings for tests: the fault routes still fail or pass as in production, only sooner.
 FAST_DOWNLOAD = dict(concurrency=8, timeout_s=2.0, retries=2, backoff_s=0.02, allow_private_hosts=True)
 

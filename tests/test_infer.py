@@ -107,28 +107,38 @@ def test_validation_report(shard_work, tmp_path):
         assert (ev / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_static_cache_decode_writes_the_same_file_as_generate(shard_work, tmp_path):
-    """--decode static (the GPU default's loop, there each step a CUDA-graph replay) through the whole stage:
-    byte-identical test_out.csv to --decode generate, and the stats say which decoder ran."""
-    runs = {}
+def test_static_cache_decoding_predicts_what_generate_predicts(shard_work, tmp_path):
+    """Stage 7's prediction loop with the static-cache decoder (the GPU default, there each step a CUDA-graph
+    replay; eager here) writes the prices the library's generate() writes, batch for batch."""
+    from common.data.encode import ImageSpec, load_tokenizer
+    from common.data.shards import ShardStream
+    from common.model.collate import for_tokenizer
+    from common.model.inference import read_parts, run_predictions
+    from common.model.loading import load_for_inference
+    from common.speed.decode import StaticDecoder
+    from common.speed.positions import HostLayout
+    tok = load_tokenizer(shard_work.model_path)
+    spec = ImageSpec.from_model(shard_work.model_path)
+    got = {}
     for decode in ("generate", "static"):
-        w = shard_work.copy(tmp_path / decode)
-        r = run_script("7_infer.py", "--work-dir", str(w.work_dir), "--data-dir", str(w.data_dir), *BASE,
-                       "--batch-size", "3", "--decode", decode)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert json.loads((w.work_dir / "infer_test" / "stats.json").read_text())["decode"] == decode
-        runs[decode] = (w.work_dir / "test_out.csv").read_bytes()
-    assert runs["static"] == runs["generate"]
+        model, _ = load_for_inference(shard_work.model_path, None, "hf")
+        collator = for_tokenizer(tok, "left", with_labels=False, host_ids=HostLayout.from_model(model))
+        stream = ShardStream(shard_work.work_dir / "webdataset_test", spec, normalize=False)
+        run = run_predictions(model, tok, stream, collator, tmp_path / decode, 0, 3, 0, True, 4, 1, True, spec=spec,
+                              decoder=StaticDecoder(model, graphs=False) if decode == "static" else None)
+        assert run["computed"] > 10
+        got[decode] = read_parts(tmp_path / decode)
+    assert got["static"] == got["generate"]
 
 
-def test_decode_options_are_checked_up_front(shard_work, tmp_path):
+def test_options_are_checked_up_front(shard_work, tmp_path):
     w = shard_work.copy(tmp_path / "work")
     r = run_script("7_infer.py", "--work-dir", str(w.work_dir), "--data-dir", str(w.data_dir), *BASE,
-                   "--decode", "graphs", "--backend", "unsloth", "--batch-size", "0")
-    assert r.returncode != 0
+                   "--backend", "unsloth", "--batch-size", "0", "--speedups-off", "warp_drive")
+    assert r.returncode == 2
     import torch
-    gpu = torch.cuda.is_available()
-    for expected in (["--backend unsloth needs"] if not gpu else ["--batch-size", "needs --backend hf"]):
+    for expected in ("--batch-size", "--speedups-off: unknown warp_drive",
+                     *([] if torch.cuda.is_available() else ["--backend unsloth needs"])):
         assert expected in r.stderr, r.stderr[-2000:]
     assert not (w.work_dir / "infer_test").exists()
 

@@ -60,7 +60,7 @@ def test_model_paths_and_unreachable_hub_ids(shard_work, tmp_path):
 def test_unsloth_where_it_cannot_run_is_one_line(shard_work, tmp_path):
     r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(tmp_path / "t"),
                    "--backend", "unsloth", timeout=120)
-    one_line(r, 1, "--backend unsloth needs")
+    one_line(r, 2, "--backend unsloth needs")  # an option problem, reported with the others
 
 
 @pytest.mark.parametrize("args, message", [

@@ -100,7 +100,7 @@ def test_truncated_jpeg_in_resized_is_detected_and_counted(shard_work, tmp_path)
 
 
 def test_checkpoint_with_a_missing_file_is_not_resumed_from(shard_work, tmp_path):
-    from common.model.training import latest_complete_checkpoint
+    from common.model.checkpoints import latest_complete_checkpoint
     out = tmp_path / "train"
     r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out), "--max-steps", "6",
                    "--save-steps", "3", "--eval-steps", "0", "--batch-size", "2", "--grad-accum", "1", "--workers", "0")

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import assert_close_at_scale, run_script
 
 
 def tiny(model_dir, lora: bool = False):
@@ -32,6 +32,16 @@ def loss_and_grads(model, batch: dict, trainable: list) -> tuple:
     loss = model(**batch).loss
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in trainable]
+
+
+def host_generation_batch(tok, model, samples) -> tuple[dict, torch.Tensor]:
+    """A left-padded generation batch as stage 7 collates it (host-built ids), without the vision indices that
+    generate() does not take, and its position ids apart."""
+    from common.model.collate import for_tokenizer
+    from common.speed.positions import VISION_KEYS, HostLayout
+    batch = for_tokenizer(tok, "left", with_labels=False, host_ids=HostLayout.from_model(model))(samples)
+    positions = batch.pop("position_ids")
+    return {k: v for k, v in batch.items() if k not in VISION_KEYS}, positions
 
 
 def shard_batch(encoded_demo, n: int = 6, **collator_kw):
@@ -84,7 +94,7 @@ def test_bucketed_vision_attention_matches_the_per_window_path(tiny_model_dir, e
 
 
 def test_answer_only_logits_give_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
-    from common.model.training import answer_only_loss, answer_positions
+    from common.speed.answer_logits import answer_only_loss, answer_positions
     batch = shard_batch(encoded_demo)
     model = tiny(tiny_model_dir, lora=True).train()
     full = model(**batch)
@@ -110,9 +120,10 @@ def test_answer_only_training_matches_full_logits_through_the_trainer(shard_work
         r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out),
                        "--max-steps", "2", "--grad-accum", "2", "--batch-size", "4", "--workers", "0",
                        "--eval-steps", "0", "--eval-samples", "4", "--logging-steps", "1", "--learning-rate", "3e-3",
-                       "--loss-positions", positions)
+                       *([] if positions == "answer" else ["--speedups-off", "answer_only_logits"]))
         assert r.returncode == 0, r.stderr[-3000:]
-        assert f"loss at {positions} positions" in r.stderr
+        levers = next(line for line in r.stderr.splitlines() if "speed levers on:" in line)
+        assert ("answer_only_logits" in levers) == (positions == "answer")
         stats = json.loads((out / "stats.json").read_text())
         from safetensors.torch import load_file
         return [h["loss"] for h in stats["log_history"] if "loss" in h], load_file(out / "adapter_model.safetensors")
@@ -125,7 +136,7 @@ def test_answer_only_training_matches_full_logits_through_the_trainer(shard_work
 
 
 def test_length_grouped_batches_keep_every_sample_and_cut_padding():
-    from common.model.training import LengthGroupedStream
+    from common.data.streams import LengthGroupedStream
     rng = random.Random(0)
     samples = [{"sample_id": str(i), "input_ids": torch.zeros(rng.randint(300, 1200), dtype=torch.long)}
                for i in range(200)]
@@ -170,9 +181,9 @@ def test_uint8_patches_normalized_on_the_device_equal_the_float_stream(encoded_d
 
 
 def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
-    """--compile (the GPU default): every vision block and decoder layer compiled on its own; fp32 on the CPU."""
-    from common.model.loading import compile_blocks
-    from common.model.training import answer_only_loss, answer_positions
+    """The compile lever (on with a GPU): every vision block and decoder layer compiled on its own; fp32 on the CPU."""
+    from common.speed.answer_logits import answer_only_loss, answer_positions
+    from common.speed.compile import compile_blocks
     from common.speed.vision_attention import use_bucketed_vision_attention
     batch = shard_batch(encoded_demo)
     positions = answer_positions(batch["labels"])
@@ -182,13 +193,14 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model_dir, encode
         model = tiny(tiny_model_dir, lora=True).train()
         use_bucketed_vision_attention(model)
         if compiled:
-            assert compile_blocks(model, "all", "hf") == 2 + 4  # the tiny model's vision blocks + decoder layers
+            assert compile_blocks(model, True, "hf") == 2 + 4  # the tiny model's vision blocks + decoder layers
         loss = answer_only_loss(model(**inputs, logits_to_keep=positions, use_cache=False).logits, batch["labels"],
                                 positions)
         loss.backward()
         return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    (eager, g_eager), (compiled, g_compiled) = trained(False), trained(True)
+    with torch._dynamo.config.patch(specialize_float=False, optimize_ddp=True):  # compile_blocks sets them process-wide
+        (eager, g_eager), (compiled, g_compiled) = trained(False), trained(True)
     assert math.isclose(eager, compiled, rel_tol=1e-5), (eager, compiled)
     for name, g in g_eager.items():
         torch.testing.assert_close(g_compiled[name], g, msg=name)
@@ -247,35 +259,6 @@ def test_flops_estimate_counts_parameters_once_and_matches_the_trainer(tiny_mode
     assert ours._flops_per_token == plain.floating_point_ops({"input_ids": torch.zeros(1)})
 
 
-def test_host_computed_positions_are_what_generate_computes_and_change_nothing(tiny_model_dir, encoded_demo):
-    """predict_batch hands generate() the position ids computed on the host; generate's own result on the
-    same batch is identical, and so are the generated tokens with and without them."""
-    import itertools
-
-    from common.model.collate import for_tokenizer
-    from common.data.encode import ImageSpec
-    from common.model.loading import load_for_inference
-    from common.data.encode import load_tokenizer
-    from common.model.predict import generation_positions, max_new_tokens, with_normalized_pixels
-    from common.data.shards import ShardStream
-    model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
-    tok = load_tokenizer(str(tiny_model_dir))
-    spec = ImageSpec.from_model(str(tiny_model_dir))
-    samples = list(itertools.islice(iter(ShardStream(encoded_demo.shards_dir("train"), spec, normalize=False)), 6))
-    collate = for_tokenizer(tok, "left", with_labels=False)
-    samples[2] = collate.without_image(samples[2])  # a row whose image failed: text only
-    batch = collate(samples)
-    assert (batch["attention_mask"] == 0).any()  # left padding present
-    ours = generation_positions(model, batch)
-    kwargs = {k: v for k, v in batch.items() if k != "pixel_values"}
-    model.model.rope_deltas = None
-    assert torch.equal(ours, model._prepare_position_ids_for_generation(batch["input_ids"], dict(kwargs)))
-    inputs = with_normalized_pixels(batch, spec)
-    outs = [model.generate(**inputs, **extra, max_new_tokens=max_new_tokens(), do_sample=False,
-                           pad_token_id=tok.pad_token_id) for extra in ({}, {"position_ids": ours})]
-    assert torch.equal(outs[0], outs[1])
-
-
 @pytest.mark.parametrize("constrain", [True, False])
 def test_static_cache_decoder_writes_the_tokens_generate_writes(tiny_model_dir, encoded_demo, constrain):
     """The static-cache decoder (stage 7's decode on a GPU, there replayed as a CUDA graph, with grouped decode
@@ -289,7 +272,7 @@ def test_static_cache_decoder_writes_the_tokens_generate_writes(tiny_model_dir, 
     from common.data.encode import ImageSpec
     from common.model.loading import load_for_inference
     from common.data.encode import load_tokenizer
-    from common.model.predict import NumberConstraint, generation_positions, max_new_tokens, with_normalized_pixels
+    from common.model.predict import NumberConstraint, max_new_tokens, with_normalized_pixels
     from common.data.shards import ShardStream
     model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
     fast, _ = load_for_inference(str(tiny_model_dir), None, "hf")  # the decoder changes its model's attention
@@ -303,8 +286,7 @@ def test_static_cache_decoder_writes_the_tokens_generate_writes(tiny_model_dir, 
     decoder = StaticDecoder(fast, graphs=False, bucket=32, keep=2)
     assert decoder.grouped_attention and model.config.text_config._attn_implementation == "sdpa"
     for rows in (samples[6:12], samples[:6], samples[12:]):
-        batch = collate(rows)
-        positions = generation_positions(fast, batch)
+        batch, positions = host_generation_batch(tok, fast, rows)
         inputs = with_normalized_pixels(batch, spec)
         prompt = batch["input_ids"].shape[1]
         limit = max_new_tokens() if constrain else 25
@@ -327,15 +309,20 @@ def test_static_cache_decoder_writes_the_tokens_generate_writes(tiny_model_dir, 
 def test_grouped_decode_attention_matches_sdpa(tiny_model_dir, encoded_demo):
     """One decode step over a left-padded cache: the language model's logits with grouped_decode_sdpa (the
     query heads of a group folded into one SDPA call) equal transformers' sdpa (key/value heads copied)."""
+    import itertools
+
     import common.speed.decode as cd
+    from common.data.encode import load_tokenizer
+    from common.data.shards import ShardStream
     from common.model.loading import load_for_inference
-    from common.model.predict import generation_positions, with_normalized_pixels
+    from common.model.predict import with_normalized_pixels
     from transformers import AttentionInterface
     model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
     assert model.config.text_config.num_attention_heads > model.config.text_config.num_key_value_heads
-    batch = shard_batch(encoded_demo, n=5, padding_side="left", with_labels=False)
+    samples = list(itertools.islice(iter(ShardStream(encoded_demo.shards_dir("train"), encoded_demo.spec(),
+                                                     normalize=False)), 5))
+    batch, positions = host_generation_batch(load_tokenizer(str(tiny_model_dir)), model, samples)
     assert (batch["attention_mask"] == 0).any()
-    positions = generation_positions(model, batch)
     inputs = {**with_normalized_pixels(batch, encoded_demo.spec()), "position_ids": positions}
     steps = []
     for attention in ("sdpa", cd.ATTENTION):
@@ -352,33 +339,7 @@ def test_grouped_decode_attention_matches_sdpa(tiny_model_dir, encoded_demo):
                          past_key_values=out.past_key_values, use_cache=True)
         steps.append(step.logits[:, -1])
         assert (1 in calls) == (attention != "sdpa")
-    torch.testing.assert_close(steps[1], steps[0], rtol=1e-5, atol=1e-5)
-
-
-def test_compiled_language_mlps_decode_the_same_tokens(tiny_model_dir, encoded_demo):
-    """--compile vision+mlp (stage 7, opt-in): the vision blocks and the language model's MLPs and norms, not
-    its attention (which touches the cache); in fp32 the static decoder then writes the eager tokens."""
-    from common.speed.decode import StaticDecoder
-    from common.model.loading import compile_blocks, load_for_inference
-    from common.data.encode import load_tokenizer
-    from common.model.predict import NumberConstraint, generation_positions, max_new_tokens, with_normalized_pixels
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention
-    tok = load_tokenizer(str(tiny_model_dir))
-    end_id = tok.convert_tokens_to_ids("<|im_end|>")
-    batch = shard_batch(encoded_demo, n=4, padding_side="left", with_labels=False)
-    tokens = []
-    for compiled in (False, True):
-        model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
-        if compiled:
-            cfg = model.config
-            expected = (cfg.vision_config.depth + cfg.text_config.num_hidden_layers * 3 + 1)  # MLP + 2 norms a layer
-            assert compile_blocks(model, "vision+mlp", "hf") == expected
-            assert not any(isinstance(m, Qwen2_5_VLAttention) and hasattr(m, "_compiled_call_impl")
-                           and m._compiled_call_impl is not None for m in model.modules())
-        tokens.append(StaticDecoder(model, graphs=False).generate(
-            with_normalized_pixels(batch, encoded_demo.spec()), generation_positions(model, batch),
-            max_new_tokens(), end_id, NumberConstraint(tok, 0)))
-    assert torch.equal(tokens[0], tokens[1])
+    assert_close_at_scale(steps[1], steps[0])
 
 
 def test_both_decoders_ignore_the_models_repetition_penalty(tiny_model_dir, encoded_demo):
@@ -389,8 +350,10 @@ def test_both_decoders_ignore_the_models_repetition_penalty(tiny_model_dir, enco
     from common.model.loading import load_for_inference
     from common.data.encode import load_tokenizer
     from common.model.predict import predict_batch
+    from common.speed.positions import HostLayout
     tok = load_tokenizer(str(tiny_model_dir))
-    batch = shard_batch(encoded_demo, n=6, padding_side="left", with_labels=False)
+    layout = HostLayout.from_model(load_for_inference(str(tiny_model_dir), None, "hf")[0])
+    batch = shard_batch(encoded_demo, n=6, padding_side="left", with_labels=False, host_ids=layout)
     prices = []
     for static in (False, True):
         model, _ = load_for_inference(str(tiny_model_dir), None, "hf")
@@ -434,16 +397,16 @@ def test_cheap_train_calls_still_set_every_modules_mode(tiny_model_dir, tmp_path
     assert modes() == {False}
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_compiled_blocks_stay_one_graph_each_under_ddp_unless_split(tmp_path, split):
+def test_compiled_blocks_stay_one_graph_each_under_ddp(tiny_model_dir, tmp_path):
     """A compiled block with more trainable bytes than DDP's 1 MB first bucket (a 3B decoder layer holds 3.3 MB of
-    LoRA weights) is cut in two by torch.compile under DDP unless 6_train.py turns the cut off (its default)."""
+    LoRA weights) would be cut in two by torch.compile under DDP; compile_blocks turns that cut off."""
     import gc
 
     import torch.distributed as dist
     from torch._dynamo.testing import CompileCounter
 
-    from common.model.loading import compiled_graphs_split_for_ddp, split_compiled_graphs_for_ddp
+    from common.speed.compile import compile_blocks
+
     class Block(torch.nn.Module):  # a class of its own: dynamo does not compile torch.nn's own forwards
         def __init__(self):
             super().__init__()
@@ -452,54 +415,30 @@ def test_compiled_blocks_stay_one_graph_each_under_ddp_unless_split(tmp_path, sp
         def forward(self, x):
             return x + self.down(torch.nn.functional.gelu(self.up(x)))
 
-    torch.manual_seed(0)
-    block = Block()
-    assert sum(p.numel() * 4 for p in block.parameters()) > 2**20
-    model = torch.nn.Sequential(torch.nn.Linear(256, 256), block, torch.nn.Linear(256, 1))
-    counter = CompileCounter()
-    block.compile(backend=counter)
-    before = compiled_graphs_split_for_ddp()
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        split_compiled_graphs_for_ddp(split)
-        torch._dynamo.reset()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        ddp(torch.randn(8, 256)).sum().backward()
-        # DDP's reducer holds the process group: freed at this frame's end, after the group is destroyed, it would
-        # join gloo's worker threads holding the GIL while a worker may need it to free a finished work (a deadlock
-        # seen once in CI); let it go while the group is still registered
-        del ddp
-        gc.collect()
-        assert compiled_graphs_split_for_ddp() is split
-        assert counter.frame_count == (2 if split else 1)
-        assert all(p.grad is not None for p in model.parameters())
-    finally:
-        dist.destroy_process_group()
-        split_compiled_graphs_for_ddp(before)
-        torch._dynamo.reset()
-
-
-def test_ready_made_mask_and_host_checked_image_tokens_give_the_same_loss_and_gradients(tiny_model_dir,
-                                                                                        encoded_demo):
-    """A training batch from the host-ids collator carries the 4-D mask transformers would build, and the model
-    merges image features without its GPU check (skip_image_readbacks): same loss and gradients as the model's
-    own path on the same batch with the plain 2-D mask."""
-    from common.model.loading import skip_image_readbacks
-    from common.speed.positions import HostLayout
-    from common.model.predict import with_normalized_pixels
-    model = tiny(tiny_model_dir, lora=True)
-    host = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=HostLayout.from_model(model)), None)
-    assert host["attention_mask"].ndim == 4 and "pixel_values" in host  # the demo batch is padded, with images
-    plain = dict(host, attention_mask=host["attention_mask"][:, 0, -1].long())  # the last query row: the padding
-    assert plain["attention_mask"].sum() < plain["attention_mask"].numel()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    want = loss_and_grads(model, plain, trainable)
-    skip_image_readbacks(model)
-    got = loss_and_grads(model, host, trainable)
-    assert torch.equal(got[0], want[0])
-    for g, w in zip(got[1], want[1]):
-        torch.testing.assert_close(g, w)
+    with torch._dynamo.config.patch(optimize_ddp=True, specialize_float=False):  # PyTorch's defaults, restored after
+        assert compile_blocks(tiny(tiny_model_dir, lora=True), True, "hf") > 0
+        assert torch._dynamo.config.optimize_ddp is False
+        torch.manual_seed(0)
+        block = Block()
+        assert sum(p.numel() * 4 for p in block.parameters()) > 2**20
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), block, torch.nn.Linear(256, 1))
+        counter = CompileCounter()
+        block.compile(backend=counter)
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+        try:
+            torch._dynamo.reset()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            ddp(torch.randn(8, 256)).sum().backward()
+            # DDP's reducer holds the process group: freed at this frame's end, after the group is destroyed, it
+            # would join gloo's worker threads holding the GIL while a worker may need it to free a finished work
+            # (a deadlock seen once in CI); let it go while the group is still registered
+            del ddp
+            gc.collect()
+            assert counter.frame_count == 1
+            assert all(p.grad is not None for p in model.parameters())
+        finally:
+            dist.destroy_process_group()
+            torch._dynamo.reset()
 
 
 def test_training_collator_drops_a_needless_mask_and_names_a_sample_with_wrong_image_tokens(tiny_model_dir,
@@ -522,70 +461,41 @@ def test_training_collator_drops_a_needless_mask_and_names_a_sample_with_wrong_i
         check_image_tokens(broken, layout)
 
 
-def test_causal_attention_alone_gives_a_right_padded_batch_the_same_loss_and_gradients(tiny_model_dir,
-                                                                                       encoded_demo):
-    """6_train's default (--no-padding-mask): the collator leaves the padding mask out of a right-padded training
-    batch, so attention is causal alone (SDPA's flash kernel takes no mask); padding follows every real token, so
-    nothing real changes."""
-    from common.model.loading import skip_image_readbacks
-    from common.speed.positions import HostLayout
+def test_host_built_training_batch_gives_the_librarys_loss_and_gradients(tiny_model_dir, encoded_demo):
+    """The host-ids collator's training batch: no attention mask (right padding follows every real token, so
+    attention causal alone), position ids built on the host, image tokens checked on the host instead of the
+    model's GPU check (skip_image_readbacks). Same loss and gradients as the library's path on the plain batch."""
     from common.model.predict import with_normalized_pixels
+    from common.speed.positions import HostLayout, skip_image_readbacks
     model = tiny(tiny_model_dir, lora=True)
-    skip_image_readbacks(model)
-    layout = HostLayout.from_model(model)
-    masked = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout), None)
-    causal = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout, padding_mask=False), None)
-    assert masked["attention_mask"].ndim == 4 and "attention_mask" not in causal
-    # some row is padded, so the two batches attend differently at its padding
-    assert (masked["attention_mask"][:, 0, -1].sum(-1) < masked["input_ids"].shape[1]).any()
-    assert torch.equal(masked["input_ids"], causal["input_ids"]) and torch.equal(masked["labels"], causal["labels"])
+    plain = with_normalized_pixels(shard_batch(encoded_demo, n=6), None)
+    host = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=HostLayout.from_model(model)), None)
+    assert (plain["attention_mask"] == 0).any() and "pixel_values" in host  # the demo batch is padded, with images
+    assert "attention_mask" not in host and "position_ids" in host
+    assert torch.equal(plain["input_ids"], host["input_ids"]) and torch.equal(plain["labels"], host["labels"])
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    want, got = loss_and_grads(model, masked, trainable), loss_and_grads(model, causal, trainable)
-    torch.testing.assert_close(got[0], want[0])
-    for g, w in zip(got[1], want[1]):
-        torch.testing.assert_close(g, w)
-
-
-def test_padding_to_a_multiple_gives_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
-    """--pad-multiple (32 under --cuda-graphs, so graphs are recorded for few lengths): the extra columns are
-    right padding like the rest, with causal attention alone, so the loss and gradients stay as they were."""
-    from common.model.loading import skip_image_readbacks
-    from common.speed.positions import HostLayout
-    from common.model.predict import with_normalized_pixels
-    model = tiny(tiny_model_dir, lora=True)
+    want = loss_and_grads(model, plain, trainable)
     skip_image_readbacks(model)
-    layout = HostLayout.from_model(model)
-    tight = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout, padding_mask=False), None)
-    padded = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout, padding_mask=False,
-                                                pad_multiple=32), None)
-    length = tight["input_ids"].shape[1]
-    assert padded["input_ids"].shape[1] % 32 == 0 and padded["input_ids"].shape[1] > length
-    assert torch.equal(padded["input_ids"][:, :length], tight["input_ids"])
-    assert torch.equal(padded["position_ids"][..., :length], tight["position_ids"])
-    assert (padded["labels"][:, length:] == -100).all()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    want, got = loss_and_grads(model, tight, trainable), loss_and_grads(model, padded, trainable)
+    got = loss_and_grads(model, host, trainable)
     torch.testing.assert_close(got[0], want[0])
     for g, w in zip(got[1], want[1]):
         torch.testing.assert_close(g, w)
 
 
 def test_compiled_blocks_take_the_models_floats_as_constants(tiny_model_dir):
-    """6_train's default (--float-constants) and --cuda-graphs: with dynamic shapes Dynamo turns each float attribute
-    (RMSNorm eps, attention and LoRA scaling) into a 0-d CPU tensor input read with .item(), which Inductor builds
-    CPU kernels for and a CUDA graph cannot hold; compile_blocks makes them constants for the hf backend. The
-    blocks' traced graphs show it (a capturing backend, on the CPU)."""
+    """With dynamic shapes Dynamo turns each float attribute (RMSNorm eps, attention and LoRA scaling) into a 0-d CPU
+    tensor input read with .item(), which Inductor builds CPU kernels for; compile_blocks makes them constants on
+    the hf backend. The blocks' traced graphs show it (a capturing backend, on the CPU)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
 
-    from common.model.loading import compile_blocks
+    from common.speed.compile import compile_blocks
 
-    def float_reads(backend: str | None = None, **settings) -> list[int]:
-        with torch._dynamo.config.patch(specialize_float=False):  # PyTorch's default, restored after
+    def float_reads(backend: str | None = None) -> list[int]:
+        with torch._dynamo.config.patch(specialize_float=False, optimize_ddp=True):  # PyTorch's defaults
             model = tiny(tiny_model_dir, lora=True)
             if backend:
-                compile_blocks(model, "all", backend, **settings)
+                compile_blocks(model, True, backend)
             torch._dynamo.reset()
             codes = []
 
@@ -605,24 +515,9 @@ def test_compiled_blocks_take_the_models_floats_as_constants(tiny_model_dir):
 
     plain = float_reads()
     assert plain and sum(plain) >= 10, plain  # a decoder layer alone reads 10 floats
-    assert sum(float_reads("hf", float_constants=True)) == 0
-    assert sum(float_reads("hf", cuda_graphs=True)) == 0
-    assert float_reads("unsloth", float_constants=True) == plain  # Unsloth's own compiles keep PyTorch's default
+    assert sum(float_reads("hf")) == 0
+    assert float_reads("unsloth") == plain  # Unsloth's own compiles keep PyTorch's default
     assert not torch._dynamo.config.specialize_float
-
-
-def test_inference_compiles_the_vision_blocks_with_float_constants_unless_told_not_to(tiny_model_dir):
-    """7_infer's --float-constants (the default, as in 6_train) reaches compile_blocks; --no-float-constants leaves
-    PyTorch's default. Predictions equal either way on an H100 (bench/RESULTS.md)."""
-    from conftest import load_stage
-    stage7 = load_stage("7_infer")
-    assert stage7.InferOptions().float_constants
-    for expected in (True, False):
-        cfg = stage7.InferOptions(compile="vision", backend="hf", float_constants=expected)
-        with torch._dynamo.config.patch(specialize_float=False):
-            model, backend, decoder = stage7.load_model(cfg, str(tiny_model_dir), None)
-            assert backend == "hf" and torch._dynamo.config.specialize_float is expected
-        torch._dynamo.reset()
 
 
 def vision_mlps(model):
@@ -631,10 +526,10 @@ def vision_mlps(model):
 
 
 def test_padded_vision_mlp_gives_the_same_loss_and_gradients(tiny_model_dir, encoded_demo):
-    """--vision-mlp-multiple: the frozen vision MLP's width zero-padded (the tiny model's 128 -> 144 here; the 3B's
+    """The vision_mlp_padding lever: the frozen vision MLP's width zero-padded (the tiny model's 128 -> 144 here; the 3B's
     3,420 -> 3,456) leaves the loss and the LoRA gradients as they were (fp32 on the CPU)."""
-    from common.model.loading import pad_vision_mlp
     from common.model.predict import with_normalized_pixels
+    from common.speed.vision_mlp import pad_vision_mlp
     model = tiny(tiny_model_dir, lora=True)
     batch = with_normalized_pixels(shard_batch(encoded_demo, n=6), None)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -652,8 +547,9 @@ def test_padded_vision_mlp_gives_the_same_loss_and_gradients(tiny_model_dir, enc
 
 
 def test_padded_vision_mlp_leaves_inference_logits_and_trainable_vision_layers_alone(tiny_model_dir, encoded_demo):
-    from common.model.loading import LoraSettings, load_for_training, pad_vision_mlp
+    from common.model.loading import LoraSettings, load_for_training
     from common.model.predict import with_normalized_pixels
+    from common.speed.vision_mlp import pad_vision_mlp
     model = tiny(tiny_model_dir).eval().requires_grad_(False)  # as load_for_inference gives it
     batch = with_normalized_pixels(shard_batch(encoded_demo, n=6, padding_side="left", with_labels=False), None)
     with torch.no_grad():
@@ -668,71 +564,18 @@ def test_padded_vision_mlp_leaves_inference_logits_and_trainable_vision_layers_a
     assert all(m.down_proj.in_features == 128 for m in vision_mlps(tuned))
 
 
-def test_graph_recording_checks_answer_as_pytorchs_own(monkeypatch):
-    """common/graph_trees.py's replacements for cudagraph trees' alias checks (run at each CUDA graph's recording)
-    against PyTorch's own methods, on real storage weak references: live and dead outputs, views into a live
-    output, an output slot left empty, and a dead output whose address a new tensor took (CPU storages: the checks
-    read pointers and reference counts only)."""
-    from torch._inductor import cudagraph_trees as ct
-
-    from common import graph_trees
-    originals = {key: getattr(getattr(ct, key[0]), key[1]) for key in graph_trees.REPLACEMENTS}
-    for (cls, method) in graph_trees.REPLACEMENTS:
-        monkeypatch.setattr(getattr(ct, cls), method, getattr(ct, cls).__dict__[method])  # restored after
-    assert graph_trees.speed_up_graph_recording() == len(graph_trees.REPLACEMENTS)
-    assert graph_trees.speed_up_graph_recording() == len(graph_trees.REPLACEMENTS)  # idempotent
-
-    rng = random.Random(0)
-    keep = [torch.randn(rng.randint(1, 64)) for _ in range(40)]
-    dying = [torch.randn(rng.randint(1, 64)) for _ in range(40)]
-    refs = [ct.StorageWeakRefWrapper(t) for t in keep + dying + keep[:5]]  # 5 storages output twice
-    rng.shuffle(refs)
-    path = [refs[k:k + 10] + [None] for k in range(0, len(refs), 10)]  # 9 graphs' outputs, each with an empty slot
-    dead_ptrs = {t.untyped_storage().data_ptr() for t in dying}
-    del dying
-    reborn = []
-    for _ in range(400):  # new tensors until some take a dead output's address
-        t = torch.randn(rng.randint(1, 64))
-        if t.untyped_storage().data_ptr() in dead_ptrs:
-            reborn.append(t)
-    probes = keep + [t[1:] for t in keep if t.numel() > 1] + reborn + [torch.randn(8) for _ in range(20)]
-
-    class Node:  # what the checks read of a CUDAGraphNode / CUDAWarmupNode
-        def __init__(self, outputs):
-            self.outputs_weakrefs = outputs
-
-    class Path:
-        path_weakrefs = path
-        _path_from_root = [Node(outputs) for outputs in path]
-        path_live_weakrefs = ct.CUDAWarmupNode.path_live_weakrefs
-
-    here = Path()
-    for (cls, method), original in originals.items():
-        new = getattr(getattr(ct, cls), method)
-        assert new is graph_trees.REPLACEMENTS[(cls, method)]
-        answers = [original(here, t) for t in probes]
-        assert [new(here, t) for t in probes] == answers, (cls, method)
-        assert any(answers) and not all(answers)
-    assert reborn  # the allocator gave some dead outputs' addresses to new tensors: no alias, in both versions
-    assert all(originals[("CUDAGraphNode", "_is_alias_of_live_recorded_tensor")](here, t) is None for t in reborn)
-
-
 def test_training_forward_takes_the_collators_vision_indices(tiny_model_dir, encoded_demo, monkeypatch):
     """With skip_image_readbacks (training, hf backend) the vision tower takes the indices the host-ids collator
     built (`image_position_ids`, `image_cu_seqlens`, `image_window_index`, ...) instead of rebuilding them from the
     grids on the device, which reads the grids back every step; the loss is the one the library's path gives."""
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
-    from common.model.loading import skip_image_readbacks
-    from common.speed.positions import HostLayout
     from common.model.predict import with_normalized_pixels
+    from common.speed.positions import HostLayout, skip_image_readbacks
     model = tiny(tiny_model_dir, lora=True)
     layout = HostLayout.from_model(model)
     batch = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout), None)
     plain = {k: v for k, v in batch.items() if not k.startswith("image_") or k == "image_grid_thw"}
-    # 6_train --no-host-vision-indices: the same batch without them (the bench's A/B)
-    without = with_normalized_pixels(shard_batch(encoded_demo, n=6, host_ids=layout, vision_indices=False), None)
-    assert without.keys() == plain.keys() and "position_ids" in without
     handed = []
     for name, key in (("get_vision_position_ids", "position_ids"), ("get_vision_attention_seqlens", "cu_seqlens"),
                       ("get_vision_window_index", "window_index")):
@@ -747,8 +590,4 @@ def test_training_forward_takes_the_collators_vision_indices(tiny_model_dir, enc
         handed.clear()
         got = model(**batch).loss
         assert handed == [True] * 3
-        handed.clear()
-        rebuilt = model(**without).loss
-        assert handed == [False] * 3
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(rebuilt, want)

@@ -75,7 +75,7 @@ def test_torchrun_two_ranks_see_disjoint_samples(shard_work, tmp_path):
     out, seen = tmp_path / "train", tmp_path / "seen"
     r = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out), "--max-steps",
                    "3", "--eval-steps", "0", "--save-steps", "100", "--record-samples", str(seen),
-                   "--prefetch-factor", "1", "--group-window", "1", "--ddp-bucket-mb", "64", *FAST, torchrun=2)  # read ahead one batch only
+                   "--prefetch-factor", "1", "--group-window", "1", *FAST, torchrun=2)  # read ahead one batch only
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     per_rank = {}
     for f in seen.glob("rank*-worker*.txt"):
@@ -85,9 +85,6 @@ def test_torchrun_two_ranks_see_disjoint_samples(shard_work, tmp_path):
     assert a and b and not (a & b)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["steps"] == 3 and stats["world_size"] == 2
-    assert stats["ddp_bucket_mb"] == 64  # the option reached DDP's reducer
-    assert stats["ddp_split_graphs"] is False  # compiled blocks stay whole under DDP by default
-    assert stats["ddp_broadcast_buffers"] is False and stats["ddp_grads_in_buckets"] is True  # the defaults reached DDP
     assert stats["ranks_hold_same_weights"] is True  # gradients in DDP's buckets still all-reduced every step
 
 
@@ -103,11 +100,9 @@ def test_nan_loss_stops_before_saving(shard_work, tmp_path):
 
 def test_bad_options_are_all_reported_at_once(tmp_path):
     r = run_script("6_train.py", "--work-dir", str(tmp_path), "--batch-size", "0", "--learning-rate", "-1",
-                   "--ddp-bucket-mb", "-5", "--pad-multiple", "-1", "--cuda-graphs", "--compile", "vision")
+                   "--speedups-off", "compile,warp_drive")
     assert r.returncode == 2
-    for text in ("--batch-size must be >= 1", "--learning-rate must be > 0", "--ddp-bucket-mb must be >= 0",
-                 "--pad-multiple must be >= 0", "--cuda-graphs needs a GPU", "--cuda-graphs needs the decoder layers",
-                 "--cuda-graphs needs --grad-accum 1",
+    for text in ("--batch-size must be >= 1", "--learning-rate must be > 0", "--speedups-off: unknown warp_drive",
                  "run the earlier stages first"):
         assert text in r.stderr
 
@@ -138,64 +133,3 @@ def test_ranks_holding_different_trainable_weights_are_caught(tmp_path, differ):
     assert verdicts == {not differ}
     from common.model.training import ranks_hold_same_weights
     assert ranks_hold_same_weights(torch.nn.Linear(2, 2)) is None  # outside torchrun
-
-
-class _Cycle:
-    def __init__(self):
-        self.me = self  # freed only by the cycle collector
-
-
-def test_garbage_collector_off_while_training_and_collected_on_schedule():
-    import gc
-    import weakref
-
-    from transformers import TrainerControl, TrainerState
-
-    from common.model.training import ScheduledGarbageCollection
-    collections = []
-
-    def record(phase, info):
-        if phase == "stop":
-            collections.append(info["generation"])
-    was_enabled = gc.isenabled()
-    gc.enable()
-    gc.callbacks.append(record)
-    try:
-        callback, state, control = ScheduledGarbageCollection(every=3), TrainerState(), TrainerControl()
-        callback.on_train_begin(None, state, control)
-        assert not gc.isenabled() and collections == [2]
-        collections.clear()
-        cycles, freed_at = {}, {}
-        for step in range(1, 8):
-            state.global_step = step
-            cycles[step] = weakref.ref(_Cycle())
-            _ = [[i] for i in range(20_000)]  # allocations that would start automatic collections
-            callback.on_step_end(None, state, control)
-            freed_at.update({k: step for k, ref in cycles.items() if ref() is None and k not in freed_at})
-        assert collections == [1, 1]  # the young generations at steps 3 and 6, nothing automatic
-        assert freed_at == {1: 3, 2: 3, 3: 3, 4: 6, 5: 6, 6: 6}
-        callback.on_evaluate(None, state, control)
-        assert collections[-1] == 2 and 7 in {k for k, ref in cycles.items() if ref() is None}
-        callback.on_train_end(None, state, control)
-        assert gc.isenabled()
-    finally:
-        gc.callbacks.remove(record)
-        gc.enable() if was_enabled else gc.disable()
-
-
-class _GcState(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        import gc
-        yield int(gc.isenabled())
-
-
-def test_loader_workers_collect_garbage_while_the_trainer_does_not():
-    import gc
-
-    from common.model.training import train_loader
-    options = {"num_workers": 1, "pin_memory": False, "persistent_workers": False, "prefetch_factor": 1}
-    gc.disable()
-    try:
-        assert [int(x) for x in train_loader(_GcState(), 1, None, options)] == [1]
-    finally:
-        gc.enable()

@@ -11,7 +11,7 @@ text row first) for generation. A training batch then also carries its attention
 causal-and-padding mask transformers would build (none at all when no row is padded, which lets attention
 run causal), because building it on the GPU reads two flags back to the host every forward; and each
 sample's image tokens are checked here against its image grid, which the model re-checks on the GPU (another
-read-back) unless `common.model.loading.skip_image_readbacks` trusts this check.
+read-back) unless `common.speed.positions.skip_image_readbacks` trusts this check.
 """
 from __future__ import annotations
 
@@ -36,16 +36,6 @@ class Collator:
     vision_start_id: int = -1
     vision_end_id: int = -1
     host_ids: HostLayout | None = None  # set: add position ids and vision indices built here, on the host
-    # Training, right padding, host ids: False gives no padding mask, so attention is causal alone. Padding follows
-    # every real token of its row, so no real token attends to it: the same outputs at every real position, the
-    # same loss and gradients, and SDPA may use its flash kernel, which takes no mask.
-    padding_mask: bool = True
-    # The padded length rounded up to a multiple of this: fewer distinct shapes for CUDA graphs, each recorded
-    # once per shape (training, right padding: the extra columns are padding like any other)
-    pad_multiple: int = 1
-    # With host ids: the vision tower's indices too (rotary positions, attention and window boundaries); False leaves
-    # them to the tower, which builds them on the device from the grids each forward (reading the grids back)
-    vision_indices: bool = True
 
     def without_image(self, s: dict) -> dict:
         """The sample as a text-only chat would have encoded it (vision span cut, answer shifted)."""
@@ -76,7 +66,6 @@ class Collator:
             samples = [dict(s, input_ids=s["input_ids"][:s["answer_start"]]) if s.get("answer_start") else s
                        for s in samples]
         longest = max(len(s["input_ids"]) for s in samples)
-        longest = -(-longest // self.pad_multiple) * self.pad_multiple
         batch_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(samples), longest), dtype=torch.long)
         labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
@@ -100,10 +89,7 @@ class Collator:
         if self.host_ids is not None:
             batch.update(self.host_built(samples, columns, longest, batch.get("image_grid_thw")))
             if self.with_labels and self.padding_side == "right":
-                if not self.padding_mask or bool(mask.all()):
-                    del batch["attention_mask"]
-                else:
-                    batch["attention_mask"] = causal_padding_mask(mask)
+                del batch["attention_mask"]
         if self.with_labels:
             batch["labels"] = labels
         return batch
@@ -118,17 +104,9 @@ class Collator:
         per_sample = [sample_positions(s["input_ids"], s.get("image_grid_thw") if s.get("pixel_values") is not None
                                        else None, layout.image_token_id, layout.merge_size) for s in samples]
         out = {"position_ids": batch_positions(per_sample, columns, width, text_row=not self.with_labels)}
-        if grids is not None and self.vision_indices:
+        if grids is not None:
             out.update(vision_indices(grids, layout))
         return out
-
-
-def causal_padding_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(rows, 1, length, length) bool, True where query i may attend key j: j <= i and j is not padding; the
-    mask transformers' sdpa_mask builds for a right-padded batch without a cache."""
-    length = mask.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    return (causal[None] & mask.bool()[:, None, :])[:, None]
 
 
 def check_image_tokens(sample: dict, layout: HostLayout) -> None:
@@ -140,11 +118,9 @@ def check_image_tokens(sample: dict, layout: HostLayout) -> None:
 
 
 def for_tokenizer(tokenizer, padding_side: str = "right", with_labels: bool = True,
-                  drop_images: bool = False, host_ids: HostLayout | None = None, padding_mask: bool = True,
-                  pad_multiple: int = 1, vision_indices: bool = True) -> Collator:
+                  drop_images: bool = False, host_ids: HostLayout | None = None) -> Collator:
     ids = tokenizer.convert_tokens_to_ids
     return Collator(pad_id=tokenizer.pad_token_id, image_token_id=ids("<|image_pad|>"), end_id=ids("<|im_end|>"),
                     vocab_size=tokenizer.vocab_size, padding_side=padding_side, with_labels=with_labels,
                     drop_images=drop_images, vision_start_id=ids("<|vision_start|>"),
-                    vision_end_id=ids("<|vision_end|>"), host_ids=host_ids, padding_mask=padding_mask,
-                    pad_multiple=pad_multiple, vision_indices=vision_indices)
+                    vision_end_id=ids("<|vision_end|>"), host_ids=host_ids)

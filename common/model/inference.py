@@ -118,8 +118,7 @@ _END = object()
 
 def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: int, batch_size: int,
                     workers: int, sort_by_length: bool, window_batches: int, flush_every: int,
-                    constrained: bool, expected: int | None = None, spec=None, host_positions: bool = True,
-                    decoder=None) -> dict:
+                    constrained: bool, expected: int | None = None, spec=None, decoder=None) -> dict:
     parts_dir.mkdir(parents=True, exist_ok=True)
     done = read_parts(parts_dir)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
@@ -130,7 +129,7 @@ def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: 
     todo = _not_done(_windows(loader, batch_size, window_batches, sort_by_length), done)
 
     def prepare(samples):
-        return prepare_batch(model, collator(samples), host_positions or decoder is not None)
+        return prepare_batch(collator(samples))
 
     for batch, prepared in tqdm(_prepared_ahead(todo, prepare), total=total, desc=f"infer rank {rank}",
                                 unit="batch", mininterval=2, disable=rank != 0):
@@ -138,7 +137,7 @@ def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: 
             skipped += len(batch)
             continue
         prices = predict_batch(model, tokenizer, prepared, constrain=constrained, spec=spec,
-                               host_positions=host_positions, decoder=decoder)
+                               decoder=decoder)
         pending += [(s["sample_id"], p, "ok" if p is not None else "unparsable") for s, p in zip(batch, prices)]
         computed += len(batch)
         if len(pending) >= flush_every * batch_size:
@@ -150,6 +149,13 @@ def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: 
     return {"computed": computed, "skipped_done": skipped, "seconds": round(seconds, 2),
             "decode_graph_captures": getattr(decoder, "captures", 0),
             "samples_per_s": round(computed / seconds, 2) if seconds else None}
+
+
+def init_distributed(world: int) -> None:
+    """Under torchrun, the process group stage 7's ranks meet in (NCCL on GPUs, gloo on CPUs)."""
+    import torch.distributed as dist
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def merge(expected_ids: list[str], predictions: dict[str, tuple[float | None, str]], fallback: float):

@@ -79,39 +79,9 @@ def with_normalized_pixels(inputs: dict, spec) -> dict:
     return {**inputs, "pixel_values": normalize_patches_torch(pixels, spec)}
 
 
-def generation_positions(model, batch: dict) -> torch.Tensor | None:
-    """The position ids generate() would compute for this batch (for Qwen2.5-VL: the text row and the three
-    multimodal rotary rows), computed by the model's own method on the batch while it is still on the host.
-    On the GPU that method is a per-row Python loop of tiny kernels with several host syncs per row: it held
-    the GPU idle for ~100 ms of every batch of 64 (profiled, bench/gpu_runs/h100-f.json). None if the
-    model has no such method (generate then computes them itself)."""
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    prepare = getattr(core, "_prepare_position_ids_for_generation", None)
-    inner = getattr(core, "model", None)
-    if prepare is None or not hasattr(inner, "rope_deltas"):
-        return None
-    saved = inner.rope_deltas  # the method also caches rope deltas on the model: leave the model as it was
-    try:
-        return prepare(batch["input_ids"], {k: v for k, v in batch.items() if k != "pixel_values"})
-    finally:
-        inner.rope_deltas = saved
-
-
-def with_generation_positions(model, batch: dict) -> dict:
-    """The batch with generate()'s position ids: as the collator built them, else from the model's method (when
-    it has one)."""
-    if "position_ids" in batch:
-        return batch
-    positions = generation_positions(model, batch)
-    return batch if positions is None else {**batch, "position_ids": positions}
-
-
-def prepare_batch(model, batch: dict, host_positions: bool) -> dict:
-    """A collated batch made ready on the host: generate()'s position ids added (when asked, the collator did
-    not add them and the model has them) and, on a GPU machine, its tensors pinned so that the copy to the GPU
-    does not block. Pure host work: stage 7 runs it in a thread for the next batch while the GPU works on this
-    one."""
-    batch = with_generation_positions(model, batch) if host_positions else batch
+def prepare_batch(batch: dict) -> dict:
+    """A collated batch made ready on the host: on a GPU machine its tensors pinned, so that the copy to the GPU
+    does not block. Stage 7 runs it in a thread for the next batch while the GPU works on this one."""
     if torch.cuda.is_available():
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return batch
@@ -119,16 +89,12 @@ def prepare_batch(model, batch: dict, host_positions: bool) -> dict:
 
 @torch.no_grad()
 def predict_batch(model, tokenizer, batch: dict, constrain: bool = True, spec=None,
-                  host_positions: bool = True, decoder=None) -> list[float | None]:
+                  decoder=None) -> list[float | None]:
     """Greedy prices for one left-padded batch (collator with padding_side='left', no labels), as collated or
-    from prepare_batch.
-    host_positions: hand generate() the position ids computed on the host (measured on the transformers
-    backend; Unsloth's generate keeps computing its own).
+    from prepare_batch. Position ids the collator built on the host go to generate() as they are.
     decoder: a `common.speed.decode.StaticDecoder` to decode with instead of generate() (the same greedy tokens in
     exact arithmetic; bf16 kernels may round near-ties differently; it needs the host position ids)."""
     device = next(model.parameters()).device
-    if host_positions or decoder is not None:
-        batch = with_generation_positions(model, batch)
     if decoder is not None and "position_ids" not in batch:
         raise ValueError(f"{type(model).__name__} has no host position ids: decode with generate()")
     inputs = with_normalized_pixels({k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v

@@ -1,42 +1,30 @@
-"""Training glue over transformers' Trainer: a streaming loader, SMAPE by generation, safe checkpoints.
+"""Training glue over transformers' Trainer: a streaming loader, SMAPE by generation, a NaN guard.
 
-- Steps are planned from the shard index (epochs x samples / global batch), and the train stream is
-  endless, so every rank always has a next batch: no rank can run dry and hang the others.
-- Evaluation generates prices on the validation split on rank 0 (the others wait at a barrier) and logs
-  SMAPE beside the loss, with the training-median baseline on the same rows.
-- A checkpoint counts only once it carries a COMPLETE marker, written after all its files; a NaN or
-  infinite loss stops the run before anything is saved.
-- With `answer_only_loss` the language-model head runs only where the loss needs it: at positions whose
-  next token is learned (the answer and its `<|im_end|>`, a handful per sample) instead of at every one
-  of ~600 positions x 151,936 words. The loss is the same sum over the same (position, target) pairs,
-  divided by the same token count, so it matches the full-logits loss (tested to float rounding).
+- Steps are planned from the shard index (epochs x samples / global batch), and the train stream is endless,
+  so every rank always has a next batch: no rank can run dry and hang the others.
+- Evaluation generates prices on the validation split on rank 0 (the others wait at a barrier) and logs SMAPE
+  beside the loss, with the training-median baseline on the same rows.
+- A NaN or infinite loss on any rank stops the run before anything is saved.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import math
-import random
-import shutil
-from pathlib import Path
+import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
-from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers import TrainerCallback, TrainingArguments
 
-from common.model.collate import IGNORE
 from common.errors import PipelineError
-from common.fsio import write_json
 from common.model.metrics import smape
 from common.model.predict import predict_batch, with_normalized_pixels
+from common.speed.answer_logits import ANSWER_POSITIONS, answer_only_loss, answer_positions
+from common.speed.trainer import FastTrainer
 
 log = logging.getLogger("train")
-COMPLETE = "COMPLETE"
 
 
 class NonFiniteLoss(PipelineError, RuntimeError):
@@ -49,153 +37,35 @@ def plan_steps(num_samples: int, world: int, batch: int, accum: int, epochs: flo
     return max(1, math.ceil(num_samples * epochs / (world * batch * accum)))
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.split("-")[-1])
+def training_arguments(output_dir, *, batch_size: int, grad_accum: int, learning_rate: float, lr_scheduler: str,
+                       warmup_ratio: float, weight_decay: float, max_steps: int, logging_steps: int, save_steps: int,
+                       save_total_limit: int, eval_steps: int, seed: int) -> TrainingArguments:
+    cuda = torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate, lr_scheduler_type=lr_scheduler, warmup_steps=int(warmup_ratio * max_steps),
+        weight_decay=weight_decay, max_steps=max_steps, logging_steps=logging_steps, save_strategy="steps",
+        save_steps=save_steps, save_total_limit=save_total_limit,
+        eval_strategy="steps" if eval_steps > 0 else "no", eval_steps=eval_steps or None,
+        bf16=cuda, tf32=cuda, use_cpu=not cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
+        report_to=["tensorboard"], seed=seed, remove_unused_columns=False, label_names=["labels"],
+        ddp_backend=("nccl" if cuda else "gloo") if distributed else None, ddp_find_unused_parameters=False,
+        # Qwen2.5-VL's only buffers are its rotary frequencies, built the same on every rank: broadcasting them
+        # before each forward is a collective a step that makes each rank wait for the other
+        ddp_broadcast_buffers=False,
+        logging_nan_inf_filter=False,  # its per-step isnan() check stalls the GPU; NonFiniteGuard stops on NaN instead
+        accelerator_config={"dispatch_batches": False, "split_batches": False},
+        gradient_checkpointing=False,  # set up by common.model.loading, with the frozen-vision fix
+        disable_tqdm=False, log_level="info", log_level_replica="warning")
 
 
-def latest_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint whose COMPLETE marker is there and whose files all still are."""
-    import json
-    for ckpt in sorted(Path(output_dir).glob("checkpoint-*"), key=checkpoint_step, reverse=True):
-        marker = ckpt / COMPLETE
-        if not marker.exists():
-            continue
-        missing = [f for f in json.loads(marker.read_text())["files"] if not (ckpt / f).exists()]
-        if missing:
-            log.warning("%s is missing %s; resuming from an older checkpoint", ckpt, ", ".join(missing))
-            continue
-        return ckpt
-    return None
-
-
-def remove_incomplete_checkpoints(output_dir: Path) -> list[str]:
-    """Folders a kill left mid-save; they would otherwise be overwritten piecemeal or picked up."""
-    removed = []
-    for p in Path(output_dir).glob("checkpoint-*"):
-        if not (p / COMPLETE).exists():
-            shutil.rmtree(p)
-            removed.append(p.name)
-    return removed
-
-
-ANSWER_POSITIONS = "answer_positions"  # batch key: set by PriceTrainer._prepare_inputs, taken out before the forward
-
-
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Sequence positions (over the whole batch) whose next token carries a label: the logits the loss needs."""
-    return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
-
-
-def answer_only_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """transformers' causal-LM loss (mean over learned tokens) for logits kept at `positions` only
-    (logits[:, j] predicts the token after positions[j])."""
-    targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:][:, positions]
-    return ForCausalLMLoss(logits, None, logits.shape[-1], shift_labels=targets)
-
-
-def skip_needless_train_walks(model: torch.nn.Module) -> None:
-    """Make `model.train(mode)` return at once when every module is already in that mode.
-
-    The Trainer calls model.train() at the start of every step. On the 3B LoRA model that walks ~3,400 modules
-    in Python, which the H100 profile (bench/gpu_runs/h100-s.json) shows as host time with the GPU idle at each
-    step's start. A flat read of the modules' flags (a list kept from the last full walk) is ~35x cheaper; any
-    module in another mode (after an evaluation, or one switched on its own) takes the full walk."""
-    walk = model.train
-    modules: list[torch.nn.Module] = []
-
-    def train(mode: bool = True):
-        if not modules or any(m.training != mode for m in modules):
-            walk(mode)
-            modules[:] = list(model.modules())
-        return model
-
-    model.train = train
-
-
-class LengthGroupedStream(torch.utils.data.IterableDataset):
-    """Batches of similar length from a sample stream, to cut padding: each window of batch_size x
-    window_batches samples is sorted by length, cut into batches, and the batches are yielded in a seeded
-    random order, sample by sample, so that a DataLoader with the same batch_size takes them whole (each
-    worker's stream is grouped on its own). Every sample still comes exactly once per pass; the order is a
-    function of the seed, so a resumed run sees the same batches."""
-
-    def __init__(self, inner, batch_size: int, window_batches: int, seed: int):
-        self.inner, self.batch_size, self.window_batches, self.seed = inner, batch_size, window_batches, seed
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random(self.seed * 1000 + (info.id if info else 0))
-        window, size = [], self.batch_size * self.window_batches
-        for sample in self.inner:
-            window.append(sample)
-            if len(window) == size:
-                yield from self._grouped(window, rng)
-                window = []
-        yield from self._grouped(window, rng)
-
-    def _grouped(self, window: list, rng) -> list:
-        window = sorted(window, key=lambda s: len(s["input_ids"]))
-        batches = [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
-        rng.shuffle(batches)
-        return [s for b in batches for s in b]
-
-
-class RecordingStream(torch.utils.data.IterableDataset):
-    """Writes the sample_id of every sample a rank's worker reads to FOLDER/rank{R}-worker{W}.txt
-    (for checking that ranks see disjoint data; prefetched samples are recorded too)."""
-
-    def __init__(self, inner, folder: Path):
-        self.inner, self.folder = inner, Path(folder)
-
-    def __iter__(self):
-        import os
-        info = torch.utils.data.get_worker_info()
-        name = f"rank{os.environ.get('RANK', '0')}-worker{info.id if info else 0}.txt"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / name, "a", encoding="utf-8") as fh:
-            for sample in self.inner:
-                fh.write(sample["sample_id"] + "\n")
-                fh.flush()
-                yield sample
-
-
-class CheckpointMarker(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.exists():
-                write_json(ckpt / COMPLETE, {"step": state.global_step,
-                                             "files": sorted(p.name for p in ckpt.iterdir())})
-
-
-class ScheduledGarbageCollection(TrainerCallback):
-    """Python's automatic garbage collector off while training; instead the young generations are collected
-    every `every` optimizer steps, on every rank at the same step, and everything at evaluations and saves.
-    An automatic full collection walks every live object (torch.compile's graphs and guards are hundreds of
-    thousands): hundreds of ms at a step nobody chose, with the GPU idle and, under torchrun, every other rank
-    waiting for this one in the next all-reduce (torchtitan schedules its collections for the same reason)."""
-
-    def __init__(self, every: int):
-        self.every, self.was_enabled = every, True  # as found when training begins
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.was_enabled = gc.isenabled()
-        gc.collect()
-        gc.disable()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every == 0:
-            gc.collect(1)
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        gc.collect()
-
-    def on_save(self, args, state, control, **kwargs):
-        gc.collect()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.was_enabled:
-            gc.enable()
+def train_loader(dataset, batch_size: int, collate_fn, loader_options: dict) -> DataLoader:
+    workers = loader_options["num_workers"]
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=workers,
+                      pin_memory=loader_options["pin_memory"] and torch.cuda.is_available(),
+                      persistent_workers=workers > 0 and loader_options["persistent_workers"],
+                      prefetch_factor=loader_options["prefetch_factor"] if workers > 0 else None)
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -217,21 +87,6 @@ def nonfinite_on_any_rank(flag: torch.Tensor | None) -> bool:
             bad = bad.cuda()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bool(bad.item())
-
-
-def collect_garbage_automatically(_worker_id: int) -> None:
-    gc.enable()
-
-
-def train_loader(dataset, batch_size: int, collate_fn, loader_options: dict) -> DataLoader:
-    """The training DataLoader. Its workers collect their own garbage as usual: they start (fork) while
-    ScheduledGarbageCollection has the trainer process's collector off, which they would otherwise inherit."""
-    workers = loader_options["num_workers"]
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=workers,
-                      pin_memory=loader_options["pin_memory"] and torch.cuda.is_available(),
-                      persistent_workers=workers > 0 and loader_options["persistent_workers"],
-                      prefetch_factor=loader_options["prefetch_factor"] if workers > 0 else None,
-                      worker_init_fn=collect_garbage_automatically if workers > 0 else None)
 
 
 def ranks_hold_same_weights(model: torch.nn.Module) -> bool | None:
@@ -269,24 +124,18 @@ class EpochBanner(logging.Filter):
         return True
 
 
-class PriceTrainer(Trainer):
-    def __init__(self, *args, loader_options: dict, eval_options: dict, answer_only: bool = False,
-                 pixel_spec=None, no_cache: bool = False, grads_in_buckets: bool = False, cuda_graphs: bool = False,
+class PriceTrainer(FastTrainer):
+    def __init__(self, *args, loader_options: dict, eval_options: dict, pixel_spec=None, no_cache: bool = False,
                  samples_per_epoch: int = 0, **kwargs):
-        self.grads_in_buckets = grads_in_buckets  # read while the base class builds its accelerator
         super().__init__(*args, **kwargs)
-        self.samples_per_epoch = samples_per_epoch
-        skip_needless_train_walks(self.model)
         self.loader_options = loader_options
         self.eval_options = eval_options
-        self._nonfinite = None
-        self.answer_only = answer_only
+        self.samples_per_epoch = samples_per_epoch
         self.pixel_spec = pixel_spec
+        self._nonfinite = None
         # transformers builds a KV cache in every training forward unless told not to: wasted copies, and with
         # compiled decoder layers one recompilation per layer (each guards on its own cache slot)
         self.forward_kwargs = {"use_cache": False} if no_cache else {}
-        self._flops_per_token = None
-        self.cuda_graphs = cuda_graphs
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Logs with the epoch counted in samples seen (the Trainer, given a stream, counts the run as one)."""
@@ -295,49 +144,14 @@ class PriceTrainer(Trainer):
                 self.args.gradient_accumulation_steps / self.samples_per_epoch
         super().log(logs, start_time)
 
-    def _build_accelerator_args(self, **kwargs) -> dict:
-        """DDP's options as the Trainer sets them, plus gradient_as_bucket_view, which TrainingArguments lacks."""
-        args = super()._build_accelerator_args(**kwargs)
-        for handler in args.get("kwargs_handlers", []):
-            if isinstance(handler, DistributedDataParallelKwargs):
-                handler.gradient_as_bucket_view = self.grads_in_buckets
-        return args
-
     def get_train_dataloader(self) -> DataLoader:
         # The stream splits itself by rank and worker; accelerate must not shard or dispatch it again.
         return train_loader(self.train_dataset, self.args.per_device_train_batch_size, self.data_collator,
                             self.loader_options)
 
-    def _prepare_input(self, data):
-        """The Trainer's move to the device, without waiting: a batch the loader pinned is copied asynchronously
-        (the Trainer's plain `.to(device)` waited on each of a batch's ~11 tensors: 20 host syncs a step in
-        all, profiled on an H100, bench/gpu_runs/h100-r.json)."""
-        if isinstance(data, torch.Tensor) and data.device.type == "cpu" and data.is_pinned():
-            return data.to(self.args.device, non_blocking=True)
-        return super()._prepare_input(data)
-
-    def _prepare_inputs(self, inputs):
-        """The answer positions found on the host, from the loader's labels, before the batch moves: found on the
-        GPU they are a read-back that waits for the previous step to finish."""
-        labels = inputs.get("labels")
-        if self.answer_only and labels is not None and labels.device.type == "cpu":
-            positions = answer_positions(labels)
-            inputs = {**inputs, ANSWER_POSITIONS: positions.pin_memory() if labels.is_pinned() else positions}
-        return super()._prepare_inputs(inputs)
-
-    def floating_point_ops(self, inputs) -> int:
-        """The Trainer's estimate, 6 x tokens x parameters, with the parameters counted once: the Trainer walks
-        every parameter again on every step (profiled: tens of ms per step with the GPU idle)."""
-        if self._flops_per_token is None:
-            self._flops_per_token = super().floating_point_ops({"input_ids": torch.zeros(1)})
-        return self._flops_per_token * inputs["input_ids"].numel() if "input_ids" in inputs else 0
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**with_normalized_pixels(inputs, self.pixel_spec), **self.forward_kwargs}
         positions = inputs.pop(ANSWER_POSITIONS, None)
-        if self.cuda_graphs:
-            # a new forward: the graphs' output buffers from the last one (its backward done) may be reused
-            torch.compiler.cudagraph_mark_step_begin()
         if self.answer_only and "labels" in inputs:
             # The model's own loss, reduced the same way (a mean per micro-batch: Qwen2.5-VL takes no loss
             # kwargs, so the Trainer then divides by the accumulation steps as it does for that loss).
@@ -380,12 +194,12 @@ class PriceTrainer(Trainer):
 
 
 def evaluate_smape(model, tokenizer, dataset, collator, median: float, max_samples: int,
-                   batch_size: int, spec=None, host_positions: bool = True) -> dict:
+                   batch_size: int, spec=None) -> dict:
     """SMAPE of generated prices on up to max_samples rows, beside predicting the training median."""
     preds, truths, fallbacks = [], [], 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda s: (collator(s), s))
     for batch, samples in loader:
-        for p, s in zip(predict_batch(model, tokenizer, batch, spec=spec, host_positions=host_positions), samples):
+        for p, s in zip(predict_batch(model, tokenizer, batch, spec=spec), samples):
             if p is None:
                 fallbacks += 1
                 p = median
@@ -397,3 +211,47 @@ def evaluate_smape(model, tokenizer, dataset, collator, median: float, max_sampl
     return {"smape": round(smape(preds, truths), 3), "median_smape": round(smape([median] * len(truths), truths), 3),
             "fallbacks": fallbacks, "samples": len(preds),
             "pred_median": float(np.median(preds)) if preds else None}
+
+
+def build_trainer(cfg, model, backend: str, host_ids, tokenizer, spec, streams: dict, max_steps: int) -> PriceTrainer:
+    """The Trainer for stage 6's config: streaming loader, collators (host-built ids when `host_ids`), SMAPE
+    evaluation on the validation stream, checkpoint markers and the NaN guard."""
+    from common import layout
+    from common.data.streams import LengthGroupedStream, RecordingStream
+    from common.fsio import read_json
+    from common.model.checkpoints import CheckpointMarker
+    from common.model.collate import for_tokenizer
+    from common.speed import Speedups, parse_off
+    speed = Speedups(backend, parse_off(cfg.advanced.speedups_off))
+    train = streams["train"]
+    if cfg.advanced.record_samples:
+        train = RecordingStream(train, cfg.advanced.record_samples)
+    if cfg.schedule.group_by_length:
+        train = LengthGroupedStream(train, cfg.device.batch_size, cfg.advanced.group_window, cfg.schedule.seed)
+    median = read_json(layout.jsonl_dir(cfg.data.work_dir) / "stats.json")["train_median_price"]
+    text_only = cfg.advanced.text_only
+    eval_options = {"tokenizer": tokenizer, "dataset": streams["validation"], "median": median, "spec": spec,
+                    "max_samples": cfg.run.eval_samples, "batch_size": cfg.run.eval_batch_size,
+                    "collator": for_tokenizer(tokenizer, "left", with_labels=False, drop_images=text_only,
+                                              host_ids=host_ids)}
+    args = training_arguments(cfg.out, batch_size=cfg.device.batch_size, grad_accum=cfg.device.grad_accum,
+                              learning_rate=cfg.schedule.learning_rate, lr_scheduler=cfg.schedule.lr_scheduler,
+                              warmup_ratio=cfg.schedule.warmup_ratio, weight_decay=cfg.schedule.weight_decay,
+                              max_steps=max_steps, logging_steps=cfg.run.logging_steps, save_steps=cfg.run.save_steps,
+                              save_total_limit=cfg.run.save_total_limit, eval_steps=cfg.run.eval_steps,
+                              seed=cfg.schedule.seed)
+    loader = {"num_workers": cfg.device.workers, "pin_memory": cfg.advanced.pin_memory,
+              "persistent_workers": cfg.advanced.persistent_workers, "prefetch_factor": cfg.advanced.prefetch_factor}
+    trainer = PriceTrainer(model=model, args=args, train_dataset=train, eval_dataset=streams["validation"],
+                           data_collator=for_tokenizer(tokenizer, drop_images=text_only, host_ids=host_ids),
+                           loader_options=loader, eval_options=eval_options, pixel_spec=spec,
+                           glue=speed.on("trainer_glue"), answer_only=speed.on("answer_only_logits"),
+                           no_cache=backend == "hf", samples_per_epoch=streams["train"].num_samples,
+                           callbacks=[CheckpointMarker()])
+    trainer.add_callback(NonFiniteGuard(trainer))
+    trainer.speed_levers = speed.active()
+    logging.getLogger("transformers.trainer").addFilter(
+        EpochBanner(streams["train"].num_samples, 
+                    args.world_size * args.train_batch_size * args.gradient_accumulation_steps,
+                    max_steps))
+    return trainer

@@ -119,3 +119,32 @@ def _one_grid(t: int, h: int, w: int, layout: HostLayout) -> tuple[torch.Tensor,
     grid = torch.tensor([[t, h, w]])
     index, cu = get_vision_window_index(grid, layout.merge_size, layout.window_size, layout.patch_size)
     return get_vision_position_ids(grid, layout.merge_size), index, cu
+
+
+def skip_image_readbacks(model) -> None:
+    """Let the model's forward merge image features without two GPU -> host read-backs per forward: the split of
+    the vision tower's output per image (`.tolist()` of the grids), undone by the forward's next line, and the
+    image-token count check (formatted into its message before the check runs). The collator checks the same
+    count on the host (`common.model.collate.check_image_tokens`); use only with batches from a host-ids collator."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from transformers.utils.generic import accepts_precomputed_kwargs
+    inner = next(m for m in model.modules() if isinstance(m, Qwen2_5_VLModel))
+    checked_placeholder_mask = inner.get_placeholder_mask
+    image_token_id, video_token_id = inner.config.image_token_id, inner.config.video_token_id
+
+    # the decorator the library's own get_image_features carries: the collator's `image_position_ids`,
+    # `image_cu_seqlens`, ... reach the tower as `position_ids`, ...; passed on unrenamed, the tower ignored them and
+    # rebuilt each on the GPU, reading the grids back every step
+    @accepts_precomputed_kwargs(modality="image")
+    def image_features(pixel_values, image_grid_thw=None, **kwargs):
+        out = inner.visual(pixel_values.type(inner.visual.dtype), grid_thw=image_grid_thw, **kwargs)
+        out.pooler_output = (out.pooler_output,)
+        return out
+
+    def placeholder_mask(input_ids, inputs_embeds, image_features=None, video_features=None):
+        if input_ids is None:
+            return checked_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
+        return (input_ids == image_token_id).unsqueeze(-1), (input_ids == video_token_id).unsqueeze(-1)
+
+    inner.get_image_features = image_features
+    inner.get_placeholder_mask = placeholder_mask

@@ -1,0 +1,41 @@
+"""torch.compile per block, and the process-wide torch settings that go with it.
+
+Each vision block and (in training) each decoder layer is compiled as its own region with dynamic shapes, so
+norms, rotary embeddings, SwiGLU and the LoRA adds fuse; one compilation per block type serves every layer.
+On the hf backend the model's float attributes (norm eps, attention and LoRA scaling) are compiled as constants
+(`specialize_float`): passed as 0-d CPU tensors instead, each costs a read-back and a C++ kernel per block, and
+the 3B's first step compiles 2-3x slower. Under DDP each block stays one graph (`optimize_ddp` off): a block's
+gradients reach DDP's reducer as its backward ends anyway, so a cut buys no overlap and splits the fusions.
+Unsloth compiles its own decoder layers: only the vision blocks are compiled there.
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("speed")
+
+
+def compile_blocks(model, training: bool, backend: str) -> int:
+    """Compile the vision blocks, and in training on the hf backend the decoder layers. Returns how many."""
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+    kinds = (Qwen2_5_VLVisionBlock, Qwen2_5_VLDecoderLayer) if training and backend == "hf" else \
+        (Qwen2_5_VLVisionBlock,)
+    blocks = [m for m in model.modules() if isinstance(m, kinds)]
+    if not blocks:
+        return 0
+    if backend == "hf":
+        torch._dynamo.config.specialize_float = True
+    torch._dynamo.config.optimize_ddp = False
+    for block in blocks:
+        block.compile(dynamic=True)
+    log.info("torch.compile: %d blocks; the first steps include compiling", len(blocks))
+    return len(blocks)
+
+
+def no_cudnn_attention() -> None:
+    """SDPA may not pick cuDNN, its first choice on an H100: cuDNN builds an execution plan for every new sequence
+    length, and with real catalog lengths every batch (and every decode step) is one; profiled, those builds held
+    the GPU idle for half of inference. SDPA takes the flash or memory-efficient kernel instead."""
+    import torch
+    torch.backends.cuda.enable_cudnn_sdp(False)
