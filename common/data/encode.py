@@ -27,6 +27,17 @@ if TYPE_CHECKING:
     import torch
 
 SENTINEL = "\u2063CATALOG\u2063"
+# Qwen2-VL's chat template, reduced to what this project sends (text and image parts).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 class SampleError(PipelineError, ValueError):
@@ -117,8 +128,7 @@ def load_tokenizer(path: str):
                 tok.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
                 break
         else:
-            from common.demo.tiny import CHAT_TEMPLATE
-            tok.chat_template = CHAT_TEMPLATE  # Qwen2-VL's own format
+            tok.chat_template = CHAT_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = "<|endoftext|>"
     return tok
