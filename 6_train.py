@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common import layout, logs, options
@@ -52,6 +52,8 @@ class ScheduleOptions:
     lr_scheduler: str = opt("learning-rate schedule", "cosine", ["cosine", "linear", "constant", "constant_with_warmup"])
     warmup_ratio: float = opt("share of steps spent warming up", 0.03)
     weight_decay: float = opt("AdamW weight decay", 0.0)
+    global_batch_size: int = opt("samples per optimizer step over all GPUs; 0: 16, or --batch-size x --grad-accum x "
+                                 "ranks when both are given", 0)
     seed: int = opt("seed of the LoRA weights and the data order", 42)
     group_by_length: bool = opt("batch samples of similar length (less padding, less mixed batches)", False)
 
@@ -71,12 +73,15 @@ class RunOptions:
 
 @dataclass
 class DeviceOptions:
-    _argument_group_name = "device and memory"
-    backend: str = opt("unsloth, hf (transformers + peft) or auto", "auto", ["auto", "unsloth", "hf"])
-    batch_size: int = opt("samples per device per micro-step", 4)
-    grad_accum: int = opt("micro-steps per optimizer step", 4)
-    load_in_4bit: bool = opt("4-bit base weights (GPU only)", True)
-    gradient_checkpointing: bool = opt("recompute activations to save memory", False)
+    _argument_group_name = "device and memory (auto: planned from the GPU found; a value given is kept)"
+    backend: str = opt("hf (transformers + peft), unsloth, or auto", "auto", ["auto", "hf", "unsloth"])
+    base_precision: str = opt("base weights: 16bit, 4bit, or auto", "auto", ["auto", "16bit", "4bit"])
+    dtype: str = opt("compute dtype: bfloat16, float16 (loss scaling), float32, or auto", "auto",
+                     ["auto", "bfloat16", "float16", "float32"])
+    batch_size: int = opt("samples per GPU per micro-step (0: auto)", 0)
+    grad_accum: int = opt("micro-steps per optimizer step (0: auto)", 0)
+    gradient_checkpointing: str = opt("recompute activations to save memory", "auto", ["auto", "on", "off"])
+    max_gpu_memory: float = opt("GiB of GPU memory this process may use (0: the card's)", 0.0)
     workers: int = opt("data loader processes per rank", 2)
 
 
@@ -108,11 +113,15 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         from common.model.loading import backend_problem
+        from common.model.plan import Device, problems
         from common.speed import LEVERS, parse_off
         out = [f"--{n.replace('_', '-')} must be >= 1" for group, names in (
-            (self.device, ("batch_size", "grad_accum")), (self.lora, ("lora_r",)),
-            (self.run, ("save_steps", "logging_steps", "eval_batch_size")), (self.advanced, ("group_window",)))
-               for n in names if getattr(group, n) < 1]
+            (self.lora, ("lora_r",)), (self.run, ("save_steps", "logging_steps", "eval_batch_size")),
+            (self.advanced, ("group_window",))) for n in names if getattr(group, n) < 1]
+        out += [f"--{n.replace('_', '-')} must be >= 0" for group, n in (
+            (self.device, "batch_size"), (self.device, "grad_accum"), (self.device, "max_gpu_memory"),
+            (self.schedule, "global_batch_size")) if getattr(group, n) < 0]
+        out += problems(self.request(), Device.detect())
         if self.schedule.max_steps <= 0 and self.schedule.epochs <= 0:
             out.append("give --epochs > 0 or --max-steps > 0")
         if not 0 <= self.schedule.warmup_ratio < 1:
@@ -134,9 +143,18 @@ class TrainConfig:
 
     def memory_hint(self) -> str:
         from common.model.loading import gpu_memory_text
-        return (f" in stage 6 at micro-batch {self.device.batch_size} x {self.device.grad_accum} accumulation, "
-                f"with {gpu_memory_text()}: lower --batch-size (a larger --grad-accum keeps the effective batch), "
-                "or add --gradient-checkpointing or --load-in-4bit")
+        return (f" in stage 6, with {gpu_memory_text()}: pass a smaller --batch-size, --gradient-checkpointing on "
+                "or --base-precision 4bit")
+
+    def request(self, tokens: int = 640):
+        """What the user asked of the plan (common.model.plan)."""
+        from common.model.plan import Request
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        d = self.device
+        given = self.schedule.global_batch_size or (d.batch_size * d.grad_accum * world if d.batch_size and
+                                                     d.grad_accum else 16)
+        return Request(d.backend, d.base_precision, d.dtype, d.batch_size, d.grad_accum, d.gradient_checkpointing,
+                       d.max_gpu_memory, given, world, tokens)
 
     @property
     def out(self) -> Path:
@@ -156,17 +174,21 @@ def main(cfg: TrainConfig) -> dict:
     from common.model.loading import import_backend
     import_backend(cfg.device.backend)  # Unsloth, if chosen, must be imported before transformers
     from common.data.encode import ImageSpec, load_tokenizer
+    from common.data.shards import planning_tokens
     from common.data.streams import open_stream
+    from common.model.backoff import train_with_backoff
     from common.model.checkpoints import latest_complete_checkpoint, remove_incomplete_checkpoints, save_run
-    from common.model.loading import LoraSettings, bind_local_gpu, load_training_model, resolve_model
+    from common.model.loading import LoraSettings, bind_local_gpu, cap_gpu_memory, load_training_model, resolve_model
+    from common.model.plan import Device, ModelSize, plan_training
     from common.model.training import build_trainer, plan_steps, ranks_hold_same_weights
-    from common.speed import parse_off
+    from common.speed import Speedups, parse_off
     log = logs.setup("train")
     if (cfg.out / "COMPLETE").exists() and not cfg.run.overwrite:
         log.info("%s holds a finished run; pass --overwrite to train again", cfg.out)
         return read_json(cfg.out / "stats.json")
     rank0, world = logs.rank() == 0, int(os.environ.get("WORLD_SIZE", 1))
     bind_local_gpu()
+    cap_gpu_memory(cfg.device.max_gpu_memory)
     if rank0 and (cfg.run.overwrite or not cfg.run.resume) and cfg.out.exists():
         shutil.rmtree(cfg.out)
     model_path = resolve_model(cfg.data.model, cfg.data.work_dir)
@@ -176,35 +198,36 @@ def main(cfg: TrainConfig) -> dict:
                                   shuffle_buffer=cfg.advanced.shuffle_buffer,
                                   skip_corrupt=cfg.data.skip_corrupt_shards)
                for split in ("train", "validation")}
+    tokens = planning_tokens(getattr(streams["train"], "index", {}))
+    speed = Speedups(cfg.device.backend if cfg.device.backend != "auto" else "hf", parse_off(cfg.advanced.speedups_off))
+    plan = plan_training(cfg.request(tokens), Device.detect(), ModelSize.of(model_path), speed.on("compile"))
+    logs.every_rank(plan.line(world))
     samples = streams["train"].num_samples
-    max_steps = plan_steps(samples, world, cfg.device.batch_size, cfg.device.grad_accum, cfg.schedule.epochs,
+    max_steps = plan_steps(samples, world, plan.micro_batch, plan.grad_accum, cfg.schedule.epochs,
                            cfg.schedule.max_steps)
-    log.info("%d train samples, world %d x batch %d x accum %d -> %d steps", samples, world, cfg.device.batch_size,
-             cfg.device.grad_accum, max_steps)
+    log.info("%d train samples, %d per step -> %d steps", samples, plan.global_batch * world, max_steps)
     lora = LoraSettings(cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.lora_dropout, cfg.lora.tune_vision)
-    model, backend, host = load_training_model(model_path, cfg.device.backend, lora, cfg.device.load_in_4bit,
-                                               cfg.device.gradient_checkpointing, cfg.schedule.seed,
-                                               parse_off(cfg.advanced.speedups_off))
-    trainer = build_trainer(cfg, model, backend, host, tokenizer, spec, streams, max_steps)
+    model, host = load_training_model(model_path, plan, lora, cfg.schedule.seed, parse_off(cfg.advanced.speedups_off))
+    trainer = build_trainer(cfg, plan, model, host, tokenizer, spec, streams, max_steps)
     if rank0 and cfg.out.exists():
         remove_incomplete_checkpoints(cfg.out)
     resume_from = latest_complete_checkpoint(cfg.out) if cfg.run.resume else None
-    log.info("backend %s; %s", backend, f"resuming from {resume_from}" if resume_from else "starting fresh")
+    log.info("%s", f"resuming from {resume_from}" if resume_from else "starting fresh")
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    result, plan = train_with_backoff(trainer, plan, "micro-batch" in plan.chosen and world == 1, resume_from, cfg.out)
     trainer.raise_if_nonfinite(trainer.state.global_step)
     final_eval = trainer.evaluate()
     in_step = ranks_hold_same_weights(trainer.model)
     if in_step is False:
         log.error("the ranks ended with different LoRA weights: DDP did not keep them in step; rank 0's are saved")
-    stats = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "backend": backend,
+    stats = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "plan": asdict(plan),
              "seconds": round(time.time() - started, 1), "resumed_from": str(resume_from) if resume_from else None,
-             "samples_seen": trainer.state.global_step * world * cfg.device.batch_size * cfg.device.grad_accum,
-             "final_eval": final_eval, "log_history": trainer.state.log_history, "world_size": world,
+             "samples_seen": trainer.state.global_step * world * plan.global_batch, "final_eval": final_eval,
+             "timing": trainer.timer.summary(plan.global_batch * world), "log_history": trainer.state.log_history, "world_size": world,
              "ranks_hold_same_weights": in_step, "speed_levers": trainer.speed_levers}
     if trainer.is_world_process_zero():
         save_run(cfg.out, trainer.accelerator.unwrap_model(trainer.model), tokenizer, model_path,
-                 {"base_model": model_path, "backend": backend, "encoding": cfg.encoding,
+                 {"base_model": model_path, "backend": plan.backend, "plan": asdict(plan), "encoding": cfg.encoding,
                   "options": options.to_jsonable(cfg)}, stats)
         log.info("saved to %s: %s", cfg.out, json.dumps(final_eval))
     return stats

@@ -12,7 +12,7 @@ Writes  WORK_DIR/test_out.csv   sample_id,price: every id of test.csv once, in i
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common import layout, logs, options
@@ -35,9 +35,12 @@ class InferOptions:
 
 @dataclass
 class InferDeviceOptions:
-    _argument_group_name = "device and batches"
-    backend: str = opt("unsloth, hf (transformers + peft) or auto", "auto", ["auto", "unsloth", "hf"])
-    batch_size: int = opt("samples per batch", 32)
+    _argument_group_name = "device and batches (auto: planned from the GPU found; a value given is kept)"
+    backend: str = opt("hf (transformers + peft), unsloth, or auto", "auto", ["auto", "hf", "unsloth"])
+    dtype: str = opt("compute dtype: bfloat16, float16, float32, or auto", "auto",
+                     ["auto", "bfloat16", "float16", "float32"])
+    batch_size: int = opt("samples per batch (0: auto; 32 on a CPU)", 0)
+    max_gpu_memory: float = opt("GiB of GPU memory this process may use (0: the card's)", 0.0)
     workers: int = opt("data loader processes", 2)
 
 
@@ -51,6 +54,7 @@ class InferAdvancedOptions:
     sort_window: int = opt("batches per length-sorting window", 16)
     flush_every: int = opt("write a part file every N batches", 4)
     skip_corrupt_shards: bool = opt("answer rows of unreadable shards with the fallback", True)
+    run_dir: str = opt("where the part files and stats.json go; empty: WORK_DIR/infer_SPLIT", "")
 
 
 @dataclass
@@ -62,9 +66,17 @@ class InferConfig:
     def problems(self) -> list[str]:
         from common.model.loading import backend_problem
         from common.speed import LEVERS, parse_off
+        from common.model.plan import Device
         out = []
-        if min(self.device.batch_size, self.advanced.flush_every, self.advanced.sort_window) < 1:
-            out.append("--batch-size, --flush-every and --sort-window must be >= 1")
+        if self.device.batch_size < 0 or self.device.max_gpu_memory < 0:
+            out.append("--batch-size and --max-gpu-memory must be >= 0")
+        if min(self.advanced.flush_every, self.advanced.sort_window) < 1:
+            out.append("--flush-every and --sort-window must be >= 1")
+        device = Device.detect()
+        if device is None and (self.device.dtype not in ("auto", "float32") or self.device.max_gpu_memory):
+            out.append("--dtype other than float32 and --max-gpu-memory need a CUDA GPU; this machine has none")
+        elif device is not None and self.device.dtype == "bfloat16" and not device.bf16:
+            out.append(f"--dtype bfloat16: {device.name} has no bf16; use float16 (or auto)")
         out += backend_problem(self.device.backend)
         unknown = parse_off(self.advanced.speedups_off) - set(LEVERS)
         if unknown:
@@ -81,7 +93,7 @@ class InferConfig:
 
     def memory_hint(self) -> str:
         from common.model.loading import gpu_memory_text
-        return f" in stage 7 at batch size {self.device.batch_size}, with {gpu_memory_text()}: lower --batch-size"
+        return f" in stage 7, with {gpu_memory_text()}: pass a smaller --batch-size"
 
     @property
     def tdir(self) -> Path:
@@ -110,14 +122,18 @@ def main(cfg: InferConfig) -> dict:
     from common.model.loading import import_backend
     import_backend(cfg.device.backend)  # Unsloth, if chosen, must be imported before transformers
     from common.data.encode import ImageSpec, load_tokenizer
+    from common.data.shards import planning_tokens
     from common.data.streams import open_stream
     from common.model.collate import for_tokenizer
-    from common.model.inference import init_distributed, merge, read_parts, run_predictions, write_predictions_csv
-    from common.model.loading import bind_local_gpu, load_inference_model, resolve_model
+    from common.model.inference import (init_distributed, merge, read_parts, run_predictions, text_predictor,
+                                        write_predictions_csv)
+    from common.model.loading import bind_local_gpu, cap_gpu_memory, load_inference_model, resolve_model
+    from common.model.plan import Device, ModelSize, plan_inference
     from common.speed import parse_off
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
     bind_local_gpu()
+    cap_gpu_memory(cfg.device.max_gpu_memory)
     init_distributed(world)
     train_cfg = read_json(cfg.tdir / "train_config.json") if (cfg.tdir / "train_config.json").exists() else {}
     base = resolve_model(cfg.data.model, cfg.data.work_dir) if cfg.data.model else train_cfg["base_model"]
@@ -126,17 +142,21 @@ def main(cfg: InferConfig) -> dict:
     encoding = train_cfg.get("encoding", {"min_pixels": 256 * 28 * 28, "max_pixels": 512 * 28 * 28, "max_length": 2048})
     ids, truth = expected_rows(cfg)
     median = read_json(layout.jsonl_dir(cfg.data.work_dir) / "stats.json")["train_median_price"]
-    out_dir = cfg.data.work_dir / f"infer_{cfg.data.split}"
-    model, backend, host, decoder = load_inference_model(base, adapter, cfg.device.backend,
+    out_dir = Path(cfg.advanced.run_dir) if cfg.advanced.run_dir else cfg.data.work_dir / f"infer_{cfg.data.split}"
+    model, backend, host, decoder = load_inference_model(base, adapter, cfg.device.backend, cfg.device.dtype,
                                                          parse_off(cfg.advanced.speedups_off))
-    log.info("%s: %d rows to answer; base %s, adapter %s, backend %s", cfg.data.split, len(ids), base, adapter, backend)
     stream = open_stream(cfg.data.source, cfg.data.work_dir, cfg.data.split, spec, base, encoding,
                          skip_corrupt=cfg.advanced.skip_corrupt_shards)
+    plan = plan_inference(cfg.device.batch_size, backend, str(next(model.parameters()).dtype).split(".")[-1],
+                          "graphs" if decoder else "generate", Device.detect(), ModelSize.of(base),
+                          planning_tokens(getattr(stream, "index", {})), cfg.device.max_gpu_memory)
+    logs.every_rank(plan.line(world))
+    log.info("%s: %d rows to answer; base %s, adapter %s", cfg.data.split, len(ids), base, adapter)
     collator = for_tokenizer(tokenizer, "left", with_labels=False, host_ids=host)
-    run = run_predictions(model, tokenizer, stream, collator, out_dir / "parts", rank, cfg.device.batch_size,
-                          cfg.device.workers, cfg.advanced.sort_by_length, cfg.advanced.sort_window,
-                          cfg.advanced.flush_every, cfg.advanced.constrained, expected=len(ids) // world, spec=spec,
-                          decoder=decoder)
+    predict = text_predictor(model, tokenizer, cfg.advanced.constrained, spec, decoder)
+    run = run_predictions(predict, stream, collator, out_dir / "parts", rank, plan.batch, cfg.device.workers,
+                          cfg.advanced.sort_by_length, cfg.advanced.sort_window, cfg.advanced.flush_every,
+                          expected=len(ids) // world)
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
@@ -146,8 +166,8 @@ def main(cfg: InferConfig) -> dict:
     write_predictions_csv(cfg.out_csv, rows)
     stats = {"split": cfg.data.split, "rows_expected": len(ids), "rows_written": len(rows),
              "fallback_counts": {k: len(v) for k, v in reasons.items()}, "fallback_ids": reasons,
-             "fallback_price": median, "rank0_run": run, "decode": "graphs" if decoder else "generate",
-             "world_size": world, "backend": backend, "output": str(cfg.out_csv), "options": options.to_jsonable(cfg)}
+             "fallback_price": median, "rank0_run": run, "plan": asdict(plan), "world_size": world,
+             "output": str(cfg.out_csv), "options": options.to_jsonable(cfg)}
     if truth:
         from common.model.report import write_report
         stats["evaluation"] = write_report(cfg.data.work_dir / "eval", rows, truth, median)

@@ -8,6 +8,8 @@
 #
 # Options: --data-dir D  --work-dir W  --model M  --from-stage N  --to-stage N  --ngpu N  --demo
 #          --demo-port P (default 8765)  --demo-train-rows N  --demo-test-rows N
+#          --args-N "OPTIONS"   options passed on to stage N (1..7), e.g. --args-1 "--concurrency 128";
+#          --train-args and --infer-args are --args-6 and --args-7; see each stage's --help
 # PYTHON (default: python3) picks the interpreter.
 
 set -euo pipefail
@@ -15,6 +17,10 @@ cd "$(dirname "$0")"
 
 DATA_DIR="" WORK_DIR="work" MODEL="tiny" FROM=1 TO=7 NGPU=1 DEMO=0 PORT=8765 TRAIN_ROWS=2000 TEST_ROWS=200
 PY="${PYTHON:-python3}"
+ARGS1=() ARGS2=() ARGS3=() ARGS4=() ARGS5=() ARGS6=() ARGS7=()
+pass_on() {  # pass_on N "OPTIONS": word-split OPTIONS onto stage N's extra arguments
+  local words; read -r -a words <<< "$2"; declare -n extra="ARGS$1"; extra+=("${words[@]}")
+}
 usage() { sed -n '2,/^$/p' "$0" | sed -e 's/^# \{0,1\}//' -e '/^$/d'; }
 bad() { echo "run.sh: $1" >&2; usage >&2; exit 2; }
 value() { [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || bad "$1 needs a value"; }
@@ -30,6 +36,9 @@ while [ $# -gt 0 ]; do
     --demo-port) value "$@"; PORT="$2"; shift 2 ;;
     --demo-train-rows) value "$@"; TRAIN_ROWS="$2"; shift 2 ;;
     --demo-test-rows) value "$@"; TEST_ROWS="$2"; shift 2 ;;
+    --args-[1-7]) [ $# -ge 2 ] || bad "$1 needs a value"; pass_on "${1#--args-}" "$2"; shift 2 ;;
+    --train-args) [ $# -ge 2 ] || bad "$1 needs a value"; pass_on 6 "$2"; shift 2 ;;
+    --infer-args) [ $# -ge 2 ] || bad "$1 needs a value"; pass_on 7 "$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) bad "unknown option $1" ;;
   esac
@@ -50,7 +59,7 @@ if [ "$DEMO" = 1 ]; then
   DOWNLOAD=(--allow-private-hosts)  # its images are served from 127.0.0.1
   PIXELS=(--min-pixels 12544 --max-pixels 25088)
   JSONL=(--validation-split-ratio 0.1)
-  TRAIN=(--batch-size 8 --grad-accum 1 --epochs 6 --learning-rate 3e-3 --lora-r 32 --lora-alpha 32
+  TRAIN=(--global-batch-size 8 --epochs 6 --learning-rate 3e-3 --lora-r 32 --lora-alpha 32
          --eval-steps 250 --eval-samples 100 --save-steps 250 --workers 1)
   INFER=(--workers 1)
   if [ "$FROM" -le 1 ]; then
@@ -85,12 +94,13 @@ launch() {  # run a stage script, under torchrun when more than one GPU is asked
   if [ "$NGPU" -gt 1 ]; then "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" "$@"; else "$PY" "$@"; fi
 }
 
-stage 1 "download images" "$PY" 1_download.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR" "${DOWNLOAD[@]}"
-stage 2 "resize images" "$PY" 2_resize.py --work-dir "$WORK_DIR" "${PIXELS[@]}"
-stage 3 "chat JSONL" "$PY" 3_create_jsonl.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR" "${JSONL[@]}"
-stage 4 "encode samples" "$PY" 4_preprocess.py --work-dir "$WORK_DIR" --model "$MODEL" "${PIXELS[@]}"
-stage 5 "pack shards" "$PY" 5_convert.py --work-dir "$WORK_DIR"
-stage 6 "train" launch 6_train.py --work-dir "$WORK_DIR" --model "$MODEL" "${TRAIN[@]}"
-stage 7 "predict validation (report)" launch 7_infer.py --work-dir "$WORK_DIR" --data-dir "$DATA_DIR" --split validation "${INFER[@]}"
-stage 7 "predict test" launch 7_infer.py --work-dir "$WORK_DIR" --data-dir "$DATA_DIR" "${INFER[@]}"
+stage 1 "download images" "$PY" 1_download.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR" "${DOWNLOAD[@]}" "${ARGS1[@]}"
+stage 2 "resize images" "$PY" 2_resize.py --work-dir "$WORK_DIR" "${PIXELS[@]}" "${ARGS2[@]}"
+stage 3 "chat JSONL" "$PY" 3_create_jsonl.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR" "${JSONL[@]}" "${ARGS3[@]}"
+stage 4 "encode samples" "$PY" 4_preprocess.py --work-dir "$WORK_DIR" --model "$MODEL" "${PIXELS[@]}" "${ARGS4[@]}"
+stage 5 "pack shards" "$PY" 5_convert.py --work-dir "$WORK_DIR" "${ARGS5[@]}"
+stage 6 "train" launch 6_train.py --work-dir "$WORK_DIR" --model "$MODEL" "${TRAIN[@]}" "${ARGS6[@]}"
+stage 7 "predict validation (report)" launch 7_infer.py --work-dir "$WORK_DIR" --data-dir "$DATA_DIR" --split validation \
+  "${INFER[@]}" "${ARGS7[@]}"
+stage 7 "predict test" launch 7_infer.py --work-dir "$WORK_DIR" --data-dir "$DATA_DIR" "${INFER[@]}" "${ARGS7[@]}"
 if [ "$TO" -eq 7 ]; then "$PY" -m common.summary --work-dir "$WORK_DIR" --data-dir "$DATA_DIR"; fi

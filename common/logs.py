@@ -16,3 +16,11 @@ def setup(name: str) -> logging.Logger:
     for noisy in ("urllib3", "PIL", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return logging.getLogger(name)
+
+
+def every_rank(line: str) -> None:
+    """A line every rank prints (stage 6's and 7's plan: each rank shows what it runs), prefixed with its rank."""
+    import sys
+    prefix = f"[rank {rank()}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    sys.stderr.write(f"{prefix}{line}\n")
+    sys.stderr.flush()

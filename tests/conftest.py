@@ -79,6 +79,13 @@ def stage_options(stage: str, **kw):
     return cfg
 
 
+def _cpu_plan():
+    from common.model.plan import Plan
+    return Plan("CPU", "hf", "16bit", "float32", 4, 1, 0, False, None, None)
+
+
+CPU_PLAN = _cpu_plan()  # what stage 6 plans on a CPU: transformers + peft, fp32, no checkpointing
+
 # torch.testing.assert_close's default (rtol, atol) per dtype, as its documentation lists them
 DEFAULT_TOLERANCES = {"torch.float64": (1e-7, 1e-7), "torch.float32": (1.3e-6, 1e-5), "torch.bfloat16": (1.6e-2, 1e-5),
                       "torch.float16": (1e-3, 1e-5)}

@@ -113,7 +113,7 @@ def test_static_cache_decoding_predicts_what_generate_predicts(shard_work, tmp_p
     from common.data.encode import ImageSpec, load_tokenizer
     from common.data.shards import ShardStream
     from common.model.collate import for_tokenizer
-    from common.model.inference import read_parts, run_predictions
+    from common.model.inference import read_parts, run_predictions, text_predictor
     from common.model.loading import load_for_inference
     from common.speed.decode import StaticDecoder
     from common.speed.positions import HostLayout
@@ -124,8 +124,9 @@ def test_static_cache_decoding_predicts_what_generate_predicts(shard_work, tmp_p
         model, _ = load_for_inference(shard_work.model_path, None, "hf")
         collator = for_tokenizer(tok, "left", with_labels=False, host_ids=HostLayout.from_model(model))
         stream = ShardStream(shard_work.work_dir / "webdataset_test", spec, normalize=False)
-        run = run_predictions(model, tok, stream, collator, tmp_path / decode, 0, 3, 0, True, 4, 1, True, spec=spec,
-                              decoder=StaticDecoder(model, graphs=False) if decode == "static" else None)
+        predict = text_predictor(model, tok, True, spec, StaticDecoder(model, graphs=False) if decode == "static"
+                                 else None)
+        run = run_predictions(predict, stream, collator, tmp_path / decode, 0, 3, 0, True, 4, 1)
         assert run["computed"] > 10
         got[decode] = read_parts(tmp_path / decode)
     assert got["static"] == got["generate"]
@@ -134,10 +135,10 @@ def test_static_cache_decoding_predicts_what_generate_predicts(shard_work, tmp_p
 def test_options_are_checked_up_front(shard_work, tmp_path):
     w = shard_work.copy(tmp_path / "work")
     r = run_script("7_infer.py", "--work-dir", str(w.work_dir), "--data-dir", str(w.data_dir), *BASE,
-                   "--backend", "unsloth", "--batch-size", "0", "--speedups-off", "warp_drive")
+                   "--backend", "unsloth", "--batch-size", "-1", "--speedups-off", "warp_drive")
     assert r.returncode == 2
     import torch
-    for expected in ("--batch-size", "--speedups-off: unknown warp_drive",
+    for expected in ("--batch-size and --max-gpu-memory must be >= 0", "--speedups-off: unknown warp_drive",
                      *([] if torch.cuda.is_available() else ["--backend unsloth needs"])):
         assert expected in r.stderr, r.stderr[-2000:]
     assert not (w.work_dir / "infer_test").exists()

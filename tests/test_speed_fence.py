@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common import speed
-from conftest import load_stage
+from conftest import CPU_PLAN, load_stage
 
 
 def source_sha(ref: str) -> str:
@@ -63,7 +63,7 @@ def test_untested_levers_leave_the_model_as_the_library_built_it(tiny_model_dir,
     from common.speed.setup import apply_for_training
     real = speed.installed_version
     monkeypatch.setattr(speed, "installed_version", lambda lib: "5.99.0" if lib == "transformers" else real(lib))
-    model, _ = load_for_training(str(tiny_model_dir), "hf", LoraSettings(r=4, alpha=8), False, False, 0)
+    model = load_for_training(str(tiny_model_dir), CPU_PLAN, LoraSettings(r=4, alpha=8), 0)
     get_image_features = model.base_model.model.model.get_image_features
     assert apply_for_training(model, speed.Speedups("hf", cuda=False)) is None  # no host-built ids
     assert model.base_model.model.model.visual.config._attn_implementation == "sdpa"

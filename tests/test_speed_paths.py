@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from conftest import assert_close_at_scale, run_script
+from conftest import CPU_PLAN, assert_close_at_scale, run_script
 
 
 def tiny(model_dir, lora: bool = False):
@@ -19,7 +19,7 @@ def tiny(model_dir, lora: bool = False):
     from transformers import Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
     if lora:
-        model, _ = load_for_training(str(model_dir), "hf", LoraSettings(r=8, alpha=16), False, False, 0)
+        model = load_for_training(str(model_dir), CPU_PLAN, LoraSettings(r=8, alpha=16), 0)
     else:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
     return model
@@ -249,7 +249,7 @@ def test_flops_estimate_counts_parameters_once_and_matches_the_trainer(tiny_mode
 
     from common.model.loading import LoraSettings, load_for_training
     from common.model.training import PriceTrainer
-    model, _ = load_for_training(str(tiny_model_dir), "hf", LoraSettings(r=4, alpha=8), False, False, 0)
+    model = load_for_training(str(tiny_model_dir), CPU_PLAN, LoraSettings(r=4, alpha=8), 0)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     ours = PriceTrainer(model=model, args=args, loader_options={}, eval_options={})
     plain = Trainer(model=model, args=args)
@@ -374,7 +374,7 @@ def test_cheap_train_calls_still_set_every_modules_mode(tiny_model_dir, tmp_path
 
     from common.model.loading import LoraSettings, load_for_training
     from common.model.training import PriceTrainer
-    model, _ = load_for_training(str(tiny_model_dir), "hf", LoraSettings(r=4, alpha=8, dropout=0.1), False, False, 0)
+    model = load_for_training(str(tiny_model_dir), CPU_PLAN, LoraSettings(r=4, alpha=8, dropout=0.1), 0)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     trainer = PriceTrainer(model=model, args=args, loader_options={}, eval_options={})
     modules = list(model.modules())
@@ -558,8 +558,7 @@ def test_padded_vision_mlp_leaves_inference_logits_and_trainable_vision_layers_a
         got = model(**batch).logits
     torch.testing.assert_close(got, want)
     # LoRA on the vision tower (--tune-vision): its layers keep the shapes their adapters are saved with
-    tuned, _ = load_for_training(str(tiny_model_dir), "hf", LoraSettings(r=8, alpha=16, tune_vision=True), False,
-                                 False, 0)
+    tuned = load_for_training(str(tiny_model_dir), CPU_PLAN, LoraSettings(r=8, alpha=16, tune_vision=True), 0)
     assert pad_vision_mlp(tuned, 48) == 0
     assert all(m.down_proj.in_features == 128 for m in vision_mlps(tuned))
 

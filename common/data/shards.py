@@ -285,6 +285,21 @@ class IndexableWebDataset(Dataset):
         return decode(raw, self.spec)
 
 
+def token_summary(lengths: list[int]) -> dict:
+    """Tokens per sample (mean, 95th percentile, max): what the GPU plan sizes batches by."""
+    if not lengths:
+        return {"mean": 0, "p95": 0, "max": 0}
+    ordered = sorted(lengths)
+    return {"mean": round(sum(ordered) / len(ordered), 1), "p95": ordered[int(0.95 * (len(ordered) - 1))],
+            "max": ordered[-1]}
+
+
+def planning_tokens(index: dict, default: int = 640) -> int:
+    """The sample length a plan sizes batches by: the split's 95th percentile, or `default` for an index written
+    before stage 5 recorded lengths."""
+    return int(index.get("tokens", {}).get("p95") or default)
+
+
 def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_shard: int) -> dict:
     """Pack stage 4's sample folders into shards in JSONL order; skip shards already complete."""
     from tqdm import tqdm
@@ -310,18 +325,21 @@ def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_s
         ids = [sid for _, sid in chunk]
         prev = old_shards.get(name)
         if prev and prev["sample_ids"] == ids and size_problem(out_dir / name, prev.get("bytes")) is None:
-            shards.append(prev)
+            shards.append({**prev, "sample_tokens": prev.get("sample_tokens") or
+                           [json.loads((pre_dir / sid / "meta.json").read_text())["input_ids_shape"][0] for sid in ids]})
             reused += 1
             continue
         samples = [(key, read_sample_files(pre_dir, sid)) for key, (_, sid) in zip(keys, chunk)]
         size = write_tar(out_dir / name, samples)
         verify_tar(out_dir / name, keys)
-        shards.append({"name": name, "samples": len(chunk), "bytes": size, "sample_ids": ids})
+        tokens = [json.loads(files["meta.json"])["input_ids_shape"][0] for _, files in samples]
+        shards.append({"name": name, "samples": len(chunk), "bytes": size, "sample_ids": ids, "sample_tokens": tokens})
         written += 1
     for p in out_dir.glob(f"{split}-shard-*.tar"):  # shards of an earlier, longer run
         if p.name not in {s["name"] for s in shards}:
             p.unlink()
-    index = {"split": split, "samples": len(present), "samples_per_shard": per_shard, "shards": shards}
+    index = {"split": split, "samples": len(present), "samples_per_shard": per_shard, "shards": shards,
+             "tokens": token_summary([t for s in shards for t in s["sample_tokens"]])}
     save_index(out_dir, index)
     return {"samples": len(present), "shards": len(shards), "shards_written": written, "shards_reused": reused,
             "missing_from_stage4": len(missing), "missing_ids": missing,

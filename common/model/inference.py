@@ -116,15 +116,30 @@ def _prepared_ahead(batches, prepare, depth: int = 2):
 _END = object()
 
 
-def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: int, batch_size: int,
-                    workers: int, sort_by_length: bool, window_batches: int, flush_every: int,
-                    constrained: bool, expected: int | None = None, spec=None, decoder=None) -> dict:
+def _fitting(predict, prepare, samples: list, prepared) -> tuple[list, int]:
+    """predict(prepared); a batch that runs out of GPU memory is predicted in two halves instead (counted)."""
+    try:
+        return predict(prepared), 0
+    except torch.OutOfMemoryError:
+        if len(samples) == 1:
+            raise
+    torch.cuda.empty_cache()
+    half = len(samples) // 2
+    first, n1 = _fitting(predict, prepare, samples[:half], prepare(samples[:half]))
+    second, n2 = _fitting(predict, prepare, samples[half:], prepare(samples[half:]))
+    return first + second, 1 + n1 + n2
+
+
+def run_predictions(predict, dataset, collator, parts_dir: Path, rank: int, batch_size: int, workers: int,
+                    sort_by_length: bool, window_batches: int, flush_every: int, expected: int | None = None) -> dict:
+    """Stream the rank's samples in fixed batches; predict(prepared batch) -> one price (or None) a sample; write
+    part files as batches finish, skipping batches a part already holds."""
     parts_dir.mkdir(parents=True, exist_ok=True)
     done = read_parts(parts_dir)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                         prefetch_factor=16 if workers else None, pin_memory=torch.cuda.is_available())
-    pending, seq, computed, skipped = [], len(list(parts_dir.glob(f"part-r{rank:03d}-*.csv"))), 0, 0
-    started = time.time()
+    pending, seq, computed, skipped, splits = [], len(list(parts_dir.glob(f"part-r{rank:03d}-*.csv"))), 0, 0, 0
+    started, steady = time.time(), None
     total = math.ceil(expected / batch_size) if expected else None
     todo = _not_done(_windows(loader, batch_size, window_batches, sort_by_length), done)
 
@@ -136,19 +151,36 @@ def run_predictions(model, tokenizer, dataset, collator, parts_dir: Path, rank: 
         if prepared is None:
             skipped += len(batch)
             continue
-        prices = predict_batch(model, tokenizer, prepared, constrain=constrained, spec=spec,
-                               decoder=decoder)
+        prices, split = _fitting(predict, prepare, batch, prepared)
+        splits += split
         pending += [(s["sample_id"], p, "ok" if p is not None else "unparsable") for s, p in zip(batch, prices)]
         computed += len(batch)
+        if computed == 2 * batch_size:  # the first batches compile: the steady rate starts after them
+            steady = (_synchronized_time(), computed)
         if len(pending) >= flush_every * batch_size:
             _write_part(parts_dir, rank, seq, pending)
             seq, pending = seq + 1, []
     if pending:
         _write_part(parts_dir, rank, seq, pending)
-    seconds = time.time() - started
-    return {"computed": computed, "skipped_done": skipped, "seconds": round(seconds, 2),
-            "decode_graph_captures": getattr(decoder, "captures", 0),
-            "samples_per_s": round(computed / seconds, 2) if seconds else None}
+    seconds, end = time.time() - started, _synchronized_time()
+    return {"computed": computed, "skipped_done": skipped, "seconds": round(seconds, 2), "oom_splits": splits,
+            "samples_per_s": round(computed / seconds, 2) if seconds else None,
+            "steady_samples_per_s": round((computed - steady[1]) / (end - steady[0]), 2)
+            if steady and computed > steady[1] else None,
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
+
+
+def _synchronized_time() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def text_predictor(model, tokenizer, constrained: bool, spec, decoder=None):
+    """predict(batch) for a model that writes the price as text: greedy, constrained to a number."""
+    def predict(batch):
+        return predict_batch(model, tokenizer, batch, constrain=constrained, spec=spec, decoder=decoder)
+    return predict
 
 
 def init_distributed(world: int) -> None:

@@ -151,68 +151,74 @@ class LoraSettings:
     tune_vision: bool = False
 
 
-def load_for_training(path: str, backend: str, lora: LoraSettings, load_in_4bit: bool,
-                      gradient_checkpointing: bool, seed: int):
-    """(model with LoRA adapters, backend actually used)."""
+def torch_dtype(name: str):
     import torch
-    backend = pick_backend(backend)
-    if backend == "unsloth":
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_for_training(path: str, plan, lora: LoraSettings, seed: int):
+    """The model with LoRA adapters as the plan (common.model.plan) lays it out: backend, base precision, dtype
+    and the decoder layers that recompute their activations."""
+    dtype = torch_dtype(plan.dtype)
+    four_bit = plan.base_precision == "4bit"
+    if plan.backend == "unsloth":
         from unsloth import FastVisionModel
         # Unsloth defaults to its offloaded checkpointing in from_pretrained, get_peft_model and for_training
-        # alike (for_training(None) takes get_peft_model's choice): the option must reach all three, or
-        # --no-gradient-checkpointing is silently ignored (FINDINGS, H100: 8.5 samples/s with that mode,
-        # 14.2 without, at batch 16).
-        checkpointing = "unsloth" if gradient_checkpointing else False
-        model, _ = FastVisionModel.from_pretrained(
-            path, load_in_4bit=load_in_4bit, dtype=torch.bfloat16, use_gradient_checkpointing=checkpointing)
+        # alike (for_training(None) takes get_peft_model's choice): the choice must reach all three, or "off" is
+        # silently ignored (H100: 8.5 samples/s with that mode, 14.2 without, at batch 16)
+        checkpointing = "unsloth" if plan.checkpoint_every else False
+        model, _ = FastVisionModel.from_pretrained(path, load_in_4bit=four_bit, dtype=dtype,
+                                                   use_gradient_checkpointing=checkpointing)
         model = FastVisionModel.get_peft_model(
             model, finetune_vision_layers=lora.tune_vision, finetune_language_layers=True,
             finetune_attention_modules=True, finetune_mlp_modules=True, r=lora.r, lora_alpha=lora.alpha,
             lora_dropout=lora.dropout, bias="none", random_state=seed, use_gradient_checkpointing=checkpointing)
         FastVisionModel.for_training(model, use_gradient_checkpointing=checkpointing)
-        _log_trainable(model, backend)
-        return model, backend
+        _log_trainable(model, plan.backend)
+        return model
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
-    cuda = torch.cuda.is_available()
-    kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    if load_in_4bit and cuda:
-        require("bitsandbytes", "a 4-bit base (--load-in-4bit)", "pip install -r requirements-gpu.txt, or pass "
-                "--no-load-in-4bit")
+    kwargs = {"dtype": dtype}
+    if four_bit:
+        require("bitsandbytes", "a 4-bit base (--base-precision 4bit)", "pip install -r requirements-gpu.txt, or "
+                "pass --base-precision 16bit")
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
-    if load_in_4bit and cuda:
+    if four_bit:
         from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = LANGUAGE_TARGETS + (f"|{VISION_TARGETS}" if lora.tune_vision else "")
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=targets, bias="none", task_type="CAUSAL_LM"))
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if plan.checkpoint_every:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                            every_n_layers=plan.checkpoint_every)
         if not lora.tune_vision:
             # transformers marks the inputs as requiring grad, which makes the frozen vision tower
-            # recompute and back-propagate (3x slower on an H100, see FINDINGS); LoRA does not need it.
+            # recompute and back-propagate (3x slower on an H100); LoRA does not need it
             model.base_model.model.disable_input_require_grads()
-    _log_trainable(model, backend)
-    return model, backend
+    _log_trainable(model, plan.backend)
+    return model
 
 
-def load_for_inference(base_path: str, adapter: str | None, backend: str):
-    """Base model (+ LoRA adapter merged where possible), in eval mode."""
+def load_for_inference(base_path: str, adapter: str | None, backend: str, dtype: str = "auto"):
+    """Base model (+ LoRA adapter merged where possible), in eval mode. dtype auto: bf16 on a GPU that has it,
+    else fp16; fp32 on a CPU."""
     import torch
     backend = pick_backend(backend)
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if torch.cuda.is_available() \
+            else "float32"
     if backend == "unsloth":
         from unsloth import FastVisionModel
-        model, _ = FastVisionModel.from_pretrained(adapter or base_path, load_in_4bit=True, dtype=torch.bfloat16,
+        model, _ = FastVisionModel.from_pretrained(adapter or base_path, load_in_4bit=True, dtype=torch_dtype(dtype),
                                                    use_gradient_checkpointing=False)
         FastVisionModel.for_inference(model)
         return model, backend
     from transformers import Qwen2_5_VLForConditionalGeneration
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_path, dtype=dtype)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_path, dtype=torch_dtype(dtype))
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
@@ -223,21 +229,31 @@ def load_for_inference(base_path: str, adapter: str | None, backend: str):
     return model, backend
 
 
-def load_training_model(path: str, backend: str, lora: LoraSettings, load_in_4bit: bool,
-                        gradient_checkpointing: bool, seed: int, speedups_off: frozenset = frozenset()):
-    """(LoRA model with the speed levers applied, backend, host layout for the collator or None)."""
+def load_training_model(path: str, plan, lora: LoraSettings, seed: int, speedups_off: frozenset = frozenset()):
+    """(LoRA model with the speed levers applied, host layout for the collator or None)."""
     from transformers import set_seed
 
     from common.speed import Speedups
     from common.speed.setup import apply_for_training
     set_seed(seed)  # before the LoRA weights are drawn: the Trainer seeds only after the model exists
-    model, backend = load_for_training(path, backend, lora, load_in_4bit, gradient_checkpointing, seed)
-    return model, backend, apply_for_training(model, Speedups(backend, speedups_off))
+    model = load_for_training(path, plan, lora, seed)
+    return model, apply_for_training(model, Speedups(plan.backend, speedups_off))
 
 
-def load_inference_model(base: str, adapter: str | None, backend: str, speedups_off: frozenset = frozenset()):
+def load_inference_model(base: str, adapter: str | None, backend: str, dtype: str = "auto",
+                         speedups_off: frozenset = frozenset()):
     """(model with the speed levers applied, backend, host layout or None, static decoder or None)."""
     from common.speed import Speedups
     from common.speed.setup import apply_for_inference
-    model, backend = load_for_inference(base, adapter, backend)
+    model, backend = load_for_inference(base, adapter, backend, dtype)
     return (model, backend, *apply_for_inference(model, Speedups(backend, speedups_off)))
+
+
+def cap_gpu_memory(gib: float) -> None:
+    """Hold this process to `gib` of the GPU's memory (--max-gpu-memory): a shared card, or a smaller card's
+    budget measured on a bigger one. PyTorch's allocator then fails an allocation past the cap as it would past a
+    full card."""
+    import torch
+    if gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))

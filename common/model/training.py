@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -37,9 +38,9 @@ def plan_steps(num_samples: int, world: int, batch: int, accum: int, epochs: flo
     return max(1, math.ceil(num_samples * epochs / (world * batch * accum)))
 
 
-def training_arguments(output_dir, *, batch_size: int, grad_accum: int, learning_rate: float, lr_scheduler: str,
-                       warmup_ratio: float, weight_decay: float, max_steps: int, logging_steps: int, save_steps: int,
-                       save_total_limit: int, eval_steps: int, seed: int) -> TrainingArguments:
+def training_arguments(output_dir, *, batch_size: int, grad_accum: int, dtype: str, learning_rate: float,
+                       lr_scheduler: str, warmup_ratio: float, weight_decay: float, max_steps: int, logging_steps: int,
+                       save_steps: int, save_total_limit: int, eval_steps: int, seed: int) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     return TrainingArguments(
@@ -48,7 +49,7 @@ def training_arguments(output_dir, *, batch_size: int, grad_accum: int, learning
         weight_decay=weight_decay, max_steps=max_steps, logging_steps=logging_steps, save_strategy="steps",
         save_steps=save_steps, save_total_limit=save_total_limit,
         eval_strategy="steps" if eval_steps > 0 else "no", eval_steps=eval_steps or None,
-        bf16=cuda, tf32=cuda, use_cpu=not cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
+        bf16=cuda and dtype == "bfloat16", fp16=cuda and dtype == "float16", tf32=cuda, use_cpu=not cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
         report_to=["tensorboard"], seed=seed, remove_unused_columns=False, label_names=["labels"],
         ddp_backend=("nccl" if cuda else "gloo") if distributed else None, ddp_find_unused_parameters=False,
         # Qwen2.5-VL's only buffers are its rotary frequencies, built the same on every rank: broadcasting them
@@ -124,10 +125,48 @@ class EpochBanner(logging.Filter):
         return True
 
 
+class StepTimer(TrainerCallback):
+    """Wall time of the optimizer steps for stats.json: the first step (it compiles) apart, and the steady rate
+    from the end of the `warmup`-th step to the last step's end, the GPU synchronized at those two points only."""
+
+    def __init__(self, warmup: int = 3):
+        self.warmup, self.first_step_s, self.marks = warmup, None, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begin_step, self.started, self.first_step_s, self.marks = state.global_step, time.perf_counter(), None, []
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = state.global_step - self.begin_step
+        if done == 1:
+            self.first_step_s = time.perf_counter() - self.started
+        if done == self.warmup or state.global_step == state.max_steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks.append((state.global_step, time.perf_counter()))
+
+    def summary(self, samples_per_step: int) -> dict:
+        out = {"first_step_s": round(self.first_step_s, 2) if self.first_step_s else None}
+        if len(self.marks) == 2:
+            (step0, t0), (step1, t1) = self.marks
+            out.update(steady_steps=step1 - step0,
+                       steady_samples_per_s=round((step1 - step0) * samples_per_step / (t1 - t0), 2))
+        if torch.cuda.is_available():
+            out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        return out
+
+
 class PriceTrainer(FastTrainer):
     def __init__(self, *args, loader_options: dict, eval_options: dict, pixel_spec=None, no_cache: bool = False,
                  samples_per_epoch: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        # the loss is a sum over the global batch's answer tokens divided by their count (num_items_in_batch), so
+        # any split into micro-batches, accumulation steps and ranks learns the same (the Trainer then does not
+        # divide by the accumulation steps)
+        self.model_accepts_loss_kwargs = True
+        self.timer = StepTimer()
+        self.add_callback(self.timer)
         self.loader_options = loader_options
         self.eval_options = eval_options
         self.samples_per_epoch = samples_per_epoch
@@ -153,12 +192,12 @@ class PriceTrainer(FastTrainer):
         inputs = {**with_normalized_pixels(inputs, self.pixel_spec), **self.forward_kwargs}
         positions = inputs.pop(ANSWER_POSITIONS, None)
         if self.answer_only and "labels" in inputs:
-            # The model's own loss, reduced the same way (a mean per micro-batch: Qwen2.5-VL takes no loss
-            # kwargs, so the Trainer then divides by the accumulation steps as it does for that loss).
             if positions is None:
                 positions = answer_positions(inputs["labels"])
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=positions)
-            loss = answer_only_loss(outputs.logits, inputs["labels"], positions)
+            loss = answer_only_loss(outputs.logits, inputs["labels"], positions, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP averages over ranks; the count spans them all
             result = (loss, outputs) if return_outputs else loss
         else:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -213,7 +252,7 @@ def evaluate_smape(model, tokenizer, dataset, collator, median: float, max_sampl
             "pred_median": float(np.median(preds)) if preds else None}
 
 
-def build_trainer(cfg, model, backend: str, host_ids, tokenizer, spec, streams: dict, max_steps: int) -> PriceTrainer:
+def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, max_steps: int) -> PriceTrainer:
     """The Trainer for stage 6's config: streaming loader, collators (host-built ids when `host_ids`), SMAPE
     evaluation on the validation stream, checkpoint markers and the NaN guard."""
     from common import layout
@@ -222,19 +261,19 @@ def build_trainer(cfg, model, backend: str, host_ids, tokenizer, spec, streams: 
     from common.model.checkpoints import CheckpointMarker
     from common.model.collate import for_tokenizer
     from common.speed import Speedups, parse_off
-    speed = Speedups(backend, parse_off(cfg.advanced.speedups_off))
+    speed = Speedups(plan.backend, parse_off(cfg.advanced.speedups_off))
     train = streams["train"]
     if cfg.advanced.record_samples:
         train = RecordingStream(train, cfg.advanced.record_samples)
     if cfg.schedule.group_by_length:
-        train = LengthGroupedStream(train, cfg.device.batch_size, cfg.advanced.group_window, cfg.schedule.seed)
+        train = LengthGroupedStream(train, plan.micro_batch, cfg.advanced.group_window, cfg.schedule.seed)
     median = read_json(layout.jsonl_dir(cfg.data.work_dir) / "stats.json")["train_median_price"]
     text_only = cfg.advanced.text_only
     eval_options = {"tokenizer": tokenizer, "dataset": streams["validation"], "median": median, "spec": spec,
                     "max_samples": cfg.run.eval_samples, "batch_size": cfg.run.eval_batch_size,
                     "collator": for_tokenizer(tokenizer, "left", with_labels=False, drop_images=text_only,
                                               host_ids=host_ids)}
-    args = training_arguments(cfg.out, batch_size=cfg.device.batch_size, grad_accum=cfg.device.grad_accum,
+    args = training_arguments(cfg.out, batch_size=plan.micro_batch, grad_accum=plan.grad_accum, dtype=plan.dtype,
                               learning_rate=cfg.schedule.learning_rate, lr_scheduler=cfg.schedule.lr_scheduler,
                               warmup_ratio=cfg.schedule.warmup_ratio, weight_decay=cfg.schedule.weight_decay,
                               max_steps=max_steps, logging_steps=cfg.run.logging_steps, save_steps=cfg.run.save_steps,
@@ -246,7 +285,7 @@ def build_trainer(cfg, model, backend: str, host_ids, tokenizer, spec, streams: 
                            data_collator=for_tokenizer(tokenizer, drop_images=text_only, host_ids=host_ids),
                            loader_options=loader, eval_options=eval_options, pixel_spec=spec,
                            glue=speed.on("trainer_glue"), answer_only=speed.on("answer_only_logits"),
-                           no_cache=backend == "hf", samples_per_epoch=streams["train"].num_samples,
+                           no_cache=plan.backend == "hf", samples_per_epoch=streams["train"].num_samples,
                            callbacks=[CheckpointMarker()])
     trainer.add_callback(NonFiniteGuard(trainer))
     trainer.speed_levers = speed.active()

@@ -150,4 +150,6 @@ class Speedups:
 
 
 def parse_off(text: str) -> frozenset[str]:
-    return frozenset(n.strip() for n in text.split(",") if n.strip())
+    """--speedups-off's value: lever names, comma-separated, or "all" (the libraries' own paths throughout)."""
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    return frozenset(LEVERS) if "all" in names else names

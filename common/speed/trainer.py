@@ -62,6 +62,19 @@ class FastTrainer(Trainer):
         if glue:
             skip_needless_train_walks(self.model)
 
+    def restart_at(self, micro_batch: int, grad_accum: int, weights: dict) -> None:
+        """Ready the Trainer to train again from its start at another micro-batch and accumulation (common.model.
+        backoff): the trainable weights put back, the optimizer and scheduler made anew, no gradient left."""
+        self.args.per_device_train_batch_size = micro_batch
+        self.args.gradient_accumulation_steps = grad_accum
+        self._train_batch_size = micro_batch
+        self.optimizer, self.lr_scheduler = None, None
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in weights:
+                    param.copy_(weights[name])
+        self.model.zero_grad(set_to_none=True)
+
     def _build_accelerator_args(self, **kwargs) -> dict:
         args = super()._build_accelerator_args(**kwargs)
         for handler in args.get("kwargs_handlers", []):

@@ -1,0 +1,260 @@
+"""The plan: how stages 6 and 7 run on the device found, chosen at start unless the user chose.
+
+Training's plan fixes the backend, the base weights' precision (16-bit or 4-bit), the compute dtype (bf16, or
+fp16 with loss scaling on a GPU without bf16, fp32 on a CPU), the micro-batch and the gradient accumulation
+(micro-batch x accumulation x ranks = --global-batch-size, whatever the card: the same learning), which decoder
+layers recompute their activations in the backward (gradient checkpointing, every n-th layer), and whether the
+blocks are compiled. Among the configurations whose estimated memory fits the budget (the card, or
+--max-gpu-memory) it takes the one estimated fastest; an option the user gave is kept as given. Inference's plan
+fixes the batch size the same way.
+
+The estimates are a memory and a step-time model of the model's shape, with coefficients measured on an H200
+with Qwen2.5-VL-3B (bench/gpu_calibrate.py; docs/performance.md). If a step still runs out of memory, stage 6
+retries it at half the micro-batch and twice the accumulation (common.model.backoff).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+GIB = 2**30
+# Memory: bytes a token keeps for the backward in one decoder layer (bf16, LoRA on the 7 projections) =
+# 2 x (ACT_HIDDEN x hidden + ACT_INTERMEDIATE x intermediate); a checkpointed layer keeps its input alone.
+ACT_HIDDEN, ACT_INTERMEDIATE = 12.0, 5.0
+# Inference: bytes a prompt token needs at the prefill's peak, per hidden unit (activations, KV cache, logits).
+INFER_PER_HIDDEN = 48.0
+FIXED_GIB = 1.5        # CUDA context, cuBLAS and compile workspaces, the allocator's slack
+SAFETY = 0.90          # plan to this share of the budget: batches longer than the planning length happen
+# Time: a micro-step costs STEP_S plus TOKEN_S a token; recomputing a checkpointed layer adds RECOMPUTE of its
+# share of the per-token time.
+STEP_S, TOKEN_S, RECOMPUTE = 0.045, 18e-6, 0.35
+CHECKPOINT_EVERY = (0, 4, 3, 2, 1)  # off, every 4th layer, ..., every layer
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the plan needs of the device: None for a CPU."""
+    name: str
+    total_gib: float
+    bf16: bool
+
+    @classmethod
+    def detect(cls) -> "Device | None":
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return cls(props.name, props.total_memory / GIB, torch.cuda.is_bf16_supported())
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    params: int
+    linear_params: int   # in nn.Linear layers: what a 4-bit base quantizes
+    layers: int
+    hidden: int
+    intermediate: int
+    lora_params: int     # at LoRA rank 16 on the language model's 7 projections
+
+    @classmethod
+    def of(cls, model_path: str) -> "ModelSize":
+        """Counted on the meta device: no weights are read or allocated."""
+        import torch
+        from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+        config = AutoConfig.from_pretrained(model_path)
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        text = config.get_text_config(decoder=True)
+        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        lora = sum(16 * (m.in_features + m.out_features) for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and "language_model" in name and name.rsplit(".", 1)[-1] in
+                   ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+        return cls(sum(p.numel() for p in model.parameters()), sum(m.weight.numel() for m in linear),
+                   text.num_hidden_layers, text.hidden_size, text.intermediate_size, lora)
+
+
+@dataclass(frozen=True)
+class Request:
+    """The user's options; "auto" and 0 leave a choice to the plan."""
+    backend: str = "auto"
+    base_precision: str = "auto"    # auto | 16bit | 4bit
+    dtype: str = "auto"             # auto | bfloat16 | float16 | float32
+    micro_batch: int = 0
+    grad_accum: int = 0
+    checkpointing: str = "auto"     # auto | on | off
+    max_gpu_memory: float = 0.0     # GiB; 0: the card's
+    global_batch: int = 16
+    world: int = 1
+    tokens: int = 640               # planning length of a sample (stage 5's 95th percentile)
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    backend: str
+    base_precision: str
+    dtype: str
+    micro_batch: int
+    grad_accum: int
+    checkpoint_every: int           # 0: off; n: every n-th decoder layer recomputes its activations
+    compiled: bool
+    budget_gib: float | None
+    estimate_gib: float | None
+    chosen: tuple[str, ...] = field(default=())  # what the plan chose rather than the user
+    why: str = ""
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    def line(self, world: int = 1) -> str:
+        memory = (f"{self.budget_gib:.0f} GiB budget, ~{self.estimate_gib:.1f} GiB planned"
+                  if self.budget_gib else "no GPU")
+        checkpointing = {0: "no checkpointing", 1: "checkpointing every layer"}.get(
+            self.checkpoint_every, f"checkpointing every {self.checkpoint_every} layers")
+        return (f"plan on {self.device} ({memory}): {self.backend}, {self.base_precision} base, {self.dtype}, "
+                f"micro-batch {self.micro_batch} x {self.grad_accum} accumulation x {world} rank(s) = "
+                f"{self.micro_batch * self.grad_accum * world}, {checkpointing}, "
+                f"{'compiled' if self.compiled else 'eager'}; chosen: {', '.join(self.chosen) or 'nothing (all given)'}"
+                f"{'; ' + self.why if self.why else ''}")
+
+
+def weights_gib(size: ModelSize, base_precision: str, dtype: str) -> float:
+    element = 4 if dtype == "float32" else 2
+    if base_precision == "4bit":
+        return (size.linear_params * 0.53 + (size.params - size.linear_params) * element) / GIB
+    return size.params * element / GIB
+
+
+def training_gib(size: ModelSize, base_precision: str, dtype: str, micro: int, tokens: int, every: int) -> float:
+    """Estimated peak GPU memory of a training step."""
+    per_layer = 2 * (ACT_HIDDEN * size.hidden + ACT_INTERMEDIATE * size.intermediate) * (2 if dtype == "float32"
+                                                                                         else 1)
+    checkpointed = 0 if every == 0 else math.ceil(size.layers / every)
+    kept = size.layers - checkpointed
+    per_token = kept * per_layer + checkpointed * 2 * size.hidden + (per_layer if checkpointed else 0)
+    activations = micro * tokens * per_token / GIB
+    lora_state = size.lora_params * 16 / GIB  # fp32 weights, gradients and two Adam moments
+    return weights_gib(size, base_precision, dtype) + lora_state + activations + FIXED_GIB
+
+
+def inference_gib(size: ModelSize, base_precision: str, dtype: str, batch: int, tokens: int) -> float:
+    return weights_gib(size, base_precision, dtype) + batch * tokens * INFER_PER_HIDDEN * size.hidden / GIB + FIXED_GIB
+
+
+def step_seconds(size: ModelSize, micro: int, tokens: int, every: int) -> float:
+    """Estimated time of one micro-step (relative: it ranks configurations, it promises no speed)."""
+    share = 0 if every == 0 else math.ceil(size.layers / every) / size.layers
+    return STEP_S + micro * tokens * TOKEN_S * (size.hidden / 2048) * (1 + RECOMPUTE * share)
+
+
+def _dtype(request: Request, device: Device | None) -> str:
+    if request.dtype != "auto":
+        return request.dtype
+    if device is None:
+        return "float32"
+    return "bfloat16" if device.bf16 else "float16"
+
+
+def _micro_batches(request: Request) -> list[int]:
+    per_rank = request.global_batch // request.world
+    if request.micro_batch:
+        return [request.micro_batch]
+    return [m for m in range(per_rank, 0, -1) if per_rank % m == 0]
+
+
+def problems(request: Request, device: Device | None) -> list[str]:
+    """Options that cannot make a plan, all at once."""
+    out = []
+    if request.global_batch < 1 or request.global_batch % request.world:
+        out.append(f"--global-batch-size {request.global_batch} must be a positive multiple of the {request.world} "
+                   "rank(s)")
+    elif request.micro_batch and (request.global_batch // request.world) % request.micro_batch:
+        out.append(f"--batch-size {request.micro_batch} must divide the {request.global_batch // request.world} "
+                   f"samples each rank contributes to --global-batch-size {request.global_batch}")
+    if request.micro_batch and request.grad_accum and \
+            request.micro_batch * request.grad_accum * request.world != request.global_batch:
+        out.append(f"--batch-size {request.micro_batch} x --grad-accum {request.grad_accum} x {request.world} "
+                   f"rank(s) != --global-batch-size {request.global_batch}")
+    if device is None:
+        for name, value, cpu_value in (("--dtype", request.dtype, "float32"),
+                                       ("--base-precision", request.base_precision, "16bit")):
+            if value not in ("auto", cpu_value):
+                out.append(f"{name} {value} needs a CUDA GPU; this machine has none")
+        if request.max_gpu_memory:
+            out.append("--max-gpu-memory needs a CUDA GPU; this machine has none")
+    elif request.dtype == "bfloat16" and not device.bf16:
+        out.append(f"--dtype bfloat16: {device.name} has no bf16; use float16 (or auto)")
+    return out
+
+
+def plan_training(request: Request, device: Device | None, size: ModelSize, compiled: bool = True) -> Plan:
+    """The fastest estimated configuration that fits, keeping every option the user gave. `compiled`: whether the
+    compile lever is on (it is GPU-only)."""
+    dtype = _dtype(request, device)
+    chosen = tuple(name for name, value in (("backend", request.backend), ("base precision", request.base_precision),
+                                            ("dtype", request.dtype), ("micro-batch", request.micro_batch),
+                                            ("accumulation", request.grad_accum),
+                                            ("checkpointing", request.checkpointing)) if value in ("auto", 0))
+    backend = "hf" if request.backend == "auto" else request.backend
+    per_rank = request.global_batch // request.world
+    if device is None:
+        micro = request.micro_batch or per_rank
+        return Plan("CPU", backend, "16bit", dtype, micro, per_rank // micro, 1 if request.checkpointing == "on" else 0,
+                    False, None, None, chosen, "a CPU: fp32, no compiling")
+    budget = min(device.total_gib, request.max_gpu_memory or device.total_gib)
+    precisions = ["16bit", "4bit"] if request.base_precision == "auto" else [request.base_precision]
+    everys = {"auto": CHECKPOINT_EVERY, "on": (1,), "off": (0,)}[request.checkpointing]
+    options = []
+    for precision in precisions:
+        for micro in _micro_batches(request):
+            for every in everys:
+                gib = training_gib(size, precision, dtype, micro, request.tokens, every)
+                if gib <= budget * SAFETY:
+                    options.append((micro / step_seconds(size, micro, request.tokens, every), precision, micro,
+                                    every, gib))
+        if options:  # a 16-bit base that fits beats any 4-bit one (dequantizing costs every matmul)
+            break
+    why = ""
+    if not options:  # nothing fits by the estimate: the smallest footprint, and the backoff if a step runs out
+        micro = _micro_batches(request)[-1]
+        precision, every = precisions[-1], everys[-1]
+        options = [(0, precision, micro, every, training_gib(size, precision, dtype, micro, request.tokens, every))]
+        why = f"nothing is estimated to fit {budget:.0f} GiB: the smallest configuration allowed"
+    _, precision, micro, every, gib = max(options)
+    return Plan(device.name, backend, precision, dtype, micro, per_rank // micro, every, compiled, round(budget, 1),
+                round(gib, 1), chosen, why)
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    device: str
+    backend: str
+    dtype: str
+    batch: int
+    decode: str                     # graphs (static cache, CUDA graphs) or generate (the library's loop)
+    budget_gib: float | None
+    estimate_gib: float | None
+
+    def line(self, world: int = 1) -> str:
+        memory = (f"{self.budget_gib:.0f} GiB budget, ~{self.estimate_gib:.1f} GiB planned" if self.budget_gib
+                  else "no GPU")
+        return (f"plan on {self.device} ({memory}): {self.backend}, {self.dtype}, batch {self.batch} x {world} "
+                f"rank(s), decoding with {self.decode}")
+
+
+def plan_inference(requested_batch: int, backend: str, dtype: str, decode: str, device: Device | None,
+                   size: ModelSize, tokens: int, max_gpu_memory: float = 0.0) -> InferencePlan:
+    """The user's batch size, or the largest power of two up to 64 whose prefill is estimated to fit."""
+    if device is None:
+        return InferencePlan("CPU", backend, dtype, requested_batch or 32, decode, None, None)
+    budget = min(device.total_gib, max_gpu_memory or device.total_gib)
+    fits = [b for b in (64, 32, 16, 8, 4, 2, 1) if inference_gib(size, "16bit", dtype, b, tokens) <= budget * SAFETY]
+    batch = requested_batch or (fits[0] if fits else 1)
+    return InferencePlan(device.name, backend, dtype, batch, decode, round(budget, 1),
+                         round(inference_gib(size, "16bit", dtype, batch, tokens), 1))
+
+
+def with_micro_batch(plan: Plan, micro: int) -> Plan:
+    """The plan at another micro-batch, the accumulation grown to keep the global batch."""
+    return replace(plan, micro_batch=micro, grad_accum=plan.micro_batch * plan.grad_accum // micro)
