@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import layout, logs, options
 from common.data.catalog import read_catalog
-from common.data.chat_jsonl import split_validation, to_records, write_jsonl
+from common.data.chat_jsonl import price_summary, split_validation, to_records, write_jsonl
 from common.fsio import write_json
 from common.data.resize_store import resized_files
 
@@ -68,6 +68,7 @@ def main(cfg: JsonlOptions) -> dict:
              "skipped_train_rows": {reason: len(ids) for reason, ids in skipped.items()},
              "skipped_train_row_ids": skipped,
              "train_median_price": float(fit["price"].median()) if len(fit) else None,
+             "train_prices": price_summary(fit["price"].tolist()),
              "seconds": round(time.time() - started, 2), "options": options.to_jsonable(cfg)}
     write_json(out_dir / "stats.json", stats)
     log.info("rows %s, text-only %s, skipped %s", stats["rows"], text_only, stats["skipped_train_rows"])

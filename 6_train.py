@@ -7,8 +7,7 @@ Writes  OUTPUT_DIR (WORK_DIR/train/): LoRA adapter, tokenizer, image settings, c
     python 6_train.py --work-dir work --model Qwen/Qwen2.5-VL-3B-Instruct
     torchrun --nproc_per_node 2 6_train.py --work-dir work --model Qwen/Qwen2.5-VL-3B-Instruct
 
-A rerun resumes from the newest complete checkpoint (same data order, optimizer, scheduler); a finished run is
-skipped.
+A rerun resumes from the newest complete checkpoint (same data order and optimizer); a finished run is skipped.
 """
 from __future__ import annotations
 
@@ -30,7 +29,6 @@ class DataOptions:
     work_dir: Path = opt("folder every stage writes under", Path("work"))
     output_dir: str = opt("where the adapter and checkpoints go; empty: WORK_DIR/train", "")
     model: str = opt("base model: tiny | LOCAL_DIR | HUB_ID", "tiny")
-    source: str = opt("shards (stage 5) or jsonl (stage 3, encoded on the fly)", "shards", ["shards", "jsonl"])
     skip_corrupt_shards: bool = opt("skip unreadable shards (logged) instead of failing", False)
 
 
@@ -39,19 +37,19 @@ class LoraOptions:
     _argument_group_name = "LoRA"
     lora_r: int = opt("LoRA rank", 16)
     lora_alpha: int = opt("LoRA alpha", 32)
-    lora_dropout: float = opt("LoRA dropout", 0.0)
     tune_vision: bool = opt("also put LoRA on the vision tower (frozen by default)", False)
 
 
 @dataclass
 class ScheduleOptions:
-    _argument_group_name = "schedule"
+    _argument_group_name = "objective and schedule"
+    objective: str = opt("what is learned: the price as text, or regression on log price by a head", "text",
+                         ["text", "regression"])
+    head_learning_rate: float = opt("peak learning rate of the regression head (0: --learning-rate)", 1e-3)
     epochs: float = opt("passes over the train split (ignored if --max-steps > 0)", 1.0)
     max_steps: int = opt("optimizer steps; > 0 overrides --epochs", -1)
     learning_rate: float = opt("peak learning rate", 2e-4)
     lr_scheduler: str = opt("learning-rate schedule", "cosine", ["cosine", "linear", "constant", "constant_with_warmup"])
-    warmup_ratio: float = opt("share of steps spent warming up", 0.03)
-    weight_decay: float = opt("AdamW weight decay", 0.0)
     global_batch_size: int = opt("samples per optimizer step over all GPUs; 0: 16, or --batch-size x --grad-accum x "
                                  "ranks when both are given", 0)
     seed: int = opt("seed of the LoRA weights and the data order", 42)
@@ -63,10 +61,7 @@ class RunOptions:
     _argument_group_name = "evaluation and checkpoints"
     eval_steps: int = opt("validation SMAPE every N steps (0: at the end only)", 50)
     eval_samples: int = opt("validation rows per evaluation", 200)
-    eval_batch_size: int = opt("batch size of the evaluation's generation", 16)
     save_steps: int = opt("checkpoint every N steps", 100)
-    save_total_limit: int = opt("checkpoints kept", 2)
-    logging_steps: int = opt("log the loss every N steps", 10)
     resume: bool = opt("continue from the newest complete checkpoint", True)
     overwrite: bool = opt("train again even if OUTPUT_DIR holds a finished run", False)
 
@@ -90,6 +85,15 @@ class AdvancedOptions:
     _argument_group_name = "advanced: A/B switches and debugging"
     hidden = True
     speedups_off: str = opt("speed levers to turn off, comma-separated (common/speed/__init__.py)", "")
+    lora_dropout: float = opt("LoRA dropout", 0.0)
+    weight_decay: float = opt("AdamW weight decay", 0.0)
+    save_total_limit: int = opt("checkpoints kept", 2)
+    logging_steps: int = opt("log the loss every N steps", 10)
+    eval_batch_size: int = opt("batch size of the evaluation's generation", 16)
+    warmup_ratio: float = opt("share of steps spent warming up", 0.03)
+    source: str = opt("shards (stage 5) or jsonl (stage 3, encoded on the fly)", "shards", ["shards", "jsonl"])
+    regression_loss: str = opt("the regression head's loss: l1 on log price, or smape on the price", "l1",
+                               ["l1", "smape"])
     text_only: bool = opt("ablation: drop every image and its tokens", False)
     record_samples: str = opt("write the sample_ids each rank and worker reads to this folder", "")
     group_window: int = opt("batches per length-grouping window", 16)
@@ -116,7 +120,7 @@ class TrainConfig:
         from common.model.plan import Device, problems
         from common.speed import LEVERS, parse_off
         out = [f"--{n.replace('_', '-')} must be >= 1" for group, names in (
-            (self.lora, ("lora_r",)), (self.run, ("save_steps", "logging_steps", "eval_batch_size")),
+            (self.lora, ("lora_r",)), (self.run, ("save_steps",)), (self.advanced, ("logging_steps", "eval_batch_size")),
             (self.advanced, ("group_window",))) for n in names if getattr(group, n) < 1]
         out += [f"--{n.replace('_', '-')} must be >= 0" for group, n in (
             (self.device, "batch_size"), (self.device, "grad_accum"), (self.device, "max_gpu_memory"),
@@ -124,10 +128,10 @@ class TrainConfig:
         out += problems(self.request(), Device.detect())
         if self.schedule.max_steps <= 0 and self.schedule.epochs <= 0:
             out.append("give --epochs > 0 or --max-steps > 0")
-        if not 0 <= self.schedule.warmup_ratio < 1:
+        if not 0 <= self.advanced.warmup_ratio < 1:
             out.append("--warmup-ratio must be in [0, 1)")
-        if self.schedule.learning_rate <= 0:
-            out.append("--learning-rate must be > 0")
+        if self.schedule.learning_rate <= 0 or self.schedule.head_learning_rate < 0:
+            out.append("--learning-rate must be > 0 and --head-learning-rate >= 0")
         if self.device.workers < 0:
             out.append("--workers must be >= 0")
         out += backend_problem(self.device.backend)
@@ -135,7 +139,7 @@ class TrainConfig:
         if unknown:
             out.append(f"--speedups-off: unknown {', '.join(sorted(unknown))}; known: {', '.join(LEVERS)}")
         for split in ("train", "validation"):
-            path = (layout.shards_dir(self.data.work_dir, split) / "index.json" if self.data.source == "shards"
+            path = (layout.shards_dir(self.data.work_dir, split) / "index.json" if self.advanced.source == "shards"
                     else layout.jsonl_path(self.data.work_dir, split))
             if not path.exists():
                 out.append(f"{path} not found: run the earlier stages first")
@@ -165,7 +169,7 @@ class TrainConfig:
         """The image and length settings the samples were encoded with (stage 4's, for shards)."""
         keys = ("min_pixels", "max_pixels", "max_length")
         stage4 = layout.preprocessed_dir(self.data.work_dir, "train") / "stats.json"
-        if self.data.source == "shards" and stage4.exists():
+        if self.advanced.source == "shards" and stage4.exists():
             return {k: read_json(stage4)["options"][k] for k in keys}
         return {k: getattr(self.advanced, k) for k in keys}
 
@@ -193,7 +197,7 @@ def main(cfg: TrainConfig) -> dict:
         shutil.rmtree(cfg.out)
     model_path = resolve_model(cfg.data.model, cfg.data.work_dir)
     tokenizer, spec = load_tokenizer(model_path), ImageSpec.from_model(model_path)
-    streams = {split: open_stream(cfg.data.source, cfg.data.work_dir, split, spec, model_path, cfg.encoding,
+    streams = {split: open_stream(cfg.advanced.source, cfg.data.work_dir, split, spec, model_path, cfg.encoding,
                                   training=split == "train", by_rank=split == "train", seed=cfg.schedule.seed,
                                   shuffle_buffer=cfg.advanced.shuffle_buffer,
                                   skip_corrupt=cfg.data.skip_corrupt_shards)
@@ -206,7 +210,7 @@ def main(cfg: TrainConfig) -> dict:
     max_steps = plan_steps(samples, world, plan.micro_batch, plan.grad_accum, cfg.schedule.epochs,
                            cfg.schedule.max_steps)
     log.info("%d train samples, %d per step -> %d steps", samples, plan.global_batch * world, max_steps)
-    lora = LoraSettings(cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.lora_dropout, cfg.lora.tune_vision)
+    lora = LoraSettings(cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.advanced.lora_dropout, cfg.lora.tune_vision)
     model, host = load_training_model(model_path, plan, lora, cfg.schedule.seed, parse_off(cfg.advanced.speedups_off))
     trainer = build_trainer(cfg, plan, model, host, tokenizer, spec, streams, max_steps)
     if rank0 and cfg.out.exists():
@@ -227,8 +231,9 @@ def main(cfg: TrainConfig) -> dict:
              "ranks_hold_same_weights": in_step, "speed_levers": trainer.speed_levers}
     if trainer.is_world_process_zero():
         save_run(cfg.out, trainer.accelerator.unwrap_model(trainer.model), tokenizer, model_path,
-                 {"base_model": model_path, "backend": plan.backend, "plan": asdict(plan), "encoding": cfg.encoding,
-                  "options": options.to_jsonable(cfg)}, stats)
+                 {"base_model": model_path, "backend": plan.backend, "objective": cfg.schedule.objective,
+                  "plan": asdict(plan), "encoding": cfg.encoding, "options": options.to_jsonable(cfg)}, stats,
+                 trainer.head, trainer.price_floor)
         log.info("saved to %s: %s", cfg.out, json.dumps(final_eval))
     return stats
 

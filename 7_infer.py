@@ -5,6 +5,7 @@ Reads   WORK_DIR/train/ (adapter, train_config.json), WORK_DIR/webdataset_{split
 Writes  WORK_DIR/test_out.csv   sample_id,price: every id of test.csv once, in its order, price > 0
         WORK_DIR/infer_{split}/parts/ (what a rerun resumes from), WORK_DIR/infer_{split}/stats.json
         WORK_DIR/eval/ (--split validation): report.md, plots, validation_pred.csv
+        WORK_DIR/embeddings/{split}.npy + {split}_ids.csv (--embeddings): one pooled vector per id, in their order
 
     python 7_infer.py --work-dir work --data-dir dataset
     torchrun --nproc_per_node 2 7_infer.py --work-dir work --data-dir dataset
@@ -25,11 +26,12 @@ class InferOptions:
     _argument_group_name = "data and model"
     work_dir: Path = opt("folder every stage writes under", Path("work"))
     data_dir: Path = opt("folder holding test.csv (the ids to answer)", Path("dataset"))
-    split: str = opt("test (writes test_out.csv) or validation (writes the report)", "test", ["test", "validation"])
+    split: str = opt("test (writes test_out.csv), validation (the report too) or train", "test",
+                     ["test", "validation", "train"])
+    embeddings: bool = opt("write each row's pooled vector (for stacking) instead of prices", False)
     train_dir: str = opt("what 6_train.py wrote; empty: WORK_DIR/train", "")
     adapter: str = opt("LoRA adapter: auto (TRAIN_DIR), none (the base model alone) or a folder", "auto")
     model: str = opt("base model; empty: the one TRAIN_DIR was trained from", "")
-    source: str = opt("shards (stage 5) or jsonl (stage 3, encoded on the fly)", "shards", ["shards", "jsonl"])
     output: str = opt("predictions CSV; empty: WORK_DIR/test_out.csv or WORK_DIR/eval/validation_pred.csv", "")
 
 
@@ -54,6 +56,7 @@ class InferAdvancedOptions:
     sort_window: int = opt("batches per length-sorting window", 16)
     flush_every: int = opt("write a part file every N batches", 4)
     skip_corrupt_shards: bool = opt("answer rows of unreadable shards with the fallback", True)
+    source: str = opt("shards (stage 5) or jsonl (stage 3, encoded on the fly)", "shards", ["shards", "jsonl"])
     run_dir: str = opt("where the part files and stats.json go; empty: WORK_DIR/infer_SPLIT", "")
 
 
@@ -85,6 +88,8 @@ class InferConfig:
             out.append(f"{self.tdir}/train_config.json not found: run 6_train.py, or pass --adapter none --model M")
         if self.data.adapter == "none" and not self.data.model and not (self.tdir / "train_config.json").exists():
             out.append("--adapter none needs --model")
+        if self.data.split == "train" and not self.data.embeddings:
+            out.append("--split train writes embeddings only: add --embeddings")
         if self.data.split == "test" and not (self.data.data_dir / "test.csv").exists():
             out.append(f"{self.data.data_dir / 'test.csv'} not found (--data-dir)")
         if not (layout.jsonl_dir(self.data.work_dir) / "stats.json").exists():
@@ -114,8 +119,20 @@ def expected_rows(cfg: InferConfig) -> tuple[list[str], dict[str, float]]:
         from common.data.catalog import read_catalog
         return read_catalog(cfg.data.data_dir / "test.csv", "test").rows["sample_id"].tolist(), {}
     from common.data.chat_jsonl import read_jsonl
-    rows = read_jsonl(layout.jsonl_path(cfg.data.work_dir, "validation"))
+    rows = read_jsonl(layout.jsonl_path(cfg.data.work_dir, cfg.data.split))
     return [r["sample_id"] for r in rows], {r["sample_id"]: r["price"] for r in rows}
+
+
+def predictor(cfg: InferConfig, objective: str, model, tokenizer, spec, decoder):
+    """(predict(batch), whether it gives vectors, whether its batches are the head's pooled ones)."""
+    from common.model.inference import embedding_predictor, regression_predictor, text_predictor
+    if cfg.data.embeddings:
+        return embedding_predictor(model, spec), True, True
+    if objective == "regression":
+        from common.model.head import load_head
+        head, floor = load_head(cfg.tdir, next(model.parameters()).device)
+        return regression_predictor(model, head, floor, spec), False, True
+    return text_predictor(model, tokenizer, cfg.advanced.constrained, spec, decoder), False, False
 
 
 def main(cfg: InferConfig) -> dict:
@@ -125,8 +142,8 @@ def main(cfg: InferConfig) -> dict:
     from common.data.shards import planning_tokens
     from common.data.streams import open_stream
     from common.model.collate import for_tokenizer
-    from common.model.inference import (init_distributed, merge, read_parts, run_predictions, text_predictor,
-                                        write_predictions_csv)
+    from common.model.inference import (init_distributed, merge, read_parts, read_vector_parts, run_predictions,
+                                        write_embeddings, write_predictions_csv)
     from common.model.loading import bind_local_gpu, cap_gpu_memory, load_inference_model, resolve_model
     from common.model.plan import Device, ModelSize, plan_inference
     from common.speed import parse_off
@@ -138,42 +155,48 @@ def main(cfg: InferConfig) -> dict:
     train_cfg = read_json(cfg.tdir / "train_config.json") if (cfg.tdir / "train_config.json").exists() else {}
     base = resolve_model(cfg.data.model, cfg.data.work_dir) if cfg.data.model else train_cfg["base_model"]
     adapter = {"auto": str(cfg.tdir), "none": None}.get(cfg.data.adapter, cfg.data.adapter)
+    objective = train_cfg.get("objective", "text") if adapter else "text"
     tokenizer, spec = load_tokenizer(adapter or base), ImageSpec.from_model(base)
     encoding = train_cfg.get("encoding", {"min_pixels": 256 * 28 * 28, "max_pixels": 512 * 28 * 28, "max_length": 2048})
     ids, truth = expected_rows(cfg)
     median = read_json(layout.jsonl_dir(cfg.data.work_dir) / "stats.json")["train_median_price"]
-    out_dir = Path(cfg.advanced.run_dir) if cfg.advanced.run_dir else cfg.data.work_dir / f"infer_{cfg.data.split}"
+    out_dir = Path(cfg.advanced.run_dir) if cfg.advanced.run_dir else \
+        cfg.data.work_dir / f"infer_{cfg.data.split}{'_embeddings' if cfg.data.embeddings else ''}"
+    decoding = objective == "text" and not cfg.data.embeddings
     model, backend, host, decoder = load_inference_model(base, adapter, cfg.device.backend, cfg.device.dtype,
-                                                         parse_off(cfg.advanced.speedups_off))
-    stream = open_stream(cfg.data.source, cfg.data.work_dir, cfg.data.split, spec, base, encoding,
+                                                         parse_off(cfg.advanced.speedups_off), decoding)
+    predict, vectors, pooled = predictor(cfg, objective, model, tokenizer, spec, decoder)
+    stream = open_stream(cfg.advanced.source, cfg.data.work_dir, cfg.data.split, spec, base, encoding,
                          skip_corrupt=cfg.advanced.skip_corrupt_shards)
     plan = plan_inference(cfg.device.batch_size, backend, str(next(model.parameters()).dtype).split(".")[-1],
-                          "graphs" if decoder else "generate", Device.detect(), ModelSize.of(base),
-                          planning_tokens(getattr(stream, "index", {})), cfg.device.max_gpu_memory)
+                          "graphs" if decoder else "generate" if decoding else "one forward", Device.detect(),
+                          ModelSize.of(base), planning_tokens(getattr(stream, "index", {})), cfg.device.max_gpu_memory)
     logs.every_rank(plan.line(world))
-    log.info("%s: %d rows to answer; base %s, adapter %s", cfg.data.split, len(ids), base, adapter)
-    collator = for_tokenizer(tokenizer, "left", with_labels=False, host_ids=host)
-    predict = text_predictor(model, tokenizer, cfg.advanced.constrained, spec, decoder)
+    log.info("%s: %d rows; base %s, adapter %s, objective %s", cfg.data.split, len(ids), base, adapter, objective)
+    collator = for_tokenizer(tokenizer, "left", with_labels=False, host_ids=host, pooled=pooled)
     run = run_predictions(predict, stream, collator, out_dir / "parts", rank, plan.batch, cfg.device.workers,
                           cfg.advanced.sort_by_length, cfg.advanced.sort_window, cfg.advanced.flush_every,
-                          expected=len(ids) // world)
+                          expected=len(ids) // world, vectors=vectors)
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
     if rank != 0:
         return run
-    rows, reasons = merge(ids, read_parts(out_dir / "parts"), median)
-    write_predictions_csv(cfg.out_csv, rows)
-    stats = {"split": cfg.data.split, "rows_expected": len(ids), "rows_written": len(rows),
-             "fallback_counts": {k: len(v) for k, v in reasons.items()}, "fallback_ids": reasons,
-             "fallback_price": median, "rank0_run": run, "plan": asdict(plan), "world_size": world,
-             "output": str(cfg.out_csv), "options": options.to_jsonable(cfg)}
-    if truth:
-        from common.model.report import write_report
-        stats["evaluation"] = write_report(cfg.data.work_dir / "eval", rows, truth, median)
+    stats = {"split": cfg.data.split, "rows_expected": len(ids), "objective": objective, "rank0_run": run,
+             "plan": asdict(plan), "world_size": world, "options": options.to_jsonable(cfg)}
+    if vectors:
+        stats["embeddings"] = write_embeddings(cfg.data.work_dir / "embeddings", cfg.data.split, ids,
+                                               read_vector_parts(out_dir / "parts"))
+    else:
+        rows, reasons = merge(ids, read_parts(out_dir / "parts"), median)
+        write_predictions_csv(cfg.out_csv, rows)
+        stats.update(rows_written=len(rows), fallback_counts={k: len(v) for k, v in reasons.items()},
+                     fallback_ids=reasons, fallback_price=median, output=str(cfg.out_csv))
+        if truth:
+            from common.model.report import write_report
+            stats["evaluation"] = write_report(cfg.data.work_dir / "eval", rows, truth, median)
     write_json(out_dir / "stats.json", stats)
-    log.info("%d rows in, %d rows out -> %s; fallbacks %s", len(ids), len(rows), cfg.out_csv,
-             stats["fallback_counts"] or "none")
+    log.info("%d rows in -> %s", len(ids), cfg.data.work_dir / "embeddings" if vectors else cfg.out_csv)
     return stats
 
 

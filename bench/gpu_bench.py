@@ -77,7 +77,7 @@ class Bench:
     def stage6(self, name: str, options: list) -> dict:
         out = self.work / "bench" / name
         cmd = [PY, "6_train.py", "--work-dir", self.work, "--model", self.model, "--output-dir", out, "--overwrite",
-               "--max-steps", self.a.steps, "--eval-steps", 0, "--eval-samples", 16, "--save-steps", 100000,
+               "--max-steps", self.a.steps, "--eval-steps", 0, "--eval-samples", 4, "--save-steps", 100000,
                "--logging-steps", 5, "--workers", 4, *options]
         done = self.run(name, cmd, self.a.phase_limit)
         return {**done, **train_figures(out / "stats.json")}

@@ -19,6 +19,25 @@ def split_validation(rows: pd.DataFrame, ratio: float, seed: int) -> tuple[pd.Da
     return rows[~is_val].reset_index(drop=True), rows[is_val].reset_index(drop=True)
 
 
+def price_summary(prices: list[float]) -> dict:
+    """What the price head needs of the training prices: the mean of log(1 + price) (its starting point) and the
+    lowest price (the floor its predictions are clamped to)."""
+    if not prices:
+        return {"mean_log1p": 0.0, "min": 0.01, "max": None, "count": 0}
+    return {"mean_log1p": float(np.mean(np.log1p(prices))), "min": float(min(prices)), "max": float(max(prices)),
+            "count": len(prices)}
+
+
+def train_prices(work_dir: Path) -> dict:
+    """stage 3's price summary, or one computed from the train JSONL of a run written before stage 3 kept it."""
+    from common import layout
+    from common.fsio import read_json
+    stats = read_json(layout.jsonl_dir(work_dir) / "stats.json")
+    if "train_prices" in stats:
+        return stats["train_prices"]
+    return price_summary([r["price"] for r in read_jsonl(layout.jsonl_path(work_dir, "train"))])
+
+
 def to_records(rows: pd.DataFrame, images: dict[str, str], with_price: bool) -> list[dict]:
     records = []
     for row in rows.itertuples(index=False):

@@ -56,6 +56,9 @@ def train_with_backoff(trainer, plan: Plan, can_shrink: bool, resume_from: Path 
             trainer.restart_at(micro_batch, state["plan"].grad_accum, start)
             resume = latest_complete_checkpoint(out)
         state["attempts"] += 1
+        if resume and trainer.head is not None:  # the Trainer restores the adapter; the price head is ours
+            from common.model.head import load_head_weights
+            load_head_weights(trainer.head, resume)
         return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     return attempt(), state["plan"]

@@ -49,17 +49,29 @@ def remove_incomplete_checkpoints(output_dir: Path) -> list[str]:
 
 
 class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint COMPLETE once its files are written, the price head's among them (regression)."""
+
+    def __init__(self, head=None, price_floor: float = 0.01):
+        self.head, self.price_floor = head, price_floor
+
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.exists():
+                if self.head is not None:
+                    from common.model.head import save_head
+                    save_head(self.head, ckpt, self.price_floor)
                 write_json(ckpt / COMPLETE, {"step": state.global_step,
                                              "files": sorted(p.name for p in ckpt.iterdir())})
 
 
-def save_run(out: Path, model, tokenizer, model_path: str, train_config: dict, stats: dict) -> None:
-    """The adapter and everything stage 7 needs beside it, then the COMPLETE marker."""
+def save_run(out: Path, model, tokenizer, model_path: str, train_config: dict, stats: dict, head=None,
+             price_floor: float = 0.01) -> None:
+    """The adapter (and the price head) and everything stage 7 needs beside them, then the COMPLETE marker."""
     from common.prompt import SYSTEM_PROMPT, USER_TEMPLATE
+    if head is not None:
+        from common.model.head import save_head
+        save_head(head, out, price_floor)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     for name in ("preprocessor_config.json", "chat_template.jinja", "chat_template.json"):

@@ -36,6 +36,9 @@ class Collator:
     vision_start_id: int = -1
     vision_end_id: int = -1
     host_ids: HostLayout | None = None  # set: add position ids and vision indices built here, on the host
+    # The price head's batches (regression, embeddings): the prompt alone, right-padded, with each row's last
+    # prompt position and, where known, its price
+    pooled: bool = False
 
     def without_image(self, s: dict) -> dict:
         """The sample as a text-only chat would have encoded it (vision span cut, answer shifted)."""
@@ -62,7 +65,7 @@ class Collator:
     def __call__(self, samples: list[dict]) -> dict:
         if self.drop_images:
             samples = [self.without_image(s) for s in samples]
-        if not self.with_labels:  # generation: a labelled sample is cut where its answer starts
+        if not self.with_labels:  # generation and the head: a labelled sample is cut where its answer starts
             samples = [dict(s, input_ids=s["input_ids"][:s["answer_start"]]) if s.get("answer_start") else s
                        for s in samples]
         longest = max(len(s["input_ids"]) for s in samples)
@@ -88,10 +91,14 @@ class Collator:
                                                  if s.get("pixel_values") is not None])
         if self.host_ids is not None:
             batch.update(self.host_built(samples, columns, longest, batch.get("image_grid_thw")))
-            if self.with_labels and self.padding_side == "right":
+            if self.padding_side == "right":
                 del batch["attention_mask"]
         if self.with_labels:
             batch["labels"] = labels
+        if self.pooled:
+            batch["last_positions"] = torch.tensor([len(s["input_ids"]) - 1 for s in samples])
+            if all(s.get("price") is not None for s in samples):
+                batch["price_targets"] = torch.tensor([float(s["price"]) for s in samples])
         return batch
 
     def host_built(self, samples: list[dict], columns: list[slice], width: int, grids) -> dict:
@@ -103,7 +110,8 @@ class Collator:
                 check_image_tokens(s, layout)
         per_sample = [sample_positions(s["input_ids"], s.get("image_grid_thw") if s.get("pixel_values") is not None
                                        else None, layout.image_token_id, layout.merge_size) for s in samples]
-        out = {"position_ids": batch_positions(per_sample, columns, width, text_row=not self.with_labels)}
+        generating = not self.with_labels and not self.pooled
+        out = {"position_ids": batch_positions(per_sample, columns, width, text_row=generating)}
         if grids is not None:
             out.update(vision_indices(grids, layout))
         return out
@@ -118,9 +126,12 @@ def check_image_tokens(sample: dict, layout: HostLayout) -> None:
 
 
 def for_tokenizer(tokenizer, padding_side: str = "right", with_labels: bool = True,
-                  drop_images: bool = False, host_ids: HostLayout | None = None) -> Collator:
+                  drop_images: bool = False, host_ids: HostLayout | None = None, pooled: bool = False) -> Collator:
+    """pooled: the price head's batches (prompt only, right padding, last positions, prices)."""
+    if pooled:
+        padding_side, with_labels = "right", False
     ids = tokenizer.convert_tokens_to_ids
     return Collator(pad_id=tokenizer.pad_token_id, image_token_id=ids("<|image_pad|>"), end_id=ids("<|im_end|>"),
                     vocab_size=tokenizer.vocab_size, padding_side=padding_side, with_labels=with_labels,
                     drop_images=drop_images, vision_start_id=ids("<|vision_start|>"),
-                    vision_end_id=ids("<|vision_end|>"), host_ids=host_ids)
+                    vision_end_id=ids("<|vision_end|>"), host_ids=host_ids, pooled=pooled)

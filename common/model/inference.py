@@ -2,7 +2,9 @@
 
 Batches are fixed groups of the rank's sample stream (optionally length-sorted inside a fixed window),
 so a rerun skips exactly the batches already written and computes the rest with the same padding as an
-uninterrupted run would: the final file is the same either way.
+uninterrupted run would: the final file is the same either way. Three kinds of prediction share the loop: prices
+written as text (generation), prices from the regression head (one forward), and embeddings (the pooled vectors,
+for stacking); prices go to CSV parts, embeddings to .npz parts.
 """
 from __future__ import annotations
 
@@ -44,6 +46,26 @@ def _write_part(parts_dir: Path, rank: int, seq: int, rows: list[tuple[str, floa
     for sid, price, status in rows:
         w.writerow([sid, "" if price is None else repr(float(price)), status])
     write_text(parts_dir / f"part-r{rank:03d}-{seq:07d}-{time.time_ns()}.csv", buf.getvalue())
+
+
+def read_vector_parts(parts_dir: Path) -> dict[str, "np.ndarray"]:
+    """sample_id -> embedding from every finished .npz part."""
+    import numpy as np
+    done = {}
+    if parts_dir.is_dir():
+        for p in sorted(parts_dir.glob("part-*.npz")):
+            with np.load(p, allow_pickle=False) as part:
+                done.update(zip(part["ids"].tolist(), part["vectors"]))
+    return done
+
+
+def _write_vector_part(parts_dir: Path, rank: int, seq: int, rows: list) -> None:
+    import numpy as np
+
+    from common.fsio import atomic_path
+    with atomic_path(parts_dir / f"part-r{rank:03d}-{seq:07d}-{time.time_ns()}.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=np.array([sid for sid, _ in rows]), vectors=np.stack([v for _, v in rows]))
 
 
 def _windows(stream, batch_size: int, window_batches: int, sort_by_length: bool):
@@ -131,14 +153,16 @@ def _fitting(predict, prepare, samples: list, prepared) -> tuple[list, int]:
 
 
 def run_predictions(predict, dataset, collator, parts_dir: Path, rank: int, batch_size: int, workers: int,
-                    sort_by_length: bool, window_batches: int, flush_every: int, expected: int | None = None) -> dict:
-    """Stream the rank's samples in fixed batches; predict(prepared batch) -> one price (or None) a sample; write
-    part files as batches finish, skipping batches a part already holds."""
+                    sort_by_length: bool, window_batches: int, flush_every: int, expected: int | None = None,
+                    vectors: bool = False) -> dict:
+    """Stream the rank's samples in fixed batches; predict(prepared batch) -> one price (or None), or with `vectors`
+    one embedding, a sample; write part files as batches finish, skipping batches a part already holds."""
     parts_dir.mkdir(parents=True, exist_ok=True)
-    done = read_parts(parts_dir)
+    done = read_vector_parts(parts_dir) if vectors else read_parts(parts_dir)
+    write = _write_vector_part if vectors else _write_part
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                         prefetch_factor=16 if workers else None, pin_memory=torch.cuda.is_available())
-    pending, seq, computed, skipped, splits = [], len(list(parts_dir.glob(f"part-r{rank:03d}-*.csv"))), 0, 0, 0
+    pending, seq, computed, skipped, splits = [], len(list(parts_dir.glob(f"part-r{rank:03d}-*"))), 0, 0, 0
     started, steady = time.time(), None
     total = math.ceil(expected / batch_size) if expected else None
     todo = _not_done(_windows(loader, batch_size, window_batches, sort_by_length), done)
@@ -151,17 +175,18 @@ def run_predictions(predict, dataset, collator, parts_dir: Path, rank: int, batc
         if prepared is None:
             skipped += len(batch)
             continue
-        prices, split = _fitting(predict, prepare, batch, prepared)
+        outputs, split = _fitting(predict, prepare, batch, prepared)
         splits += split
-        pending += [(s["sample_id"], p, "ok" if p is not None else "unparsable") for s, p in zip(batch, prices)]
+        pending += [(s["sample_id"], out) if vectors else
+                    (s["sample_id"], out, "ok" if out is not None else "unparsable") for s, out in zip(batch, outputs)]
         computed += len(batch)
         if computed == 2 * batch_size:  # the first batches compile: the steady rate starts after them
             steady = (_synchronized_time(), computed)
         if len(pending) >= flush_every * batch_size:
-            _write_part(parts_dir, rank, seq, pending)
+            write(parts_dir, rank, seq, pending)
             seq, pending = seq + 1, []
     if pending:
-        _write_part(parts_dir, rank, seq, pending)
+        write(parts_dir, rank, seq, pending)
     seconds, end = time.time() - started, _synchronized_time()
     return {"computed": computed, "skipped_done": skipped, "seconds": round(seconds, 2), "oom_splits": splits,
             "samples_per_s": round(computed / seconds, 2) if seconds else None,
@@ -180,6 +205,38 @@ def text_predictor(model, tokenizer, constrained: bool, spec, decoder=None):
     """predict(batch) for a model that writes the price as text: greedy, constrained to a number."""
     def predict(batch):
         return predict_batch(model, tokenizer, batch, constrain=constrained, spec=spec, decoder=decoder)
+    return predict
+
+
+def _pooled_hidden(model, batch: dict, spec) -> torch.Tensor:
+    """The final hidden state at each row's last prompt token, for a batch of the pooled collator: one forward of
+    the language model without its head (the peft model's, or the merged one's)."""
+    from common.model.head import LAST_POSITIONS, PRICE_TARGETS, pooled
+    from common.model.predict import with_normalized_pixels
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+              if k != PRICE_TARGETS}
+    inputs = with_normalized_pixels(inputs, spec)
+    last = inputs.pop(LAST_POSITIONS)
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return pooled(core.model(**inputs, use_cache=False).last_hidden_state, last)
+
+
+def regression_predictor(model, head, price_floor: float, spec):
+    """predict(batch) with the price head: one forward a batch, no decoding; expm1, clamped to the floor."""
+    from common.model.head import to_prices
+
+    @torch.no_grad()
+    def predict(batch):
+        return to_prices(head(_pooled_hidden(model, batch, spec)), price_floor)
+    return predict
+
+
+def embedding_predictor(model, spec):
+    """predict(batch) -> each row's pooled float32 vector (the head's input), for stacking."""
+    @torch.no_grad()
+    def predict(batch):
+        return list(_pooled_hidden(model, batch, spec).float().cpu().numpy())
     return predict
 
 
@@ -205,6 +262,28 @@ def merge(expected_ids: list[str], predictions: dict[str, tuple[float | None, st
             reasons.setdefault(reason, []).append(sid)
         rows.append((sid, float(price), reason))
     return rows, reasons
+
+
+def write_embeddings(folder: Path, split: str, expected_ids: list[str], vectors: dict) -> dict:
+    """FOLDER/{split}.npy (float32, one row per expected id, in their order; NaN where an id has no sample) and
+    FOLDER/{split}_ids.csv (the sample_ids, in the same order)."""
+    import numpy as np
+
+    from common.fsio import atomic_path
+    width = next(iter(vectors.values())).shape[0] if vectors else 0
+    table = np.full((len(expected_ids), width), np.nan, dtype=np.float32)
+    missing = []
+    for row, sid in enumerate(expected_ids):
+        if sid in vectors:
+            table[row] = vectors[sid]
+        else:
+            missing.append(sid)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / f"{split}.npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, table)
+    write_text(folder / f"{split}_ids.csv", "sample_id\n" + "".join(f"{sid}\n" for sid in expected_ids))
+    return {"rows": len(expected_ids), "width": width, "missing_ids": missing}
 
 
 def write_predictions_csv(path: Path, rows) -> None:

@@ -14,21 +14,26 @@ retries it at half the micro-batch and twice the accumulation (common.model.back
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 GIB = 2**30
+# Coefficients measured on an H200 with Qwen2.5-VL-3B (bench/gpu_calibrate.py, bench/runs/h200-call1.json):
 # Memory: bytes a token keeps for the backward in one decoder layer (bf16, LoRA on the 7 projections) =
-# 2 x (ACT_HIDDEN x hidden + ACT_INTERMEDIATE x intermediate); a checkpointed layer keeps its input alone.
-ACT_HIDDEN, ACT_INTERMEDIATE = 12.0, 5.0
-# Inference: bytes a prompt token needs at the prefill's peak, per hidden unit (activations, KV cache, logits).
-INFER_PER_HIDDEN = 48.0
-FIXED_GIB = 1.5        # CUDA context, cuBLAS and compile workspaces, the allocator's slack
+# 2 x (ACT_HIDDEN x hidden + ACT_INTERMEDIATE x intermediate): 136 KB a token and layer on the 3B.
+ACT_HIDDEN, ACT_INTERMEDIATE = 6.3, 5.0
+# The share of those activations still held at the step's peak when every n-th decoder layer recomputes its
+# own (transformers' every_n_layers counts the vision blocks too: 4 -> 9 of 36 decoder layers), and the step's
+# time against no recomputation.
+CHECKPOINT_MEMORY = {0: 1.0, 4: 0.96, 2: 0.67, 1: 0.115}
+CHECKPOINT_TIME = {0: 1.0, 4: 1.21, 2: 1.35, 1: 1.6}
+# Inference: bytes a prompt token needs at the prefill's peak, per hidden unit (activations, KV cache).
+INFER_PER_HIDDEN = 150.0
+FIXED_GIB = 1.0        # the allocator's slack and the compile and cuBLAS workspaces, beyond weights and activations
 SAFETY = 0.90          # plan to this share of the budget: batches longer than the planning length happen
-# Time: a micro-step costs STEP_S plus TOKEN_S a token; recomputing a checkpointed layer adds RECOMPUTE of its
-# share of the per-token time.
-STEP_S, TOKEN_S, RECOMPUTE = 0.045, 18e-6, 0.35
-CHECKPOINT_EVERY = (0, 4, 3, 2, 1)  # off, every 4th layer, ..., every layer
+# Time: a training step takes the longer of STEP_S (the host issuing ~5,000 kernels) and TOKEN_S a token (bf16
+# on the 3B's width; the plan ranks configurations, it promises no speed).
+STEP_S, TOKEN_S = 0.135, 40.6e-6
+CHECKPOINT_EVERY = (0, 4, 2, 1)  # off, every 4th layer, every 2nd, every layer
 
 
 @dataclass(frozen=True)
@@ -130,10 +135,7 @@ def training_gib(size: ModelSize, base_precision: str, dtype: str, micro: int, t
     """Estimated peak GPU memory of a training step."""
     per_layer = 2 * (ACT_HIDDEN * size.hidden + ACT_INTERMEDIATE * size.intermediate) * (2 if dtype == "float32"
                                                                                          else 1)
-    checkpointed = 0 if every == 0 else math.ceil(size.layers / every)
-    kept = size.layers - checkpointed
-    per_token = kept * per_layer + checkpointed * 2 * size.hidden + (per_layer if checkpointed else 0)
-    activations = micro * tokens * per_token / GIB
+    activations = micro * tokens * size.layers * per_layer * CHECKPOINT_MEMORY[every] / GIB
     lora_state = size.lora_params * 16 / GIB  # fp32 weights, gradients and two Adam moments
     return weights_gib(size, base_precision, dtype) + lora_state + activations + FIXED_GIB
 
@@ -143,9 +145,8 @@ def inference_gib(size: ModelSize, base_precision: str, dtype: str, batch: int, 
 
 
 def step_seconds(size: ModelSize, micro: int, tokens: int, every: int) -> float:
-    """Estimated time of one micro-step (relative: it ranks configurations, it promises no speed)."""
-    share = 0 if every == 0 else math.ceil(size.layers / every) / size.layers
-    return STEP_S + micro * tokens * TOKEN_S * (size.hidden / 2048) * (1 + RECOMPUTE * share)
+    """Estimated time of one micro-step, scaled to the model's size from the 3B's."""
+    return max(STEP_S, micro * tokens * TOKEN_S * size.params / 3.75e9) * CHECKPOINT_TIME[every]
 
 
 def _dtype(request: Request, device: Device | None) -> str:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback, TrainingArguments
 
 from common.errors import PipelineError
+from common.model.head import LAST_POSITIONS, PRICE_TARGETS, pooled, regression_loss
 from common.model.metrics import smape
 from common.model.predict import predict_batch, with_normalized_pixels
 from common.speed.answer_logits import ANSWER_POSITIONS, answer_only_loss, answer_positions
@@ -159,8 +160,10 @@ class StepTimer(TrainerCallback):
 
 class PriceTrainer(FastTrainer):
     def __init__(self, *args, loader_options: dict, eval_options: dict, pixel_spec=None, no_cache: bool = False,
-                 samples_per_epoch: int = 0, **kwargs):
+                 samples_per_epoch: int = 0, head=None, head_learning_rate: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.head, self.head_learning_rate = head, head_learning_rate  # the regression objective's price head
+        self.regression_kind, self.price_floor = "l1", 0.01
         # the loss is a sum over the global batch's answer tokens divided by their count (num_items_in_batch), so
         # any split into micro-batches, accumulation steps and ranks learns the same (the Trainer then does not
         # divide by the accumulation steps)
@@ -188,10 +191,27 @@ class PriceTrainer(FastTrainer):
         return train_loader(self.train_dataset, self.args.per_device_train_batch_size, self.data_collator,
                             self.loader_options)
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the price head in a group of its own at --head-learning-rate."""
+        if self.optimizer is None and self.head is not None and self.head_learning_rate:
+            opt_model = self.model if model is None else model
+            head = {id(p) for p in self.head.parameters()}
+            rest = [p for p in opt_model.parameters() if p.requires_grad and id(p) not in head]
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls([{"params": rest, "weight_decay": self.args.weight_decay},
+                                            {"params": list(self.head.parameters()), "weight_decay": 0.0,
+                                             "lr": self.head_learning_rate}], **kwargs)
+        return super().create_optimizer(model)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**with_normalized_pixels(inputs, self.pixel_spec), **self.forward_kwargs}
         positions = inputs.pop(ANSWER_POSITIONS, None)
-        if self.answer_only and "labels" in inputs:
+        if self.head is not None:  # regression on log price from the last prompt token's final hidden state
+            last, prices = inputs.pop(LAST_POSITIONS), inputs.pop(PRICE_TARGETS)
+            outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+            loss = regression_loss(self.head(pooled(outputs.hidden_states[-1], last)), prices, self.regression_kind)
+            result = (loss, outputs) if return_outputs else loss
+        elif self.answer_only and "labels" in inputs:
             if positions is None:
                 positions = answer_positions(inputs["labels"])
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=positions)
@@ -221,7 +241,7 @@ class PriceTrainer(FastTrainer):
             model.eval()
             # generation runs eager: compiled blocks would recompile for the cache, once per layer
             with torch.compiler.set_stance("force_eager"):
-                metrics = evaluate_smape(model, **self.eval_options)
+                metrics = evaluate_smape(model, **self.eval_options, head=self.head)
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
             model.train(was_training)
             self.log(metrics)
@@ -233,12 +253,16 @@ class PriceTrainer(FastTrainer):
 
 
 def evaluate_smape(model, tokenizer, dataset, collator, median: float, max_samples: int,
-                   batch_size: int, spec=None) -> dict:
-    """SMAPE of generated prices on up to max_samples rows, beside predicting the training median."""
+                   batch_size: int, spec=None, head=None, price_floor: float = 0.01) -> dict:
+    """SMAPE of predicted prices on up to max_samples rows, beside predicting the training median: generated as
+    text, or from the price head when there is one."""
+    from common.model.inference import regression_predictor
+    predict = regression_predictor(model, head, price_floor, spec) if head is not None else \
+        (lambda batch: predict_batch(model, tokenizer, batch, spec=spec))
     preds, truths, fallbacks = [], [], 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda s: (collator(s), s))
     for batch, samples in loader:
-        for p, s in zip(predict_batch(model, tokenizer, batch, spec=spec), samples):
+        for p, s in zip(predict(batch), samples):
             if p is None:
                 fallbacks += 1
                 p = median
@@ -268,25 +292,34 @@ def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, ma
     if cfg.schedule.group_by_length:
         train = LengthGroupedStream(train, plan.micro_batch, cfg.advanced.group_window, cfg.schedule.seed)
     median = read_json(layout.jsonl_dir(cfg.data.work_dir) / "stats.json")["train_median_price"]
-    text_only = cfg.advanced.text_only
+    text_only, regression = cfg.advanced.text_only, cfg.schedule.objective == "regression"
+    head, floor = None, 0.01
+    if regression:
+        from common.data.chat_jsonl import train_prices
+        from common.model.head import attach_head
+        prices = train_prices(cfg.data.work_dir)
+        head, floor = attach_head(model, prices["mean_log1p"]), prices["min"]
     eval_options = {"tokenizer": tokenizer, "dataset": streams["validation"], "median": median, "spec": spec,
-                    "max_samples": cfg.run.eval_samples, "batch_size": cfg.run.eval_batch_size,
+                    "max_samples": cfg.run.eval_samples, "batch_size": cfg.advanced.eval_batch_size, "price_floor": floor,
                     "collator": for_tokenizer(tokenizer, "left", with_labels=False, drop_images=text_only,
-                                              host_ids=host_ids)}
+                                              host_ids=host_ids, pooled=regression)}
     args = training_arguments(cfg.out, batch_size=plan.micro_batch, grad_accum=plan.grad_accum, dtype=plan.dtype,
                               learning_rate=cfg.schedule.learning_rate, lr_scheduler=cfg.schedule.lr_scheduler,
-                              warmup_ratio=cfg.schedule.warmup_ratio, weight_decay=cfg.schedule.weight_decay,
-                              max_steps=max_steps, logging_steps=cfg.run.logging_steps, save_steps=cfg.run.save_steps,
-                              save_total_limit=cfg.run.save_total_limit, eval_steps=cfg.run.eval_steps,
+                              warmup_ratio=cfg.advanced.warmup_ratio, weight_decay=cfg.advanced.weight_decay,
+                              max_steps=max_steps, logging_steps=cfg.advanced.logging_steps, save_steps=cfg.run.save_steps,
+                              save_total_limit=cfg.advanced.save_total_limit, eval_steps=cfg.run.eval_steps,
                               seed=cfg.schedule.seed)
     loader = {"num_workers": cfg.device.workers, "pin_memory": cfg.advanced.pin_memory,
               "persistent_workers": cfg.advanced.persistent_workers, "prefetch_factor": cfg.advanced.prefetch_factor}
     trainer = PriceTrainer(model=model, args=args, train_dataset=train, eval_dataset=streams["validation"],
-                           data_collator=for_tokenizer(tokenizer, drop_images=text_only, host_ids=host_ids),
+                           data_collator=for_tokenizer(tokenizer, drop_images=text_only, host_ids=host_ids,
+                                                       pooled=regression),
                            loader_options=loader, eval_options=eval_options, pixel_spec=spec,
                            glue=speed.on("trainer_glue"), answer_only=speed.on("answer_only_logits"),
                            no_cache=plan.backend == "hf", samples_per_epoch=streams["train"].num_samples,
-                           callbacks=[CheckpointMarker()])
+                           head=head, head_learning_rate=cfg.schedule.head_learning_rate,
+                           callbacks=[CheckpointMarker(head, floor)])
+    trainer.regression_kind, trainer.price_floor = cfg.advanced.regression_loss, floor
     trainer.add_callback(NonFiniteGuard(trainer))
     trainer.speed_levers = speed.active()
     logging.getLogger("transformers.trainer").addFilter(

@@ -37,11 +37,11 @@ def apply_for_training(model, speed: Speedups):
     return host
 
 
-def apply_for_inference(model, speed: Speedups):
+def apply_for_inference(model, speed: Speedups, decoding: bool = True):
     """(HostLayout or None, a static decoder or None for the library's generate())."""
     host = _model_levers(model, speed, training=False)
     decoder = None
-    if speed.on("static_decode") and host is not None:
+    if decoding and speed.on("static_decode") and host is not None:
         from common.speed.decode import StaticDecoder
         decoder = StaticDecoder(model, graphs=True)
     log.info("speed levers on: %s", ", ".join(speed.active()) or "none")
