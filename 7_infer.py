@@ -57,6 +57,7 @@ class InferAdvancedOptions:
     flush_every: int = opt("write a part file every N batches", 4)
     skip_corrupt_shards: bool = opt("answer rows of unreadable shards with the fallback", True)
     source: str = opt("shards (stage 5) or jsonl (stage 3, encoded on the fly)", "shards", ["shards", "jsonl"])
+    text_only: bool = opt("ablation: drop every image and its tokens (as 6_train.py --text-only)", False)
     run_dir: str = opt("where the part files and stats.json go; empty: WORK_DIR/infer_SPLIT", "")
 
 
@@ -168,12 +169,14 @@ def main(cfg: InferConfig) -> dict:
     predict, vectors, pooled = predictor(cfg, objective, model, tokenizer, spec, decoder)
     stream = open_stream(cfg.advanced.source, cfg.data.work_dir, cfg.data.split, spec, base, encoding,
                          skip_corrupt=cfg.advanced.skip_corrupt_shards)
+    tokens, _ = planning_tokens(getattr(stream, "index", {}))
     plan = plan_inference(cfg.device.batch_size, backend, str(next(model.parameters()).dtype).split(".")[-1],
                           "graphs" if decoder else "generate" if decoding else "one forward", Device.detect(),
-                          ModelSize.of(base), planning_tokens(getattr(stream, "index", {})), cfg.device.max_gpu_memory)
+                          ModelSize.of(base), tokens, cfg.device.max_gpu_memory)
     logs.every_rank(plan.line(world))
     log.info("%s: %d rows; base %s, adapter %s, objective %s", cfg.data.split, len(ids), base, adapter, objective)
-    collator = for_tokenizer(tokenizer, "left", with_labels=False, host_ids=host, pooled=pooled)
+    collator = for_tokenizer(tokenizer, "left", with_labels=False, host_ids=host, pooled=pooled,
+                             drop_images=cfg.advanced.text_only)
     run = run_predictions(predict, stream, collator, out_dir / "parts", rank, plan.batch, cfg.device.workers,
                           cfg.advanced.sort_by_length, cfg.advanced.sort_window, cfg.advanced.flush_every,
                           expected=len(ids) // world, vectors=vectors)

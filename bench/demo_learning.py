@@ -1,65 +1,74 @@
-"""Does the demo model learn, and does it use the image? Validation SMAPE of the demo run beside the
-training-median baseline and beside a text-only ablation trained the same way (same steps, same seed).
+"""What the demo learns: validation SMAPE by objective (text, regression) and seed, beside the training median and
+a text-only ablation (every image and its tokens dropped, in training and evaluation), all with run.sh's schedule.
 
-    PYTHON=.venv/bin/python ./run.sh --work-dir work          # the demo run (stages 1-7)
-    .venv/bin/python bench/demo_learning.py --work-dir work [--write]
-
-The ablation drops each sample's image and its tokens in training and in evaluation (6_train.py
---text-only, 7_infer.py through the same collator), so it sees exactly the text the full run sees.
+    PYTHON=.venv/bin/python ./run.sh --work-dir work --to-stage 5      # the demo's stages 1-5, once
+    .venv/bin/python bench/demo_learning.py --work-dir work --seeds 1 2 3 --save
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from results import cpu_device, save  # noqa: E402
 
-from bench_results import cpu_device, update_section  # noqa: E402
+
+def demo_train_args() -> list[str]:
+    """run.sh's stage 6 options for the demo, read from run.sh itself."""
+    text = (ROOT / "run.sh").read_text()
+    return re.search(r"TRAIN=\((.*?)\)", text, re.S).group(1).split()
 
 
-def run(*args: str) -> None:
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+def one_run(work: Path, objective: str, seed: int, text_only: bool) -> dict:
+    name = f"{objective}_seed{seed}{'_text_only' if text_only else ''}"
+    out, run_dir = work / "demo_learning" / name, work / "demo_learning" / f"{name}_infer"
+    extra = ["--text-only"] if text_only else []
+    started = time.time()
+    subprocess.run([sys.executable, "6_train.py", "--work-dir", str(work), "--output-dir", str(out), "--objective",
+                    objective, "--seed", str(seed), *demo_train_args(), "--eval-steps", "0", "--eval-samples", "1",
+                    *extra], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    train_s = time.time() - started
+    subprocess.run([sys.executable, "7_infer.py", "--work-dir", str(work), "--data-dir", str(work / "demo"),
+                    "--split", "validation", "--train-dir", str(out), "--run-dir", str(run_dir), "--workers", "1",
+                    "--output", str(run_dir / "validation_pred.csv"), *(["--text-only"] if text_only else [])],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    evaluation = json.loads((run_dir / "stats.json").read_text())["evaluation"]
+    result = {"objective": objective, "seed": seed, "text_only": text_only, "smape": evaluation["smape"],
+              "median_smape": evaluation["median_baseline_smape"], "rows": evaluation["rows"],
+              "train_minutes": round(train_s / 60, 1)}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work-dir", type=Path, default=Path("work"), help="a finished demo run of run.sh")
-    ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
+    ap.add_argument("--work-dir", type=Path, default=Path("work"), help="a demo work folder with stages 1-5 done")
+    ap.add_argument("--objectives", nargs="+", default=["text", "regression"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[1], help="seeds of the text-only runs")
+    ap.add_argument("--save", action="store_true", help="store the table in bench/runs/demo_learning.json")
     args = ap.parse_args()
-    work = args.work_dir
-    full_cfg = json.loads((work / "train" / "train_config.json").read_text())["options"]
-    ablation = work / "train_text_only"
-    train_args = ["--work-dir", str(work), "--output-dir", str(ablation), "--text-only"]
-    for key in ("batch_size", "grad_accum", "epochs", "learning_rate", "lora_r", "lora_alpha", "seed", "workers"):
-        train_args += [f"--{key.replace('_', '-')}", str(full_cfg[key])]
-    started = time.time()
-    run("6_train.py", *train_args, "--eval-steps", "0")
-    minutes = (time.time() - started) / 60
-    full = json.loads((work / "infer_validation" / "stats.json").read_text())["evaluation"]
-    ablated = json.loads((ablation / "stats.json").read_text())["final_eval"]
-    rows = [("predict the training median", full["median_baseline_smape"]),
-            ("text + image (the demo run)", full["smape"]),
-            ("text only (ablation, same schedule)", ablated["eval_smape"])]
-    table = ["| model | validation SMAPE |", "|---|---|"] + [f"| {name} | {value:.2f} |" for name, value in rows]
-    device = cpu_device()
-    text = "\n".join([
-        "## The demo learns, and uses the image", "",
-        f"Tiny Qwen2.5-VL (demo), {full['rows']} validation rows, {device}, {time.strftime('%Y-%m-%d')}; "
-        f"the text-only ablation took {minutes:.1f} min to train.", "", *table, "",
-        f"Ratio to the median baseline: {full['smape'] / full['median_baseline_smape']:.2f} (text + image), "
-        f"{ablated['eval_smape'] / full['median_baseline_smape']:.2f} (text only). The ablation's figure is on the "
-        f"first {ablated['eval_samples']} validation rows (its evaluation inside 6_train.py).", "",
-        "Reproduce: `PYTHON=.venv/bin/python ./run.sh --work-dir work && "
-        ".venv/bin/python bench/demo_learning.py --work-dir work --write`"])
-    print(text)
-    if args.write:
-        update_section(ROOT / "bench" / "RESULTS.md", "demo", text)
+    runs = [one_run(args.work_dir, o, s, False) for o in args.objectives for s in args.seeds]
+    runs += [one_run(args.work_dir, o, s, True) for o in args.objectives for s in args.ablation_seeds]
+    rows = []
+    for objective in args.objectives:
+        for text_only in (False, True):
+            got = [r["smape"] for r in runs if r["objective"] == objective and r["text_only"] == text_only]
+            if got:
+                rows.append([objective + (" (text only)" if text_only else ""), len(got), round(statistics.mean(got), 2),
+                             f"{min(got):.2f} - {max(got):.2f}", runs[0]["median_smape"]])
+    columns = ["objective", "seeds", "validation SMAPE, mean", "range", "median baseline"]
+    print(json.dumps({"columns": columns, "rows": rows}, indent=1))
+    if args.save:
+        save("demo_learning", "Demo: validation SMAPE by objective and seed", columns, rows,
+             f"bench/demo_learning.py --seeds {' '.join(map(str, args.seeds))}", cpu_device(), runs=runs)
 
 
 if __name__ == "__main__":

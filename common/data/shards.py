@@ -294,10 +294,11 @@ def token_summary(lengths: list[int]) -> dict:
             "max": ordered[-1]}
 
 
-def planning_tokens(index: dict, default: int = 640) -> int:
-    """The sample length a plan sizes batches by: the split's 95th percentile, or `default` for an index written
-    before stage 5 recorded lengths."""
-    return int(index.get("tokens", {}).get("p95") or default)
+def planning_tokens(index: dict, default: int = 640) -> tuple[int, int]:
+    """(95th percentile, mean) of a split's sample lengths, what a plan sizes batches (memory) and times steps by;
+    `default` for an index written before stage 5 recorded lengths."""
+    tokens = index.get("tokens", {})
+    return int(tokens.get("p95") or default), int(tokens.get("mean") or default)
 
 
 def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_shard: int) -> dict:

@@ -54,6 +54,8 @@ def train_with_backoff(trainer, plan: Plan, can_shrink: bool, resume_from: Path 
         resume = resume_from
         if state["attempts"]:
             trainer.restart_at(micro_batch, state["plan"].grad_accum, start)
+            if trainer.grouping is not None:
+                trainer.grouping.batch_size = micro_batch
             resume = latest_complete_checkpoint(out)
         state["attempts"] += 1
         if resume and trainer.head is not None:  # the Trainer restores the adapter; the price head is ours

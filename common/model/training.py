@@ -127,14 +127,16 @@ class EpochBanner(logging.Filter):
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of the optimizer steps for stats.json: the first step (it compiles) apart, and the steady rate
-    from the end of the `warmup`-th step to the last step's end, the GPU synchronized at those two points only."""
+    """Wall time of the optimizer steps for stats.json: the first step (it compiles) apart; the steady rate over the
+    steps after the `warmup`-th, the GPU synchronized at the window's two ends only; and the rate at the median
+    step, which a step that recompiles for a new shape (seconds, a few times a run) does not move."""
 
     def __init__(self, warmup: int = 3):
-        self.warmup, self.first_step_s, self.marks = warmup, None, []
+        self.warmup, self.first_step_s, self.marks, self.ends = warmup, None, [], []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.begin_step, self.started, self.first_step_s, self.marks = state.global_step, time.perf_counter(), None, []
+        self.begin_step, self.started, self.first_step_s = state.global_step, time.perf_counter(), None
+        self.marks, self.ends = [], []
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -146,6 +148,8 @@ class StepTimer(TrainerCallback):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.marks.append((state.global_step, time.perf_counter()))
+        if done >= self.warmup:
+            self.ends.append(time.perf_counter())
 
     def summary(self, samples_per_step: int) -> dict:
         out = {"first_step_s": round(self.first_step_s, 2) if self.first_step_s else None}
@@ -153,6 +157,11 @@ class StepTimer(TrainerCallback):
             (step0, t0), (step1, t1) = self.marks
             out.update(steady_steps=step1 - step0,
                        steady_samples_per_s=round((step1 - step0) * samples_per_step / (t1 - t0), 2))
+        if len(self.ends) > 2:
+            intervals = sorted(b - a for a, b in zip(self.ends, self.ends[1:]))
+            median = intervals[len(intervals) // 2]
+            out.update(median_step_s=round(median, 4), median_samples_per_s=round(samples_per_step / median, 2),
+                       slow_steps=sum(1 for i in intervals if i > 5 * median))
         if torch.cuda.is_available():
             out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         return out
@@ -286,11 +295,11 @@ def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, ma
     from common.model.collate import for_tokenizer
     from common.speed import Speedups, parse_off
     speed = Speedups(plan.backend, parse_off(cfg.advanced.speedups_off))
-    train = streams["train"]
+    train, grouping = streams["train"], None
     if cfg.advanced.record_samples:
         train = RecordingStream(train, cfg.advanced.record_samples)
     if cfg.schedule.group_by_length:
-        train = LengthGroupedStream(train, plan.micro_batch, cfg.advanced.group_window, cfg.schedule.seed)
+        train = grouping = LengthGroupedStream(train, plan.micro_batch, cfg.advanced.group_window, cfg.schedule.seed)
     median = read_json(layout.jsonl_dir(cfg.data.work_dir) / "stats.json")["train_median_price"]
     text_only, regression = cfg.advanced.text_only, cfg.schedule.objective == "regression"
     head, floor = None, 0.01
@@ -322,6 +331,7 @@ def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, ma
     trainer.regression_kind, trainer.price_floor = cfg.advanced.regression_loss, floor
     trainer.add_callback(NonFiniteGuard(trainer))
     trainer.speed_levers = speed.active()
+    trainer.grouping = grouping  # its batch size follows the micro-batch if the backoff shrinks it
     logging.getLogger("transformers.trainer").addFilter(
         EpochBanner(streams["train"].num_samples, 
                     args.world_size * args.train_batch_size * args.gradient_accumulation_steps,
