@@ -24,6 +24,7 @@ from common.data.catalog import read_catalog
 from common.data.download import FetchPolicy
 from common.fsio import write_json
 from common.data.image_store import download_split
+from common.data.parts import Part, part_problems
 
 
 @dataclass
@@ -41,6 +42,7 @@ class DownloadOptions:
     skip_bad_rows: bool = options.opt("skip train rows with bad ids/prices (counted) instead of failing", False)
     allow_private_hosts: bool = options.opt("also fetch from loopback, private and reserved addresses (a local "
                                             "image server); link-local ones stay refused", False)
+    part: str = options.opt("download only part I of N (I/N: one of N machines sharing the work)", "0/1")
 
     def problems(self) -> list[str]:
         out = []
@@ -54,7 +56,7 @@ class DownloadOptions:
             out.append("--retries must be >= 0")
         if self.max_bytes < 1024:
             out.append("--max-bytes must be >= 1024")
-        return out
+        return out + part_problems(self.part)
 
 
 def main(cfg: DownloadOptions) -> dict:
@@ -65,15 +67,16 @@ def main(cfg: DownloadOptions) -> dict:
     # every CSV is checked before the first download: a bad test.csv must not wait for the train images
     catalogs = {split: read_catalog(cfg.data_dir / f"{split}.csv", split, cfg.skip_bad_rows)
                 for split in layout.resolve_splits(cfg.split)}
-    all_stats = {}
+    part, all_stats = Part.parse(cfg.part), {}
     for split, catalog in catalogs.items():
         started = time.time()
         out_dir = layout.images_dir(cfg.work_dir, split)
-        counts = download_split(catalog.rows, out_dir, policy, cfg.concurrency, cfg.retry_failed)
+        counts = download_split(part.rows(catalog.rows), out_dir, policy, cfg.concurrency, cfg.retry_failed,
+                                part.suffix)
         stats = {"split": split, "rows_in": catalog.n_input, "rows_skipped_bad_input": catalog.skipped,
                  "status_counts": counts, "seconds": round(time.time() - started, 2),
                  "options": options.to_jsonable(cfg)}
-        write_json(out_dir / "stats.json", stats)
+        write_json(out_dir / f"stats{part.suffix}.json", stats)
         log.info("%s: %d rows -> %s (%.1fs)", split, len(catalog.rows), counts, stats["seconds"])
         all_stats[split] = stats
     return all_stats

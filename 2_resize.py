@@ -21,6 +21,7 @@ from pathlib import Path
 from common import layout, logs, options
 from common.fsio import write_json
 from common.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR
+from common.data.parts import Part, part_problems
 from common.data.resize_store import check_params, resize_split
 
 
@@ -35,6 +36,7 @@ class ResizeOptions:
     quality: int = options.opt("JPEG quality of the output", 95)
     draft: bool = options.opt("let JPEG decode at a reduced scale when still larger than the target", True)
     force: bool = options.opt("redo images resized earlier with other bounds", False)
+    part: str = options.opt("resize only part I of N (I/N, as 1_download.py --part)", "0/1")
 
     def problems(self) -> list[str]:
         out = []
@@ -46,7 +48,7 @@ class ResizeOptions:
             out.append("--workers must be >= 1")
         if not 1 <= self.quality <= 100:
             out.append("--quality must be in 1..100")
-        return out
+        return out + part_problems(self.part)
 
 
 def main(cfg: ResizeOptions) -> dict:
@@ -59,10 +61,11 @@ def main(cfg: ResizeOptions) -> dict:
         out_dir = layout.resized_dir(cfg.work_dir, split)
         out_dir.mkdir(parents=True, exist_ok=True)
         check_params(out_dir, params, cfg.force)
-        counts = resize_split(layout.images_dir(cfg.work_dir, split), out_dir, params, cfg.workers)
+        part = Part.parse(cfg.part)
+        counts = resize_split(layout.images_dir(cfg.work_dir, split), out_dir, params, cfg.workers, part)
         stats = {"split": split, "status_counts": counts, "seconds": round(time.time() - started, 2),
                  "options": options.to_jsonable(cfg)}
-        write_json(out_dir / "stats.json", stats)
+        write_json(out_dir / f"stats{part.suffix}.json", stats)
         log.info("%s: %s (%.1fs)", split, counts, stats["seconds"])
         all_stats[split] = stats
     return all_stats

@@ -24,6 +24,7 @@ from common.data.chat_jsonl import read_jsonl
 from common.fsio import write_json
 from common.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from common.model.loading import check_model_files, resolve_model
+from common.data.parts import Part, part_problems
 from common.data.preprocess import preprocess_split
 from common.data.sample_store import clean_partial
 
@@ -37,6 +38,7 @@ class PreprocessOptions:
     max_pixels: int = options.opt("most pixels per image; use stage 2's value", DEFAULT_MAX_PIXELS)
     max_length: int = options.opt("most tokens per sample; longer catalog text is cut", 2048)
     workers: int = options.opt("encoding processes (1: in this process)", os.cpu_count() or 1)
+    part: str = options.opt("encode only part I of N (I/N, as 1_download.py --part)", "0/1")
 
     def problems(self) -> list[str]:
         out = []
@@ -49,24 +51,24 @@ class PreprocessOptions:
         for split in layout.resolve_splits(self.split, layout.JSONL_SPLITS):
             if not layout.jsonl_path(self.work_dir, split).exists():
                 out.append(f"{layout.jsonl_path(self.work_dir, split)} not found: run 3_create_jsonl.py first")
-        return out
+        return out + part_problems(self.part)
 
 
 def main(cfg: PreprocessOptions) -> dict:
     log = logs.setup("preprocess")
     model_path = resolve_model(cfg.model, cfg.work_dir)
     check_model_files(model_path)  # here, once, rather than failing in every worker
-    all_stats = {}
+    part, all_stats = Part.parse(cfg.part), {}
     for split in layout.resolve_splits(cfg.split, layout.JSONL_SPLITS):
         started = time.time()
         rows = read_jsonl(layout.jsonl_path(cfg.work_dir, split))
         out_dir = layout.preprocessed_dir(cfg.work_dir, split)
-        clean_partial(out_dir)
+        clean_partial(out_dir, part.has)
         result = preprocess_split(rows, out_dir, split, model_path, cfg.max_length, cfg.min_pixels,
-                                  cfg.max_pixels, cfg.workers)
-        stats = {"split": split, "rows_in": len(rows), **result, "model_path": model_path,
+                                  cfg.max_pixels, cfg.workers, part)
+        stats = {"split": split, "rows_in": sum(1 for r in rows if part.has(r["sample_id"])), **result, "model_path": model_path,
                  "seconds": round(time.time() - started, 2), "options": options.to_jsonable(cfg)}
-        write_json(out_dir / "stats.json", stats)
+        write_json(out_dir / f"stats{part.suffix}.json", stats)
         log.info("%s: %d rows -> %s, notes %s (%.1fs)", split, len(rows), result["counts"], result["notes"],
                  stats["seconds"])
         all_stats[split] = stats

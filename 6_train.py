@@ -1,14 +1,13 @@
 """Stage 6: LoRA fine-tuning that learns only the price (Unsloth or transformers + peft).
 
-Reads   WORK_DIR/webdataset_{train,validation}/ (or, with --source jsonl, WORK_DIR/jsonl/ encoded on the fly)
-Writes  OUTPUT_DIR (WORK_DIR/train/): LoRA adapter, tokenizer, image settings, chat template, prompt.json,
-        train_config.json, stats.json, checkpoint-N/ (the last --save-total-limit), runs/ (TensorBoard)
+Reads   WORK_DIR/webdataset_{train,validation}/ (or --shards: URLs, patterns, pipes; or JSONL, --source jsonl)
+Writes  OUTPUT_DIR (WORK_DIR/train/): adapter (+ price head), tokenizer, image settings, prompt.json,
+        train_config.json, stats.json, checkpoint-N/, runs/ (TensorBoard)
 
     python 6_train.py --work-dir work --model Qwen/Qwen2.5-VL-3B-Instruct
     torchrun --nproc_per_node 2 6_train.py --work-dir work --model Qwen/Qwen2.5-VL-3B-Instruct
 
-A rerun resumes from the newest complete checkpoint (same data order and optimizer); a finished run is skipped.
-"""
+A rerun resumes from the newest complete checkpoint; a finished run is skipped."""
 from __future__ import annotations
 
 import json
@@ -28,8 +27,8 @@ class DataOptions:
     _argument_group_name = "data and model"
     work_dir: Path = opt("folder every stage writes under", Path("work"))
     output_dir: str = opt("where the adapter and checkpoints go; empty: WORK_DIR/train", "")
+    shards: str = opt("shards of each {split}: a folder, URL, brace pattern or pipe: command; empty: WORK_DIR's", "")
     model: str = opt("base model: tiny | LOCAL_DIR | HUB_ID", "tiny")
-    skip_corrupt_shards: bool = opt("skip unreadable shards (logged) instead of failing", False)
 
 
 @dataclass
@@ -93,6 +92,7 @@ class AdvancedOptions:
     eval_batch_size: int = opt("batch size of the evaluation's generation", 16)
     warmup_ratio: float = opt("share of steps spent warming up", 0.03)
     source: str = opt("shards (stage 5) or jsonl (stage 3, encoded on the fly)", "shards", ["shards", "jsonl"])
+    skip_corrupt_shards: bool = opt("skip unreadable shards (logged) instead of failing", False)
     regression_loss: str = opt("the regression head's loss: l1 on log price, or smape on the price", "l1",
                                ["l1", "smape"])
     text_only: bool = opt("ablation: drop every image and its tokens", False)
@@ -142,7 +142,7 @@ class TrainConfig:
         for split in ("train", "validation"):
             path = (layout.shards_dir(self.data.work_dir, split) / "index.json" if self.advanced.source == "shards"
                     else layout.jsonl_path(self.data.work_dir, split))
-            if not path.exists():
+            if not path.exists() and not (self.data.shards and self.advanced.source == "shards"):
                 out.append(f"{path} not found: run the earlier stages first")
         return out
 
@@ -183,6 +183,7 @@ def main(cfg: TrainConfig) -> dict:
     from common.data.streams import open_stream
     from common.model.backoff import train_with_backoff
     from common.model.checkpoints import latest_complete_checkpoint, remove_incomplete_checkpoints, save_run
+    from common.model.distributed import agreed_checkpoint, init_distributed, output_shared_by_all_nodes
     from common.model.loading import LoraSettings, bind_local_gpu, cap_gpu_memory, load_training_model, resolve_model
     from common.model.plan import Device, ModelSize, plan_training
     from common.model.training import build_trainer, plan_steps, ranks_hold_same_weights
@@ -191,17 +192,20 @@ def main(cfg: TrainConfig) -> dict:
     if (cfg.out / "COMPLETE").exists() and not cfg.run.overwrite:
         log.info("%s holds a finished run; pass --overwrite to train again", cfg.out)
         return read_json(cfg.out / "stats.json")
-    rank0, world = logs.rank() == 0, int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     bind_local_gpu()
     cap_gpu_memory(cfg.device.max_gpu_memory)
-    if rank0 and (cfg.run.overwrite or not cfg.run.resume) and cfg.out.exists():
+    init_distributed()
+    shared = output_shared_by_all_nodes(cfg.out)  # else every node keeps its own checkpoints
+    writer = logs.rank() == 0 or (not shared and int(os.environ.get("LOCAL_RANK", 0)) == 0)
+    if writer and (cfg.run.overwrite or not cfg.run.resume) and cfg.out.exists():
         shutil.rmtree(cfg.out)
     model_path = resolve_model(cfg.data.model, cfg.data.work_dir)
     tokenizer, spec = load_tokenizer(model_path), ImageSpec.from_model(model_path)
     streams = {split: open_stream(cfg.advanced.source, cfg.data.work_dir, split, spec, model_path, cfg.encoding,
                                   training=split == "train", by_rank=split == "train", seed=cfg.schedule.seed,
-                                  shuffle_buffer=cfg.advanced.shuffle_buffer,
-                                  skip_corrupt=cfg.data.skip_corrupt_shards)
+                                  shuffle_buffer=cfg.advanced.shuffle_buffer, shards=cfg.data.shards,
+                                  skip_corrupt=cfg.advanced.skip_corrupt_shards)
                for split in ("train", "validation")}
     tokens = planning_tokens(getattr(streams["train"], "index", {}))
     speed = Speedups(cfg.device.backend if cfg.device.backend != "auto" else "hf", parse_off(cfg.advanced.speedups_off))
@@ -213,10 +217,10 @@ def main(cfg: TrainConfig) -> dict:
     log.info("%d train samples, %d per step -> %d steps", samples, plan.global_batch * world, max_steps)
     lora = LoraSettings(cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.advanced.lora_dropout, cfg.lora.tune_vision)
     model, host = load_training_model(model_path, plan, lora, cfg.schedule.seed, parse_off(cfg.advanced.speedups_off))
-    trainer = build_trainer(cfg, plan, model, host, tokenizer, spec, streams, max_steps)
-    if rank0 and cfg.out.exists():
+    trainer = build_trainer(cfg, plan, model, host, tokenizer, spec, streams, max_steps, save_on_each_node=not shared)
+    if writer and cfg.out.exists():
         remove_incomplete_checkpoints(cfg.out)
-    resume_from = latest_complete_checkpoint(cfg.out) if cfg.run.resume else None
+    resume_from = agreed_checkpoint(latest_complete_checkpoint(cfg.out) if cfg.run.resume else None)
     log.info("%s", f"resuming from {resume_from}" if resume_from else "starting fresh")
     started = time.time()
     result, plan = train_with_backoff(trainer, plan, "micro-batch" in plan.chosen and world == 1, resume_from, cfg.out)
@@ -230,7 +234,7 @@ def main(cfg: TrainConfig) -> dict:
              "samples_seen": trainer.state.global_step * world * plan.global_batch, "final_eval": final_eval,
              "timing": trainer.timer.summary(plan.global_batch * world), "log_history": trainer.state.log_history, "world_size": world,
              "ranks_hold_same_weights": in_step, "speed_levers": trainer.speed_levers}
-    if trainer.is_world_process_zero():
+    if writer:  # rank 0, and each node's first rank when the nodes do not share OUTPUT_DIR
         save_run(cfg.out, trainer.accelerator.unwrap_model(trainer.model), tokenizer, model_path,
                  {"base_model": model_path, "backend": plan.backend, "objective": cfg.schedule.objective,
                   "plan": asdict(plan), "encoding": cfg.encoding, "options": options.to_jsonable(cfg)}, stats,

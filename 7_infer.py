@@ -32,6 +32,7 @@ class InferOptions:
     train_dir: str = opt("what 6_train.py wrote; empty: WORK_DIR/train", "")
     adapter: str = opt("LoRA adapter: auto (TRAIN_DIR), none (the base model alone) or a folder", "auto")
     model: str = opt("base model; empty: the one TRAIN_DIR was trained from", "")
+    shards: str = opt("shards of each {split}: a folder, URL, brace pattern or pipe: command; empty: WORK_DIR's", "")
     output: str = opt("predictions CSV; empty: WORK_DIR/test_out.csv or WORK_DIR/eval/validation_pred.csv", "")
 
 
@@ -143,8 +144,8 @@ def main(cfg: InferConfig) -> dict:
     from common.data.shards import planning_tokens
     from common.data.streams import open_stream
     from common.model.collate import for_tokenizer
-    from common.model.inference import (init_distributed, merge, read_parts, read_vector_parts, run_predictions,
-                                        write_embeddings, write_predictions_csv)
+    from common.model.distributed import init_distributed
+    from common.model.inference import gathered_parts, merge, run_predictions, write_embeddings, write_predictions_csv
     from common.model.loading import bind_local_gpu, cap_gpu_memory, load_inference_model, resolve_model
     from common.model.plan import Device, ModelSize, plan_inference
     from common.speed import parse_off
@@ -152,7 +153,7 @@ def main(cfg: InferConfig) -> dict:
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
     bind_local_gpu()
     cap_gpu_memory(cfg.device.max_gpu_memory)
-    init_distributed(world)
+    init_distributed()
     train_cfg = read_json(cfg.tdir / "train_config.json") if (cfg.tdir / "train_config.json").exists() else {}
     base = resolve_model(cfg.data.model, cfg.data.work_dir) if cfg.data.model else train_cfg["base_model"]
     adapter = {"auto": str(cfg.tdir), "none": None}.get(cfg.data.adapter, cfg.data.adapter)
@@ -168,7 +169,7 @@ def main(cfg: InferConfig) -> dict:
                                                          parse_off(cfg.advanced.speedups_off), decoding)
     predict, vectors, pooled = predictor(cfg, objective, model, tokenizer, spec, decoder)
     stream = open_stream(cfg.advanced.source, cfg.data.work_dir, cfg.data.split, spec, base, encoding,
-                         skip_corrupt=cfg.advanced.skip_corrupt_shards)
+                         skip_corrupt=cfg.advanced.skip_corrupt_shards, shards=cfg.data.shards)
     tokens, _ = planning_tokens(getattr(stream, "index", {}))
     plan = plan_inference(cfg.device.batch_size, backend, str(next(model.parameters()).dtype).split(".")[-1],
                           "graphs" if decoder else "generate" if decoding else "one forward", Device.detect(),
@@ -180,18 +181,15 @@ def main(cfg: InferConfig) -> dict:
     run = run_predictions(predict, stream, collator, out_dir / "parts", rank, plan.batch, cfg.device.workers,
                           cfg.advanced.sort_by_length, cfg.advanced.sort_window, cfg.advanced.flush_every,
                           expected=len(ids) // world, vectors=vectors)
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+    predictions = gathered_parts(out_dir / "parts", rank, vectors)
     if rank != 0:
         return run
     stats = {"split": cfg.data.split, "rows_expected": len(ids), "objective": objective, "rank0_run": run,
              "plan": asdict(plan), "world_size": world, "options": options.to_jsonable(cfg)}
     if vectors:
-        stats["embeddings"] = write_embeddings(cfg.data.work_dir / "embeddings", cfg.data.split, ids,
-                                               read_vector_parts(out_dir / "parts"))
+        stats["embeddings"] = write_embeddings(cfg.data.work_dir / "embeddings", cfg.data.split, ids, predictions)
     else:
-        rows, reasons = merge(ids, read_parts(out_dir / "parts"), median)
+        rows, reasons = merge(ids, predictions, median)
         write_predictions_csv(cfg.out_csv, rows)
         stats.update(rows_written=len(rows), fallback_counts={k: len(v) for k, v in reasons.items()},
                      fallback_ids=reasons, fallback_price=median, output=str(cfg.out_csv))

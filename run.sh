@@ -8,6 +8,7 @@
 #
 # Options: --data-dir D  --work-dir W  --model M  --from-stage N  --to-stage N  --ngpu N  --demo
 #          --demo-port P (default 8765)  --demo-train-rows N  --demo-test-rows N
+#          --nnodes N --node-rank R --master-addr HOST [--master-port P]   stages 6-7 over N machines
 #          --args-N "OPTIONS"   options passed on to stage N (1..7), e.g. --args-1 "--concurrency 128";
 #          --train-args and --infer-args are --args-6 and --args-7; see each stage's --help
 # PYTHON (default: python3) picks the interpreter.
@@ -16,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DATA_DIR="" WORK_DIR="work" MODEL="tiny" FROM=1 TO=7 NGPU=1 DEMO=0 PORT=8765 TRAIN_ROWS=2000 TEST_ROWS=200
+NNODES=1 NODE_RANK=0 MASTER_ADDR="" MASTER_PORT=29500
 PY="${PYTHON:-python3}"
 ARGS1=() ARGS2=() ARGS3=() ARGS4=() ARGS5=() ARGS6=() ARGS7=()
 pass_on() {  # pass_on N "OPTIONS": word-split OPTIONS onto stage N's extra arguments
@@ -33,6 +35,10 @@ while [ $# -gt 0 ]; do
     --to-stage) value "$@"; TO="$2"; shift 2 ;;
     --ngpu) value "$@"; NGPU="$2"; shift 2 ;;
     --demo) DEMO=1; shift ;;
+    --nnodes) value "$@"; NNODES="$2"; shift 2 ;;
+    --node-rank) value "$@"; NODE_RANK="$2"; shift 2 ;;
+    --master-addr) value "$@"; MASTER_ADDR="$2"; shift 2 ;;
+    --master-port) value "$@"; MASTER_PORT="$2"; shift 2 ;;
     --demo-port) value "$@"; PORT="$2"; shift 2 ;;
     --demo-train-rows) value "$@"; TRAIN_ROWS="$2"; shift 2 ;;
     --demo-test-rows) value "$@"; TEST_ROWS="$2"; shift 2 ;;
@@ -50,6 +56,10 @@ number --demo-train-rows "$TRAIN_ROWS"; number --demo-test-rows "$TEST_ROWS"
 [ "$TO" -ge 1 ] && [ "$TO" -le 7 ] || bad "--to-stage must be 1..7, not $TO"
 [ "$FROM" -le "$TO" ] || bad "--from-stage $FROM comes after --to-stage $TO"
 [ "$NGPU" -ge 1 ] || bad "--ngpu must be at least 1"
+number --nnodes "$NNODES"; number --node-rank "$NODE_RANK"; number --master-port "$MASTER_PORT"
+[ "$NNODES" -ge 1 ] || bad "--nnodes must be at least 1"
+[ "$NODE_RANK" -lt "$NNODES" ] || bad "--node-rank must be below --nnodes"
+[ "$NNODES" -eq 1 ] || [ -n "$MASTER_ADDR" ] || bad "--nnodes $NNODES needs --master-addr (node 0's address)"
 [ -z "$DATA_DIR" ] && DEMO=1
 
 # Stage-specific settings: the demo uses small images and a short schedule so that it runs on a CPU.
@@ -90,8 +100,12 @@ stage() {  # stage N description command...
   fi
   echo "== stage $n done in $((SECONDS - started)) s"
 }
-launch() {  # run a stage script, under torchrun when more than one GPU is asked for
-  if [ "$NGPU" -gt 1 ]; then "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" "$@"; else "$PY" "$@"; fi
+launch() {  # run a stage script, under torchrun when more than one GPU or machine is asked for
+  if [ "$NNODES" -gt 1 ]; then
+    "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
+      --master_port "$MASTER_PORT" --nproc_per_node "$NGPU" "$@"
+  elif [ "$NGPU" -gt 1 ]; then "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" "$@"
+  else "$PY" "$@"; fi
 }
 
 stage 1 "download images" "$PY" 1_download.py --data-dir "$DATA_DIR" --work-dir "$WORK_DIR" "${DOWNLOAD[@]}" "${ARGS1[@]}"

@@ -23,7 +23,7 @@ from results import cpu_device, save  # noqa: E402
 def demo_train_args() -> list[str]:
     """run.sh's stage 6 options for the demo, read from run.sh itself."""
     text = (ROOT / "run.sh").read_text()
-    return re.search(r"TRAIN=\((.*?)\)", text, re.S).group(1).split()
+    return re.search(r"TRAIN=\((--.*?)\)", text, re.S).group(1).split()
 
 
 def one_run(work: Path, objective: str, seed: int, text_only: bool) -> dict:

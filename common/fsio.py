@@ -59,14 +59,15 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and ".tmp" in name
 
 
-def clean_temp_files(folder: Path | str) -> int:
-    """Remove temp files a killed run left behind; they are never mistaken for outputs."""
+def clean_temp_files(folder: Path | str, owned=lambda name: True) -> int:
+    """Remove temp files a killed run left behind (those `owned(final file name)` says are this run's: parts of a
+    catalog running at once in one folder clean up only their own); they are never mistaken for outputs."""
     folder = Path(folder)
     if not folder.exists():
         return 0
     removed = 0
     for p in folder.iterdir():
-        if p.is_file() and is_temp_name(p.name):
+        if p.is_file() and is_temp_name(p.name) and owned(p.name[1:].split(".tmp")[0].rsplit(".", 1)[0]):
             p.unlink()
             removed += 1
     return removed

@@ -152,6 +152,10 @@ def one_line_error(err: Exception, cfg=None) -> str | None:
                 "are kept")
     if worker is not None:
         return f"a data loader worker failed: {worker}"
+    if type(err).__name__ in ("DistBackendError", "DistNetworkError") or (
+            isinstance(err, RuntimeError) and re.search(r"gloo|NCCL|Connection (closed|reset)|[Ss]ocket", str(err))):
+        return (f"another rank stopped or cannot be reached ({str(err).splitlines()[0][:160]}); rerun every node: "
+                "training resumes from the newest complete checkpoint")
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         # Outputs are written under temporary names, so what was finished before stays whole.
         return (f"out of disk space writing {err.filename or 'an output'} ({err.strerror}); free space and "

@@ -145,7 +145,7 @@ def test_ok_files_hold_the_served_bytes(fault_run):
         assert int(manifest[sid]["bytes"]) == len(files[f"{sid}.jpg"])
     assert files["dup_1.jpg"] == files["dup_2.jpg"] == files["dup_3.jpg"] == sources["b.jpg"]
     assert not any(is_temp_name(p.name) for p in images.iterdir())
-    assert not (images / JOURNAL).exists()
+    assert not (images / JOURNAL.format("")).exists()
 
 
 def test_identical_urls_are_fetched_once(fault_run):
@@ -221,7 +221,7 @@ def test_journal_of_a_killed_run_is_honoured(fault_run, tmp_path):
     images.mkdir(parents=True)
     journal = [{"url": server.url("/fault/404/a.jpg"), "status": "http_404"},
                {"url": server.url("/fault/500/a.jpg"), "status": "http_5xx"}]
-    (images / JOURNAL).write_text("".join(json.dumps(r) + "\n" for r in journal) + '{"url": "cut sh')
+    (images / JOURNAL.format("")).write_text("".join(json.dumps(r) + "\n" for r in journal) + '{"url": "cut sh')
     (images / ".ok_a.jpg.abc.tmp").write_bytes(b"half a file")  # a temp file a kill left behind
     before = Counter(server.hits)
     fault_run["stage"].main(stage_options("1_download", data_dir=data, work_dir=tmp_path / "work", split="train",

@@ -79,7 +79,7 @@ def test_torchrun_two_ranks_see_disjoint_samples(shard_work, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     per_rank = {}
     for f in seen.glob("rank*-worker*.txt"):
-        per_rank.setdefault(f.name.split("-")[0], []).extend(f.read_text().split())
+        per_rank.setdefault(f.name.split("-")[0], []).extend(line.split("\t")[0] for line in f.read_text().splitlines())
     assert set(per_rank) == {"rank0", "rank1"}
     a, b = set(per_rank["rank0"]), set(per_rank["rank1"])
     assert a and b and not (a & b)

@@ -23,7 +23,7 @@ from common.fsio import clean_temp_files, is_temp_name, write_bytes, write_text
 
 log = logging.getLogger("download")
 MANIFEST_FIELDS = ["sample_id", "image_link", "status", "file", "bytes", "attempts", "retryable"]
-JOURNAL = ".journal.jsonl"
+JOURNAL = ".journal{}.jsonl"  # {}: the part's suffix
 
 
 def files_by_id(folder: Path) -> dict[str, str]:
@@ -31,7 +31,7 @@ def files_by_id(folder: Path) -> dict[str, str]:
     out = {}
     if folder.is_dir():
         for name in os.listdir(folder):
-            if is_temp_name(name) or name.startswith(".") or name in ("manifest.csv", "stats.json"):
+            if is_temp_name(name) or name.startswith(".") or name.startswith(("manifest", "stats")):
                 continue
             stem, _, _ = name.rpartition(".")
             if stem:
@@ -40,19 +40,19 @@ def files_by_id(folder: Path) -> dict[str, str]:
 
 
 def read_manifest(folder: Path) -> dict[str, dict]:
-    path = folder / "manifest.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        return {r["sample_id"]: r for r in csv.DictReader(fh)}
+    """sample_id -> its row, from manifest.csv and every part's manifest.part-I-of-N.csv."""
+    rows = {}
+    for path in sorted(Path(folder).glob("manifest*.csv")):
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows.update((r["sample_id"], r) for r in csv.DictReader(fh))
+    return rows
 
 
 def _final_failures(folder: Path) -> dict[str, str]:
     """url -> reason for URLs an earlier run gave up on for good (manifest and journal)."""
     out = {r["image_link"]: r["status"] for r in read_manifest(folder).values()
            if r["status"] not in ("ok", "skipped") and r["retryable"] == "False"}
-    journal = folder / JOURNAL
-    if journal.exists():
+    for journal in folder.glob(JOURNAL.format("*")):
         for line in journal.read_text(encoding="utf-8").splitlines():
             try:
                 rec = json.loads(line)
@@ -64,9 +64,11 @@ def _final_failures(folder: Path) -> dict[str, str]:
 
 
 def download_split(rows: pd.DataFrame, out_dir: Path, policy: FetchPolicy, concurrency: int,
-                   retry_failed: bool = False) -> dict[str, int]:
+                   retry_failed: bool = False, suffix: str = "") -> dict[str, int]:
+    """Download `rows` (a catalog, or one part of it: `suffix` names its manifest and journal)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    clean_temp_files(out_dir)
+    ours = set(rows["sample_id"])
+    clean_temp_files(out_dir, lambda name: name.rsplit(".", 1)[0] in ours or name.endswith(suffix + ".csv"))
     have = files_by_id(out_dir)
     gave_up = {} if retry_failed else _final_failures(out_dir)
     status: dict[str, dict] = {}
@@ -80,7 +82,7 @@ def download_split(rows: pd.DataFrame, out_dir: Path, policy: FetchPolicy, concu
         else:
             by_url.setdefault(url, []).append(sid)
 
-    journal = open(out_dir / JOURNAL, "a", encoding="utf-8")
+    journal = open(out_dir / JOURNAL.format(suffix), "a", encoding="utf-8")
     rng = random.Random(0)
 
     def job(url: str):
@@ -116,8 +118,8 @@ def download_split(rows: pd.DataFrame, out_dir: Path, policy: FetchPolicy, concu
         writer.writerow({"sample_id": sid, "image_link": url.strip(), "status": st["status"],
                          "file": st["file"], "bytes": st.get("bytes", ""), "attempts": st["attempts"],
                          "retryable": st["status"] in RETRYABLE})
-    write_text(out_dir / "manifest.csv", buf.getvalue())
-    (out_dir / JOURNAL).unlink()  # the manifest now holds everything the journal knew
+    write_text(out_dir / f"manifest{suffix}.csv", buf.getvalue())
+    (out_dir / JOURNAL.format(suffix)).unlink()  # the manifest now holds everything the journal knew
     return dict(Counter(st["status"] for st in status.values()))
 
 

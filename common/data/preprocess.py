@@ -69,11 +69,15 @@ def _work(job: tuple[int, dict]) -> tuple[str, str, list[str], int]:
 
 
 def preprocess_split(rows: list[dict], out_dir: Path, split: str, model_path: str, max_length: int,
-                     min_pixels: int, max_pixels: int, workers: int) -> dict:
+                     min_pixels: int, max_pixels: int, workers: int, part=None) -> dict:
+    """Encode the rows (of `part` only, when given; each keeps its index in the whole JSONL)."""
+    from common.data.parts import Part
+    part = part or Part()
     out_dir.mkdir(parents=True, exist_ok=True)
     have = done_ids(out_dir)
-    jobs = [(i, r) for i, r in enumerate(rows) if r["sample_id"] not in have]
-    counts, notes_count, failures, nbytes = Counter(skipped=len(rows) - len(jobs)), Counter(), defaultdict(list), 0
+    mine = [(i, r) for i, r in enumerate(rows) if part.has(r["sample_id"])]
+    jobs = [(i, r) for i, r in mine if r["sample_id"] not in have]
+    counts, notes_count, failures, nbytes = Counter(skipped=len(mine) - len(jobs)), Counter(), defaultdict(list), 0
     init_args = (model_path, max_length, min_pixels, max_pixels, str(out_dir), split)
     results = map_in_processes(_work, jobs, workers, _init, init_args, chunksize=32)
     for sid, status, notes, size in tqdm(results, total=len(jobs), desc=f"preprocess {split}",

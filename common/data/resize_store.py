@@ -47,12 +47,15 @@ def check_params(out_dir: Path, params: dict, force: bool) -> None:
     write_json(path, params)
 
 
-def resize_split(images_dir: Path, out_dir: Path, params: dict, workers: int) -> dict[str, int]:
-    manifest = read_manifest(images_dir)
+def resize_split(images_dir: Path, out_dir: Path, params: dict, workers: int, part=None) -> dict[str, int]:
+    """Resize the downloaded rows (those of `part` only, when given), with a manifest of their own."""
+    from common.data.parts import Part
+    part = part or Part()
+    manifest = {sid: row for sid, row in read_manifest(images_dir).items() if part.has(sid)}
     if not manifest:
         raise SystemExit(f"{images_dir}/manifest.csv not found or empty: run 1_download.py first")
     out_dir.mkdir(parents=True, exist_ok=True)
-    clean_temp_files(out_dir)
+    clean_temp_files(out_dir, lambda name: name.rsplit(".", 1)[0] in manifest or name.endswith(part.suffix + ".csv"))
     jobs, results = [], {}
     for sid, row in manifest.items():
         if row["file"]:
@@ -68,15 +71,15 @@ def resize_split(images_dir: Path, out_dir: Path, params: dict, workers: int) ->
     writer.writerow(FIELDS)
     for sid in manifest:
         writer.writerow(results[sid])
-    write_text(out_dir / "manifest.csv", buf.getvalue())
+    write_text(out_dir / f"manifest{part.suffix}.csv", buf.getvalue())
     return dict(Counter(r[1] for r in results.values()))
 
 
 def resized_files(out_dir: Path) -> dict[str, str]:
-    """sample_id -> absolute path of its resized image, for rows that have one."""
-    path = out_dir / "manifest.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        return {r["sample_id"]: str((out_dir / r["file"]).resolve())
-                for r in csv.DictReader(fh) if r["file"]}
+    """sample_id -> absolute path of its resized image, for rows that have one (every part's manifest)."""
+    files = {}
+    for path in sorted(Path(out_dir).glob("manifest*.csv")):
+        with open(path, newline="", encoding="utf-8") as fh:
+            files.update((r["sample_id"], str((out_dir / r["file"]).resolve())) for r in csv.DictReader(fh)
+                         if r["file"])
+    return files

@@ -59,11 +59,12 @@ def done_ids(out_dir: Path) -> set[str]:
     return {n for n in os.listdir(out_dir) if not n.startswith(".") and (out_dir / n / "meta.json").exists()}
 
 
-def clean_partial(out_dir: Path) -> int:
+def clean_partial(out_dir: Path, owned=lambda sample_id: True) -> int:
+    """Remove the folders a killed run left half-written (those of samples `owned` says are this run's)."""
     n = 0
     if out_dir.is_dir():
         for p in out_dir.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
+            if p.name.startswith(".") and p.name.endswith(".tmp") and owned(p.name[1:].rsplit(".", 2)[0]):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 n += 1
     return n

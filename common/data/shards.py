@@ -24,21 +24,12 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from common.data.encode import ImageSpec, normalize_patches
-from common.errors import PipelineError
+from common.data.shard_source import INDEX, Shard, ShardError, iter_remote_shard, open_source
 from common.fsio import atomic_path, read_json, write_json
 
 log = logging.getLogger("shards")
-INDEX = "index.json"
 MEMBER_MAP = {"input_ids.npy": "input_ids.npy", "attention_mask.npy": "attention_mask.npy",
               "pixel_values.npy": "pixel_values.npy", "meta.json": "metadata.json"}
-
-
-class ShardError(PipelineError, RuntimeError):
-    """A shard that cannot be read; the message names it."""
-
-
-def shard_name(split: str, k: int) -> str:
-    return f"{split}-shard-{k:06d}.tar"
 
 
 def sample_key(index: int) -> str:
@@ -67,10 +58,7 @@ def verify_tar(path: Path, expected_keys: list[str]) -> None:
 
 
 def load_index(folder: Path) -> dict:
-    path = Path(folder) / INDEX
-    if not path.exists():
-        raise ShardError(f"{path} not found: run 5_convert.py for this split first")
-    return read_json(path)
+    return open_source(str(folder)).index
 
 
 def save_index(folder: Path, index: dict) -> None:
@@ -164,6 +152,7 @@ def _slot(split_by_rank: bool = True) -> tuple[int, int]:
 class ShardStream(IterableDataset):
     """Streams decoded samples of one split to this rank and dataloader worker.
 
+    source: a local folder, a folder URL, a brace pattern or a pipe: command (common.data.shard_source).
     shuffle: shard order and a buffer of `shuffle_buffer` samples, reseeded per epoch.
     infinite: epochs follow each other forever (training plans its steps from the index instead).
     normalize: False keeps the uint8 patches (stages 6 and 7 normalize them on the device).
@@ -171,13 +160,11 @@ class ShardStream(IterableDataset):
     logged and listed in `corrupt` (this process's), instead of raising.
     """
 
-    def __init__(self, folder: Path, spec: ImageSpec, shuffle: bool = False, shuffle_buffer: int = 1000,
+    def __init__(self, source: Path | str, spec: ImageSpec, shuffle: bool = False, shuffle_buffer: int = 1000,
                  seed: int = 0, infinite: bool = False, skip_corrupt: bool = False, split_by_rank: bool = True,
                  normalize: bool = True):
-        self.folder = Path(folder)
-        self.index = load_index(self.folder)
-        self.shards = [self.folder / s["name"] for s in self.index["shards"]]
-        self.sizes = {self.folder / s["name"]: s.get("bytes") for s in self.index["shards"]}
+        self.source = open_source(str(source))
+        self.index, self.shards = self.source.index, self.source.shards
         self.spec, self.shuffle, self.buffer, self.seed = spec, shuffle, shuffle_buffer, seed
         self.infinite, self.skip_corrupt, self.split_by_rank = infinite, skip_corrupt, split_by_rank
         self.corrupt: list[str] = []
@@ -188,21 +175,32 @@ class ShardStream(IterableDataset):
         """Samples in one epoch, from the index (no `__len__`: a stream's length would be a guess)."""
         return self.index["samples"]
 
+    def _raw(self, shard: Shard):
+        """The shard's raw samples, checked against the index: its size (local) and its sample count (a tar cut
+        at a member boundary reads back as a valid, shorter archive)."""
+        if shard.local:
+            problem = size_problem(Path(shard.url), shard.bytes)
+            if problem:
+                raise ShardError(problem)
+        count = 0
+        for raw in iter_shard(Path(shard.url)) if shard.local else iter_remote_shard(shard.url):
+            count += 1
+            yield raw
+        if count < shard.samples:
+            raise ShardError(f"corrupt or truncated shard {shard.url}: {count} samples, {INDEX} says {shard.samples}")
+
     def _epoch(self, epoch: int):
         shards = list(self.shards)
         if self.shuffle:
             random.Random(self.seed + epoch).shuffle(shards)
         mine, keep = _my_share(shards, self.split_by_rank)
-        for path in mine:
-            if not path.exists() and self.skip_corrupt:
-                self.corrupt.append(str(path))
-                log.warning("missing shard %s skipped", path)
+        for shard in mine:
+            if shard.local and not Path(shard.url).exists() and self.skip_corrupt:
+                self.corrupt.append(shard.url)
+                log.warning("missing shard %s skipped", shard.url)
                 continue
             try:
-                problem = size_problem(path, self.sizes.get(path))
-                if problem:
-                    raise ShardError(problem)
-                for raw in iter_shard(path):
+                for raw in self._raw(shard):
                     if keep():
                         sample = self._decoded(raw)
                         if sample is not None:
@@ -210,7 +208,7 @@ class ShardStream(IterableDataset):
             except ShardError as err:
                 if not self.skip_corrupt:
                     raise
-                self.corrupt.append(str(path))
+                self.corrupt.append(shard.url)
                 log.warning("%s (skipped: --skip-corrupt-shards)", err)
 
     def _decoded(self, raw: dict) -> dict | None:
@@ -240,7 +238,7 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         epoch = 0
         while True:
-            samples = self._epoch(epoch)
+            samples = ({**s, "epoch": epoch} for s in self._epoch(epoch))
             yield from (self._shuffled(samples, epoch) if self.shuffle else samples)
             epoch += 1
             if not self.infinite:
@@ -301,27 +299,32 @@ def planning_tokens(index: dict, default: int = 640) -> tuple[int, int]:
     return int(tokens.get("p95") or default), int(tokens.get("mean") or default)
 
 
-def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_shard: int) -> dict:
-    """Pack stage 4's sample folders into shards in JSONL order; skip shards already complete."""
+def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_shard: int, part=None) -> dict:
+    """Pack stage 4's sample folders into shards in JSONL order (the rows of `part` only, into its own shards and
+    index.part-I-of-N.json); skip shards already complete."""
     from tqdm import tqdm
 
+    from common.data.parts import Part
     from common.data.sample_store import done_ids, read_sample_files
-
+    part = part or Part()
+    prefix = f"{split}{part.suffix.replace('.', '-')}-shard-"
+    index_path = out_dir / f"index{part.suffix}.json"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for p in out_dir.glob(".*.tmp*"):
+    for p in out_dir.glob(f".{prefix}*.tmp*"):
         p.unlink()
     have = done_ids(pre_dir)
-    present = [(i, r["sample_id"]) for i, r in enumerate(rows) if r["sample_id"] in have]
-    missing = [r["sample_id"] for r in rows if r["sample_id"] not in have]
+    mine = [(i, r["sample_id"]) for i, r in enumerate(rows) if part.has(r["sample_id"])]
+    present = [(i, sid) for i, sid in mine if sid in have]
+    missing = [sid for _, sid in mine if sid not in have]
     chunks = [present[k:k + per_shard] for k in range(0, len(present), per_shard)]
-    old = read_json(out_dir / INDEX) if (out_dir / INDEX).exists() else None
+    old = read_json(index_path) if index_path.exists() else None
     old_shards = {s["name"]: s for s in old["shards"]} if old and old.get("samples_per_shard") == per_shard else {}
     if old and not old_shards:  # a different layout: start over rather than mix two
-        for p in out_dir.glob(f"{split}-shard-*.tar"):
+        for p in out_dir.glob(f"{prefix}*.tar"):
             p.unlink()
     shards, written, reused = [], 0, 0
     for k, chunk in enumerate(tqdm(chunks, desc=f"convert {split}", unit="shard", mininterval=1)):
-        name = shard_name(split, k)
+        name = f"{prefix}{k:06d}.tar"
         keys = [sample_key(i) for i, _ in chunk]
         ids = [sid for _, sid in chunk]
         prev = old_shards.get(name)
@@ -336,12 +339,27 @@ def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_s
         tokens = [json.loads(files["meta.json"])["input_ids_shape"][0] for _, files in samples]
         shards.append({"name": name, "samples": len(chunk), "bytes": size, "sample_ids": ids, "sample_tokens": tokens})
         written += 1
-    for p in out_dir.glob(f"{split}-shard-*.tar"):  # shards of an earlier, longer run
+    for p in out_dir.glob(f"{prefix}*.tar"):  # shards of an earlier, longer run
         if p.name not in {s["name"] for s in shards}:
             p.unlink()
     index = {"split": split, "samples": len(present), "samples_per_shard": per_shard, "shards": shards,
              "tokens": token_summary([t for s in shards for t in s["sample_tokens"]])}
-    save_index(out_dir, index)
+    write_json(index_path, index)
     return {"samples": len(present), "shards": len(shards), "shards_written": written, "shards_reused": reused,
             "missing_from_stage4": len(missing), "missing_ids": missing,
             "bytes": sum(s["bytes"] for s in shards)}
+
+
+def merge_part_indexes(out_dir: Path, split: str, count: int) -> dict:
+    """index.json from the N parts' indexes (all N must be there): the shards of part 0, then part 1, ..."""
+    paths = [out_dir / f"index.part-{i}-of-{count}.json" for i in range(count)]
+    absent = [p.name for p in paths if not p.exists()]
+    if absent:
+        raise ShardError(f"{out_dir}: {', '.join(absent)} not there yet: run 5_convert.py --part I/{count} for each")
+    parts = [read_json(p) for p in paths]
+    shards = [s for part in parts for s in part["shards"]]
+    index = {"split": split, "samples": sum(p["samples"] for p in parts), "samples_per_shard":
+             parts[0]["samples_per_shard"], "parts": count, "shards": shards,
+             "tokens": token_summary([t for s in shards for t in s["sample_tokens"]])}
+    save_index(out_dir, index)
+    return {"samples": index["samples"], "shards": len(shards), "parts": count}

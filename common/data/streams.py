@@ -41,8 +41,8 @@ class LengthGroupedStream(torch.utils.data.IterableDataset):
 
 
 class RecordingStream(torch.utils.data.IterableDataset):
-    """Writes the sample_id of every sample a rank's worker reads to FOLDER/rank{R}-worker{W}.txt
-    (for checking that ranks see disjoint data; prefetched samples are recorded too)."""
+    """Writes the sample_id (and epoch) of every sample a rank's worker reads to FOLDER/rank{R}-worker{W}.txt, one
+    per line (for checking that ranks see disjoint data; prefetched samples are recorded too)."""
 
     def __init__(self, inner, folder: Path):
         self.inner, self.folder = inner, Path(folder)
@@ -53,17 +53,23 @@ class RecordingStream(torch.utils.data.IterableDataset):
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / name, "a", encoding="utf-8") as fh:
             for sample in self.inner:
-                fh.write(sample["sample_id"] + "\n")
+                fh.write(f"{sample['sample_id']}\t{sample.get('epoch', 0)}\n")
                 fh.flush()
                 yield sample
 
 
+def shard_location(template: str, work_dir: Path, split: str) -> str:
+    """A split's shards: the --shards template with {split} filled in, or stage 5's folder in the work dir."""
+    from common import layout
+    return template.replace("{split}", split) if template else str(layout.shards_dir(work_dir, split))
+
+
 def open_stream(source: str, work_dir: Path, split: str, spec, model_path: str, encoding: dict, *,
                 training: bool = False, by_rank: bool = True, seed: int = 0, shuffle_buffer: int = 1000,
-                skip_corrupt: bool = False):
-    """A split's samples: stage 5's shards, or (source "jsonl") the chat JSONL encoded on the fly. Training
-    streams are shuffled and endless; `by_rank` splits the samples over torchrun's ranks (each is read once).
-    Shard samples keep their uint8 pixel patches (normalized on the device)."""
+                skip_corrupt: bool = False, shards: str = ""):
+    """A split's samples: stage 5's shards (in the work dir, or where the --shards template points), or (source
+    "jsonl") the chat JSONL encoded on the fly. Training streams are shuffled and endless; `by_rank` splits the
+    samples over torchrun's ranks (each is read once). Shard samples keep their uint8 pixel patches."""
     from common import layout
     if source == "jsonl":
         from common.data.jsonl_source import JsonlStream
@@ -71,6 +77,5 @@ def open_stream(source: str, work_dir: Path, split: str, spec, model_path: str, 
                            encoding["min_pixels"], encoding["max_pixels"], shuffle=training, seed=seed,
                            infinite=training)
     from common.data.shards import ShardStream
-    return ShardStream(layout.shards_dir(work_dir, split), spec, shuffle=training, shuffle_buffer=shuffle_buffer,
-                       seed=seed, infinite=training, skip_corrupt=skip_corrupt, split_by_rank=by_rank,
-                       normalize=False)
+    return ShardStream(shard_location(shards, work_dir, split), spec, shuffle=training, shuffle_buffer=shuffle_buffer,
+                       seed=seed, infinite=training, skip_corrupt=skip_corrupt, split_by_rank=by_rank, normalize=False)

@@ -1,6 +1,7 @@
 """An HTTP image server on 127.0.0.1 for the demo and the tests, with faults on demand.
 
     /img/NAME                 the file NAME from the root folder
+    /files/PATH               any file under the root folder (shards, their index.json)
     /fault/404/NAME           404                     /fault/500/NAME        500, always
     /fault/flaky500/NAME      500 twice, then NAME    /fault/429/NAME        429 + Retry-After: 1 once, then NAME
     /fault/slow/NAME          NAME after `slow_s`     /fault/truncated/NAME  half of NAME, then the socket closes
@@ -56,7 +57,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = (self.server.root / name).resolve()
         if self.server.root not in path.parents or not path.is_file():
             return self._send(404, b"not found", "text/plain")
-        ctype = "image/png" if path.suffix == ".png" else "image/jpeg"
+        ctype = {".png": "image/png", ".jpg": "image/jpeg", ".json": "application/json"}.get(
+            path.suffix, "application/octet-stream")
         self._send(200, path.read_bytes(), ctype)
 
     def do_GET(self):
@@ -69,6 +71,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = self.path.lstrip("/").split("/", 2)
         if parts[0] == "img" and len(parts) == 2:
             return self._file(parts[1])
+        if parts[0] == "files" and len(parts) >= 2:
+            return self._file(self.path[len("/files/"):])
         if parts[0] != "fault" or len(parts) != 3:
             return self._send(404, b"not found", "text/plain")
         kind, name = parts[1], parts[2]

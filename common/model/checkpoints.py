@@ -55,7 +55,10 @@ class CheckpointMarker(TrainerCallback):
         self.head, self.price_floor = head, price_floor
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's files (its RNG state among them) are written before the marker
+        if state.is_world_process_zero or (args.save_on_each_node and state.is_local_process_zero):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.exists():
                 if self.head is not None:

@@ -28,11 +28,11 @@ log = logging.getLogger("infer")
 PART_FIELDS = ["sample_id", "price", "status"]
 
 
-def read_parts(parts_dir: Path) -> dict[str, tuple[float | None, str]]:
-    """sample_id -> (price or None, status) from every finished part file."""
+def read_parts(parts_dir: Path, pattern: str = "part-*") -> dict[str, tuple[float | None, str]]:
+    """sample_id -> (price or None, status) from every finished part file (matching `pattern`)."""
     done = {}
     if parts_dir.is_dir():
-        for p in sorted(parts_dir.glob("part-*.csv")):
+        for p in sorted(parts_dir.glob(pattern + ".csv")):
             with open(p, newline="", encoding="utf-8") as fh:
                 for r in csv.DictReader(fh):
                     done[r["sample_id"]] = (float(r["price"]) if r["price"] else None, r["status"])
@@ -48,12 +48,12 @@ def _write_part(parts_dir: Path, rank: int, seq: int, rows: list[tuple[str, floa
     write_text(parts_dir / f"part-r{rank:03d}-{seq:07d}-{time.time_ns()}.csv", buf.getvalue())
 
 
-def read_vector_parts(parts_dir: Path) -> dict[str, "np.ndarray"]:
-    """sample_id -> embedding from every finished .npz part."""
+def read_vector_parts(parts_dir: Path, pattern: str = "part-*") -> dict[str, "np.ndarray"]:
+    """sample_id -> embedding from every finished .npz part (matching `pattern`)."""
     import numpy as np
     done = {}
     if parts_dir.is_dir():
-        for p in sorted(parts_dir.glob("part-*.npz")):
+        for p in sorted(parts_dir.glob(pattern + ".npz")):
             with np.load(p, allow_pickle=False) as part:
                 done.update(zip(part["ids"].tolist(), part["vectors"]))
     return done
@@ -240,11 +240,17 @@ def embedding_predictor(model, spec):
     return predict
 
 
-def init_distributed(world: int) -> None:
-    """Under torchrun, the process group stage 7's ranks meet in (NCCL on GPUs, gloo on CPUs)."""
+def gathered_parts(parts_dir: Path, rank: int, vectors: bool) -> dict:
+    """Every rank's predictions on rank 0 (others get {}), read by each rank from its own part files: nodes need
+    not share the folder. One node or one rank: the folder's parts as they are."""
     import torch.distributed as dist
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    read = read_vector_parts if vectors else read_parts
+    if not dist.is_initialized():
+        return read(parts_dir)
+    mine = read(parts_dir, f"part-r{rank:03d}-*")
+    everyone = [None] * dist.get_world_size()
+    dist.gather_object(mine, everyone if rank == 0 else None, dst=0)
+    return {k: v for part in everyone for k, v in part.items()} if rank == 0 else {}
 
 
 def merge(expected_ids: list[str], predictions: dict[str, tuple[float | None, str]], fallback: float):

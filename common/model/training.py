@@ -41,14 +41,15 @@ def plan_steps(num_samples: int, world: int, batch: int, accum: int, epochs: flo
 
 def training_arguments(output_dir, *, batch_size: int, grad_accum: int, dtype: str, learning_rate: float,
                        lr_scheduler: str, warmup_ratio: float, weight_decay: float, max_steps: int, logging_steps: int,
-                       save_steps: int, save_total_limit: int, eval_steps: int, seed: int) -> TrainingArguments:
+                       save_steps: int, save_total_limit: int, eval_steps: int, seed: int,
+                       save_on_each_node: bool = False) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     return TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         learning_rate=learning_rate, lr_scheduler_type=lr_scheduler, warmup_steps=int(warmup_ratio * max_steps),
         weight_decay=weight_decay, max_steps=max_steps, logging_steps=logging_steps, save_strategy="steps",
-        save_steps=save_steps, save_total_limit=save_total_limit,
+        save_steps=save_steps, save_total_limit=save_total_limit, save_on_each_node=save_on_each_node,
         eval_strategy="steps" if eval_steps > 0 else "no", eval_steps=eval_steps or None,
         bf16=cuda and dtype == "bfloat16", fp16=cuda and dtype == "float16", tf32=cuda, use_cpu=not cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
         report_to=["tensorboard"], seed=seed, remove_unused_columns=False, label_names=["labels"],
@@ -285,7 +286,8 @@ def evaluate_smape(model, tokenizer, dataset, collator, median: float, max_sampl
             "pred_median": float(np.median(preds)) if preds else None}
 
 
-def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, max_steps: int) -> PriceTrainer:
+def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, max_steps: int,
+                  save_on_each_node: bool = False) -> PriceTrainer:
     """The Trainer for stage 6's config: streaming loader, collators (host-built ids when `host_ids`), SMAPE
     evaluation on the validation stream, checkpoint markers and the NaN guard."""
     from common import layout
@@ -317,7 +319,7 @@ def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, ma
                               warmup_ratio=cfg.advanced.warmup_ratio, weight_decay=cfg.advanced.weight_decay,
                               max_steps=max_steps, logging_steps=cfg.advanced.logging_steps, save_steps=cfg.run.save_steps,
                               save_total_limit=cfg.advanced.save_total_limit, eval_steps=cfg.run.eval_steps,
-                              seed=cfg.schedule.seed)
+                              seed=cfg.schedule.seed, save_on_each_node=save_on_each_node)
     loader = {"num_workers": cfg.device.workers, "pin_memory": cfg.advanced.pin_memory,
               "persistent_workers": cfg.advanced.persistent_workers, "prefetch_factor": cfg.advanced.prefetch_factor}
     trainer = PriceTrainer(model=model, args=args, train_dataset=train, eval_dataset=streams["validation"],

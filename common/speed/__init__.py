@@ -62,7 +62,8 @@ LEVERS = {lever.name: lever for lever in [
     Lever("trainer_glue", "the Trainer's host work trimmed: async pinned copies, no per-step module walk, DDP's "
           "gradients kept in its buckets", ("hf", "unsloth"), False, ("transformers", "accelerate"),
           tuple(f"transformers.trainer:Trainer.{n}" for n in ("_prepare_input", "_prepare_inputs",
-                                                               "_build_accelerator_args", "floating_point_ops"))),
+                                                               "_build_accelerator_args", "floating_point_ops",
+                                                               "_load_optimizer_and_scheduler"))),
     Lever("no_cudnn_attention", "SDPA without cuDNN, which plans anew for every sequence length", ("hf", "unsloth"),
           True, ("torch",)),
 ]}
@@ -105,6 +106,8 @@ SOURCE_SHA256 = {
         "8f8c4e430d2f96d6",
     "transformers.trainer:Trainer._build_accelerator_args":
         "75b60b903fd84439",
+    "transformers.trainer:Trainer._load_optimizer_and_scheduler":
+        "bdcb956f06c459ab",
     "transformers.trainer:Trainer.floating_point_ops":
         "ffd8b0eb8cf7c98b",
 }

@@ -13,10 +13,13 @@ fences them; with it off (or an untested transformers) the Trainer's own methods
   LoRA gradients in and out each step.
 - Without torchrun on a host with several GPUs, one process trains on one GPU (the Trainer would wrap the model
   in nn.DataParallel, which breaks on Qwen2.5-VL's vision tower).
+- Resuming under torchrun on CPUs loads the optimizer state to the CPU (the Trainer maps it to args.device,
+  "cpu:0" there, a location torch.load cannot restore).
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from accelerate.utils import DistributedDataParallelKwargs
@@ -81,6 +84,13 @@ class FastTrainer(Trainer):
             if isinstance(handler, DistributedDataParallelKwargs):
                 handler.gradient_as_bucket_view = self.glue
         return args
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not (self.glue and checkpoint and self.args.world_size > 1 and self.args.device.type == "cpu"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu",
+                                                  weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
     def _prepare_input(self, data):
         if self.glue and isinstance(data, torch.Tensor) and data.device.type == "cpu" and data.is_pinned():

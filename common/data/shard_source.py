@@ -1,0 +1,119 @@
+"""Where a split's shards live: a local folder, a folder URL, a brace pattern, or a `pipe:` command.
+
+    work/webdataset_train                                        a local folder (stage 5's own)
+    https://host/data/webdataset_train                           a folder URL: its index.json, then its shards
+    /data/train-shard-{000000..000067}.tar                       a brace pattern, local or URL
+    pipe:aws s3 cp s3://bucket/train/train-shard-{000000..000067}.tar -    a command per shard, output on stdout
+
+Remote shards are opened by WebDataset's `gopen` (curl for http(s)://, a subprocess for pipe:). The sample counts
+come from the index.json that stage 5 writes beside the shards, fetched the same way (the pattern's file name
+replaced by index.json), so training plans its steps and promises each sample once an epoch as it does on a
+local folder. A brace pattern may name more shards than the index: only those the index lists are read, in its
+order. `{split}` in a template is replaced by the split's name first (6_train.py / 7_infer.py --shards).
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import PipelineError
+
+INDEX = "index.json"
+
+
+class ShardError(PipelineError, RuntimeError):
+    """A shard that cannot be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str             # a local path, a URL, or a pipe: command
+    samples: int
+    bytes: int | None
+    local: bool
+
+
+@dataclass
+class ShardSource:
+    spec: str
+    index: dict
+    shards: list[Shard]
+
+    @property
+    def local_folder(self) -> Path | None:
+        return Path(self.spec) if self.shards and self.shards[0].local and Path(self.spec).is_dir() else None
+
+
+def _is_remote(spec: str) -> bool:
+    return spec.startswith(("pipe:", "http://", "https://"))
+
+
+def _index_location(spec: str) -> str:
+    """Where the index of a pattern or pipe command lives: its shard file name replaced by index.json."""
+    token = next((t for t in spec.split() if "{" in t or t.endswith(".tar")), None)
+    if token is None:
+        raise ShardError(f"{spec}: no shard pattern to find its index.json by (give {{000000..000067}})")
+    return spec.replace(token, posixpath.join(posixpath.dirname(token), INDEX), 1)
+
+
+def _fetch_index(location: str) -> dict:
+    try:
+        if not _is_remote(location):
+            return json.loads(Path(location).read_text(encoding="utf-8"))
+        from webdataset.gopen import gopen
+        stream = gopen(location, "rb")
+        data = stream.read()
+        stream.close()
+        return json.loads(data)
+    except FileNotFoundError:
+        raise ShardError(f"{location} not found: run 5_convert.py for this split first") from None
+    except (OSError, ValueError) as err:
+        raise ShardError(f"cannot read the shard index {location}: {err}") from None
+
+
+def open_source(spec: str) -> ShardSource:
+    """The shards and index of one split, wherever they are."""
+    from braceexpand import braceexpand
+    spec = str(spec)
+    if "{" not in spec and not spec.startswith("pipe:") and not spec.endswith(".tar"):
+        base = spec.rstrip("/")
+        index = _fetch_index(f"{base}/{INDEX}" if _is_remote(base) else str(Path(base) / INDEX))
+        local = not _is_remote(base)
+        shards = [Shard(f"{base}/{s['name']}" if not local else str(Path(base) / s["name"]), s["samples"],
+                        s.get("bytes"), local) for s in index["shards"]]
+        return ShardSource(spec, index, shards)
+    index = _fetch_index(_index_location(spec))
+    urls = list(braceexpand(spec))
+    by_name = {_shard_name(u): u for u in urls}
+    shards = [Shard(by_name[s["name"]], s["samples"], s.get("bytes"), not _is_remote(spec))
+              for s in index["shards"] if s["name"] in by_name]
+    if not shards:
+        raise ShardError(f"{spec}: names none of the {len(index['shards'])} shards its index.json lists")
+    kept = {**index, "shards": [s for s in index["shards"] if s["name"] in by_name],  # a pattern may name a part
+            "samples": sum(s.samples for s in shards)}
+    return ShardSource(spec, kept, shards)
+
+
+def _shard_name(url: str) -> str:
+    token = next((t for t in url.split() if t.endswith(".tar")), url)
+    return posixpath.basename(re.sub(r"^\w+://[^/]+", "", token))
+
+
+def iter_remote_shard(url: str):
+    """Raw WebDataset samples of a shard behind a URL or pipe: command."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+    try:
+        stream = gopen(url, "rb")
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        stream.close()  # a failed download or command raises here, with its exit status
+    except (OSError, ValueError, EOFError) as err:
+        raise ShardError(f"cannot read shard {url}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") \
+            from None
+    except Exception as err:  # tarfile's errors, and WebDataset's own
+        if type(err).__module__.startswith(("tarfile", "webdataset")):
+            raise ShardError(f"corrupt or truncated shard {url}: {err}") from None
+        raise
