@@ -71,7 +71,7 @@ class DeviceOptions:
     _argument_group_name = "device and memory (auto: planned from the GPU found; a value given is kept)"
     backend: str = opt("hf (transformers + peft), unsloth, or auto", "auto", ["auto", "hf", "unsloth"])
     base_precision: str = opt("base weights: 16bit, 4bit, or auto", "auto", ["auto", "16bit", "4bit"])
-    dtype: str = opt("compute dtype: bfloat16, float16 (loss scaling), float32, or auto", "auto",
+    dtype: str = opt("compute dtype (float16 with loss scaling)", "auto",
                      ["auto", "bfloat16", "float16", "float32"])
     batch_size: int = opt("samples per GPU per micro-step (0: auto)", 0)
     grad_accum: int = opt("micro-steps per optimizer step (0: auto)", 0)

@@ -40,7 +40,7 @@ class InferOptions:
 class InferDeviceOptions:
     _argument_group_name = "device and batches (auto: planned from the GPU found; a value given is kept)"
     backend: str = opt("hf (transformers + peft), unsloth, or auto", "auto", ["auto", "hf", "unsloth"])
-    dtype: str = opt("compute dtype: bfloat16, float16, float32, or auto", "auto",
+    dtype: str = opt("compute dtype", "auto",
                      ["auto", "bfloat16", "float16", "float32"])
     batch_size: int = opt("samples per batch (0: auto; 32 on a CPU)", 0)
     max_gpu_memory: float = opt("GiB of GPU memory this process may use (0: the card's)", 0.0)
