@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from results import cpu_device, save  # noqa: E402
+from results import cpu_device, save, table  # noqa: E402
 
 
 def demo_train_args() -> list[str]:
@@ -65,7 +65,7 @@ def main() -> None:
                 rows.append([objective + (" (text only)" if text_only else ""), len(got), round(statistics.mean(got), 2),
                              f"{min(got):.2f} - {max(got):.2f}", runs[0]["median_smape"]])
     columns = ["objective", "seeds", "validation SMAPE, mean", "range", "median baseline"]
-    print(json.dumps({"columns": columns, "rows": rows}, indent=1))
+    print(table(columns, rows))
     if args.save:
         save("demo_learning", "Demo: validation SMAPE by objective and seed", columns, rows,
              f"bench/demo_learning.py --seeds {' '.join(map(str, args.seeds))}", cpu_device(), runs=runs)

@@ -1,7 +1,7 @@
 """Download speed: our stage-1 downloader vs the usual starter, same URLs, same loopback server.
 
     python bench/download_speed.py                 # 600 demo images, 50 ms server latency
-    python bench/download_speed.py --write         # also update the download section of bench/RESULTS.md
+    python bench/download_speed.py --save          # store the table in bench/runs/download_speed.json
 
 The server (common.demo.imageserver, in its own process) adds `--latency-ms` to every answer, which stands in
 for a remote host's round trip. "ours" is common.data.image_store.download_split, the function 1_download.py
@@ -11,6 +11,7 @@ a first notebook does: multiprocessing.Pool(processes=cpu_count()) mapping urlop
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import re
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import pandas as pd  # noqa: E402
 
@@ -31,8 +33,7 @@ from common.data.catalog import read_catalog  # noqa: E402
 from common.demo.catalog import write_demo  # noqa: E402
 from common.data.download import FetchPolicy  # noqa: E402
 from common.data.image_store import download_split, read_manifest  # noqa: E402
-from bench_results import RESULTS, cpu_device, update_section  # noqa: E402
-SECTION = "download"
+from results import cpu_device, save, table  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ the starter downloader
@@ -122,23 +123,15 @@ def scenario(tmp: Path, base_url: str, name: str, n_images: int, args) -> dict:
             "failing_links": int((~rows["image_link"].str.contains("/img/")).sum())}
 
 
-def table(res: dict, concurrency: int) -> str:
-    n = res["n"]
-
-    def row(label: str, runs: list[dict]) -> str:
+def table_rows(name: str, res: dict, concurrency: int) -> list[list]:
+    rows = []
+    for who, label in (("starter", f"starter: Pool({multiprocessing.cpu_count()}) + urllib"),
+                       ("ours", f"ours: download_split, {concurrency} threads")):
+        runs = res["results"][who]
         seconds = statistics.median(r["seconds"] for r in runs)
-        ok = statistics.median(r["ok"] for r in runs)
         valid = statistics.median(r["valid"] for r in runs)
-        return (f"| {label} | {n} | {ok:.0f} | {valid:.0f} | {100 * valid / n:.1f}% | {seconds:.2f} | "
-                f"{valid / seconds:.1f} |")
-
-    workers = multiprocessing.cpu_count()
-    return "\n".join([
-        "| downloader | URLs | reported ok | valid images | success | seconds | valid images/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        row(f"starter: `multiprocessing.Pool({workers})` + `urllib.request`", res["results"]["starter"]),
-        row(f"ours: `download_split`, {concurrency} threads", res["results"]["ours"]),
-    ])
+        rows.append([name, label, res["n"], int(valid), round(seconds, 2), round(valid / seconds, 1)])
+    return rows
 
 
 def main() -> None:
@@ -151,7 +144,7 @@ def main() -> None:
     ap.add_argument("--scenario", choices=["clean", "faults", "both"], default="both",
                     help="clean: only good image URLs; faults: the demo's rows as they are (~2%% 404/500/HTML "
                          "links, which ours retries with its default backoff)")
-    ap.add_argument("--write", action="store_true", help=f"update the '{SECTION}' section of {RESULTS}")
+    ap.add_argument("--save", action="store_true", help="store the table in bench/runs/download_speed.json")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_download_"))
@@ -166,25 +159,13 @@ def main() -> None:
         server.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    lines = ["## Download speed (`bench/download_speed.py`)", "",
-             f"Device: {cpu_device()}. Loopback `common.demo.imageserver` in its own process, {args.latency_ms:g} ms "
-             f"added to every answer; the same URLs and server for both; median of {args.repeats} run(s). "
-             "\"valid images\" decode with PIL; the starter counts any 200 answer as a success.", ""]
-    for name, res in measured.items():
-        speed = {who: statistics.median(r["valid"] / r["seconds"] for r in runs)
-                 for who, runs in res["results"].items()}
-        title = ("Clean: demo image URLs only" if name == "clean" else
-                 f"With faults: the demo rows as they are, {res['failing_links']} failing links among them")
-        lines += [f"**{title}** ({res['n']} URLs)", "", table(res, args.concurrency), "",
-                  f"Ours: {speed['ours'] / speed['starter']:.1f}x the starter's valid images/s; "
-                  f"{res['same']} files byte-identical between the two.", ""]
-    lines.append("Ours also decodes every image before keeping it, fsyncs each file and writes a manifest; "
-                 "with faults its time includes retrying the 500s (3 retries, 0.5 s backoff doubling).")
-    body = "\n".join(lines)
-    print(body)
-    if args.write:
-        update_section(RESULTS, SECTION, body)
-        print(f"\nwritten to {RESULTS}", file=sys.stderr)
+    columns = ["URLs", "downloader", "requested", "valid images", "seconds", "valid images/s"]
+    rows = [row for name, res in measured.items() for row in table_rows(name, res, args.concurrency)]
+    print(table(columns, rows))
+    if args.save:
+        save("download_speed", f"Stage 1: image downloads from a loopback server adding {args.latency_ms:g} ms an answer",
+             columns, rows, f"bench/download_speed.py --images {args.images} --latency-ms {args.latency_ms:g}",
+             cpu_device())
 
 
 if __name__ == "__main__":

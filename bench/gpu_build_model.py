@@ -2,8 +2,8 @@
 
 Speed does not depend on weight values, so this stands in for Qwen/Qwen2.5-VL-3B-Instruct on machines
 without the hub. The folder gets the model (bf16 safetensors), the real Qwen2.5 tokenizer, chat template and
-preprocessor_config.json copied from --processor (bench/assets/qwen-processor, a copy of
-shared/qwen2.5-vl-processor), so that 4_preprocess.py, 6_train.py and 7_infer.py can use it as --model.
+preprocessor_config.json copied from --processor (bench/assets/qwen-processor: a copy of the real processor
+folder, gitignored), so that 4_preprocess.py, 6_train.py and 7_infer.py can use it as --model.
 
     python bench/gpu_build_model.py --out /tmp/qwen25vl3b-random            # the 3B shape, on the GPU
     python bench/gpu_build_model.py --out /tmp/qwen-small --size small      # same vocabulary, tiny layers (CPU tests)

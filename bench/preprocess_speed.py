@@ -1,7 +1,7 @@
 """Stage-4 samples/s on this machine: our path against a plain loop calling the HF processor per sample.
 
     python bench/preprocess_speed.py              # 200 samples, real catalog text, 448x448 JPEGs
-    python bench/preprocess_speed.py --write      # also update the shards section of bench/RESULTS.md
+    python bench/preprocess_speed.py --save       # store the table in bench/runs/preprocess_speed.json
 
 ours   common.data.preprocess's per-sample work, as 4_preprocess.py runs it: Encoder.encode (chat template
        rendered once per layout, catalog and answer tokenized per sample, image cut into uint8 patches),
@@ -25,11 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from shard_common import PIX, PlainHF, device, load_average, make_rows, model_source, table, update_results
+from results import cpu_device, save, table
+from shard_common import PIX, PlainHF, make_rows, model_source
 
 import numpy as np  # noqa: E402
 
-from common import preprocess  # noqa: E402
+from common.data import preprocess  # noqa: E402
 
 
 def plain_write(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -126,38 +127,20 @@ def run(n: int, repeats: int, scratch: Path, pool_samples: int, pool_workers: in
             "ours_bytes": ours_bytes / n, "plain_bytes": plain_bytes / n}
 
 
-def report(r: dict, dev: str, load: str) -> str:
+def table(r: dict) -> tuple[list[str], list[list]]:
     n, b = r["n"], r["best"]
     rate = {k: n / v for k, v in b.items()}
     pool_rate = r["pool_samples"] / r["pool_s"]
-    rows = [
-        ["plain: apply_chat_template + Qwen2VLImageProcessorPil + tokenizer", "encode only", 1,
-         f"{b['plain_encode']:.2f}", f"{rate['plain_encode']:.1f}", "1.00x"],
-        ["ours: Encoder.encode (+ validate)", "encode only", 1, f"{b['ours_encode']:.2f}",
-         f"{rate['ours_encode']:.1f}", f"{rate['ours_encode'] / rate['plain_encode']:.2f}x"],
-        ["plain, + .npy files (float32 pixel_values)", "encode + write", 1, f"{b['plain_full']:.2f}",
-         f"{rate['plain_full']:.1f}", "1.00x"],
-        ["ours, + sample folder (uint8 patches)", "encode + write", 1, f"{b['ours_full']:.2f}",
-         f"{rate['ours_full']:.1f}", f"{rate['ours_full'] / rate['plain_full']:.2f}x"],
-        [f"ours: 4_preprocess's pool (`preprocess_split`, workers={r['pool_workers']}), {r['pool_samples']} samples",
-         "encode + write, after start-up", r["pool_workers"], f"{r['pool_s']:.2f}", f"{pool_rate:.1f}",
-         f"{pool_rate / rate['plain_full']:.2f}x"],
-    ]
-    return "\n".join([
-        "### Stage-4 preprocessing speed (`bench/preprocess_speed.py`)",
-        "",
-        f"Device: {dev}; {load}. {n} samples of {r['text']}, 448x448 JPEGs (quality 95, already at the "
-        f"processor's size), {r['model']}; best of {r['repeats']} alternating passes.",
-        "",
-        table(["path", "what is timed", "processes", "seconds", "samples/s", "vs plain"], rows, align="llrrrr"),
-        "",
-        f"4_preprocess's pool needs {r['startup_s']:.1f} s to start its {r['pool_workers']} workers (spawn, imports, tokenizer), "
-        "then runs at the rate above. "
-        f"Same input_ids both ways on every sample. Written per sample: ours {r['ours_bytes'] / 1e6:.2f} MB, "
-        f"plain {r['plain_bytes'] / 1e6:.2f} MB. The plain loop's time goes mostly to the image processor "
-        "(resize check, rescale, normalize and patchify in float32, per image); ours cuts uint8 patches "
-        "with one reshape and leaves normalizing to the reader.",
-    ])
+    columns = ["path", "timed", "processes", "samples", "seconds", "samples/s", "vs plain"]
+    rows = [["plain: chat template + Qwen2VLImageProcessorPil + tokenizer", "encode", 1, n, b["plain_encode"], 1.0],
+            ["ours: Encoder.encode + validate", "encode", 1, n, b["ours_encode"],
+             rate["ours_encode"] / rate["plain_encode"]],
+            ["plain + .npy files (float32 pixels)", "encode + write", 1, n, b["plain_full"], 1.0],
+            ["ours + sample folder (uint8 patches)", "encode + write", 1, n, b["ours_full"],
+             rate["ours_full"] / rate["plain_full"]],
+            [f"ours: 4_preprocess's pool, after {r['startup_s']:.0f} s start-up", "encode + write", r["pool_workers"],
+             r["pool_samples"], r["pool_s"], pool_rate / rate["plain_full"]]]
+    return columns, [[p, t, k, m, round(s, 2), round(m / s, 1), round(x, 2)] for p, t, k, m, s, x in rows]
 
 
 def main() -> None:
@@ -166,28 +149,20 @@ def main() -> None:
     ap.add_argument("--pool-samples", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pool-workers", type=int, default=2, help="workers of the 4_preprocess pool row")
-    ap.add_argument("--part", default="preprocess", choices=["preprocess", "preprocess_gpu"],
-                    help="which part of the shards section --write fills (preprocess_gpu: a run on the GPU machine)")
-    ap.add_argument("--body-out", type=Path, default=None, help="also write the markdown to this file")
-    ap.add_argument("--device-note", default="", help="words added after the device line (which machine)")
     ap.add_argument("--scratch", type=Path, default=None, help="work folder (default: a temp folder, removed)")
-    ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    ap.add_argument("--save", action="store_true", help="store the table in bench/runs/preprocess_speed.json")
     args = ap.parse_args()
-    load = load_average()
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="preprocess_speed."))
     try:
         result = run(args.samples, args.repeats, scratch, args.pool_samples, args.pool_workers)
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    body = report(result, device() + (f" ({args.device_note})" if args.device_note else ""), load)
-    if args.part == "preprocess_gpu":
-        body = body.replace("### Stage-4 preprocessing speed", "### Stage-4 preprocessing speed on the GPU machine's CPUs", 1)
-    print(body)
-    if args.body_out:
-        args.body_out.write_text(body + "\n", encoding="utf-8")
-    if args.write:
-        update_results(args.part, body)
+    columns, rows = table(result)
+    print(table(columns, rows))
+    if args.save:
+        save("preprocess_speed", "Stage 4: encoding samples (real catalog text, 448x448 JPEGs)", columns, rows,
+             f"bench/preprocess_speed.py --samples {args.samples}", cpu_device())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Resize speed per core: our stage-2 resize vs a plain PIL loop, same images, one process each.
 
     python bench/resize_speed.py                  # 300 images (60x45 .. 1600x1200, PNG with alpha, gray)
-    python bench/resize_speed.py --write          # also update the resize section of bench/RESULTS.md
+    python bench/resize_speed.py --save           # store the table in bench/runs/resize_speed.json
 
 "ours" is what 2_resize.py does per image: common.data.images.load_resized (JPEG draft decoding, EXIF, alpha
 flattened on white, smart_resize target, BICUBIC) + common.data.images.jpeg_bytes at quality 95. "plain" is
@@ -17,6 +17,7 @@ cost to decode).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -25,14 +26,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common.demo.catalog import write_demo  # noqa: E402
 from common.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR, jpeg_bytes, load_resized, smart_resize  # noqa: E402
-from bench_results import RESULTS, cpu_device, update_section  # noqa: E402
-SECTION = "resize"
+from results import cpu_device, save, table  # noqa: E402
 
 
 def ours(src: Path, dst: Path, min_pixels: int, max_pixels: int) -> None:
@@ -110,7 +111,7 @@ def main() -> None:
     ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="as 2_resize.py")
     ap.add_argument("--repeats", type=int, default=3, help="passes of each; the best one counts")
     ap.add_argument("--set", choices=["demo", "textured", "both"], default="both", help="which image set(s)")
-    ap.add_argument("--write", action="store_true", help=f"update the '{SECTION}' section of {RESULTS}")
+    ap.add_argument("--save", action="store_true", help="store the table in bench/runs/resize_speed.json")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_resize_"))
@@ -129,30 +130,17 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    lines = ["## Resize speed (`bench/resize_speed.py`)", "",
-             f"Device: {cpu_device()}. One process each; target = Qwen2-VL smart_resize with "
-             f"min_pixels={args.min_pixels}, max_pixels={args.max_pixels}; best of {args.repeats} passes. "
-             "Source megapixels/s counts the input images' full size, whatever each side actually decodes.", "",
-             "| image set | resize | images | seconds | images/s per core | source megapixels/s |",
-             "|---|---|---:|---:|---:|---:|"]
-    notes = []
+    columns = ["image set", "resize", "images", "seconds", "images/s a core", "vs plain", "mean pixel difference"]
+    rows = []
     for set_name, m in measured.items():
-        for name, label in [("plain", "plain PIL: open, convert RGB, resize BICUBIC, save JPEG 95"),
-                            ("ours", "ours: `load_resized` + `jpeg_bytes`")]:
+        for name, label in (("plain", "PIL: open, RGB, resize, JPEG 95"), ("ours", "load_resized + jpeg_bytes")):
             b = m["best"][name]
-            lines.append(f"| {set_name} | {label} | {m['n']} | {b:.2f} | {m['n'] / b:.1f} | {m['megapixels'] / b:.1f} |")
-        kinds = ", ".join(f"{v} {k}" for k, v in sorted(m["kinds"].items()))
-        notes.append(
-            f"- {set_name} ({kinds}; {m['megapixels']:.0f} megapixels): ours {m['best']['plain'] / m['best']['ours']:.2f}x "
-            f"the plain loop. Same output size for {m['same_size']}/{m['n']}; mean absolute pixel difference "
-            f"ours vs plain over the non-alpha images {np.mean(m['diffs']):.2f} (worst image {np.max(m['diffs']):.2f}) "
-            f"on 0-255 (JPEG draft decoding vs full decoding); the {m['alpha_files']} alpha PNGs differ on purpose "
-            "(ours flattens on white).")
-    body = "\n".join(lines + [""] + notes)
-    print(body)
-    if args.write:
-        update_section(RESULTS, SECTION, body)
-        print(f"\nwritten to {RESULTS}", file=sys.stderr)
+            rows.append([set_name, label, m["n"], round(b, 2), round(m["n"] / b, 1),
+                         round(m["best"]["plain"] / b, 2), 0.0 if name == "plain" else round(float(np.mean(m["diffs"])), 2)])
+    print(table(columns, rows))
+    if args.save:
+        save("resize_speed", f"Stage 2: resizing to {args.min_pixels}..{args.max_pixels} pixels, one process each",
+             columns, rows, f"bench/resize_speed.py --images {args.images}", cpu_device())
 
 
 if __name__ == "__main__":

@@ -1,22 +1,13 @@
-"""What the shard benchmarks share: realistic samples, the plain HF way, the device line, RESULTS.md.
+"""What the stage benchmarks share: realistic samples and the plain HF way of encoding them.
 
-Realistic means: catalog text from ../shared/data/real_catalog_2k.csv tokenized with the real Qwen2.5
-tokenizer from ../shared/qwen2.5-vl-processor (when present; else the demo's catalog and the tiny model),
-and one 448x448 JPEG per row at the size stage 2 leaves it (min_pixels = max_pixels = 256*28*28 =
-200704, so the processor keeps it as it is: 1024 patches, 256 image tokens).
-
-The three benchmarks (bench/shard_size.py, bench/preprocess_speed.py, bench/loader_speed.py) each write
-their own part of the `<!-- shards -->` section of bench/RESULTS.md. A part measured elsewhere (the
-loader on the GPU machine, `loader_speed.py --part loader_gpu --body-out FILE`) is put in with
-
-    python bench/shard_common.py loader_gpu FILE
+Realistic means: catalog text from bench/assets/real_catalog_2k.csv tokenized with the real Qwen2.5 tokenizer in
+bench/assets/qwen-processor/ (when present; else the demo's catalog and the tiny model), and one 448x448 JPEG per
+row at the size stage 2 leaves it (min_pixels = max_pixels = 256*28*28: 1024 patches, 256 image tokens).
 """
 from __future__ import annotations
 
 import csv
 import os
-import platform
-import re
 import sys
 from pathlib import Path
 
@@ -30,50 +21,24 @@ from PIL import Image, ImageDraw  # noqa: E402
 from common.data.chat_jsonl import write_jsonl  # noqa: E402
 from common.prompt import build_messages, message_parts  # noqa: E402
 
-SHARED = Path(os.environ.get("PROJECT_SHARED", ROOT.parent / "shared"))  # a copy elsewhere, e.g. on the GPU machine
-QWEN_DIR = SHARED / "qwen2.5-vl-processor"
-REAL_CSV = SHARED / "data" / "real_catalog_2k.csv"
+ASSETS = ROOT / "bench" / "assets"
+QWEN_DIR = ASSETS / "qwen-processor"
+REAL_CSV = ASSETS / "real_catalog_2k.csv"
 PIX = 256 * 28 * 28  # 200704 = 448 * 448
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTION = "shards"
-PARTS = ("size", "preprocess", "loader", "preprocess_gpu", "loader_gpu")
-SECTION_TITLE = "## Shards: bytes per sample, stage-4 speed, loader speed"
 
 
 # --------------------------------------------------------------------------------------------- environment
 
-def device() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    import transformers
-    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}")
-
-
-def load_average() -> str:
-    try:
-        return "load average before the run: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return ""
-
-
 def model_source(scratch: Path) -> tuple[str, str]:
-    """(model folder, words for the report): the real Qwen2.5 tokenizer if ../shared has it, else tiny."""
+    """(model folder, words for the report): the real Qwen2.5 tokenizer if bench/assets has it, else tiny."""
     if (QWEN_DIR / "tokenizer.json").exists():
-        return str(QWEN_DIR), "the real Qwen2.5 tokenizer and processor config (../shared/qwen2.5-vl-processor)"
+        return str(QWEN_DIR), "the real Qwen2.5 tokenizer and processor config (bench/assets/qwen-processor)"
     from common.demo.tiny import ensure_tiny_model
-    return str(ensure_tiny_model(scratch / "tiny")), "the tiny model's tokenizer (../shared absent)"
+    return str(ensure_tiny_model(scratch / "tiny")), "the tiny model's tokenizer (bench/assets absent)"
 
 
 def catalogs(n: int) -> tuple[list[tuple[str, float]], str]:
-    """n (catalog text, price) pairs, cycling through the real rows if ../shared has them."""
+    """n (catalog text, price) pairs, cycling through the real rows if bench/assets has them."""
     if REAL_CSV.exists():
         with open(REAL_CSV, newline="", encoding="utf-8") as fh:
             rows = [(r["catalog_content"], float(r["price"])) for r in csv.DictReader(fh)]
@@ -82,7 +47,7 @@ def catalogs(n: int) -> tuple[list[tuple[str, float]], str]:
     else:
         from common.demo.catalog import make_rows
         rows = [(r.catalog_content, r.price) for r in make_rows(max(n, 100), 0, 0, False)]
-        src = "demo catalog rows (../shared absent)"
+        src = "demo catalog rows (bench/assets absent)"
     return [rows[i % len(rows)] for i in range(n)], src
 
 
@@ -158,45 +123,3 @@ def seed_files(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, bytes]:
     files = {f"{k}.npy": npy_bytes(v) for k, v in arrays.items()}
     files["meta.json"] = json.dumps(meta, sort_keys=True).encode()
     return files
-
-
-# --------------------------------------------------------------------------------------------- RESULTS.md
-
-def update_results(part: str, body: str, path: Path = RESULTS) -> None:
-    """Set this benchmark's part of the <!-- shards --> ... <!-- /shards --> section (parts kept in PARTS
-    order, each between <!-- shards:PART --> markers); everything outside the section stays as it is."""
-    assert part in PARTS
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    section = re.compile(rf"<!-- {SECTION} -->.*?<!-- /{SECTION} -->", re.S)
-    found = section.search(text)
-    old = found.group(0) if found else ""
-    bodies = {}
-    for p in PARTS:
-        m = re.search(rf"<!-- {SECTION}:{re.escape(p)} -->\n(.*?)\n?<!-- /{SECTION}:{re.escape(p)} -->", old, re.S)
-        if m:
-            bodies[p] = m.group(1).strip()
-    bodies[part] = body.strip()
-    blocks = [f"<!-- {SECTION}:{p} -->\n{bodies.get(p, '(not run yet)')}\n<!-- /{SECTION}:{p} -->"
-              for p in PARTS if p in bodies or p in ("size", "preprocess", "loader")]
-    block = f"<!-- {SECTION} -->\n" + "\n\n".join([SECTION_TITLE] + blocks) + f"\n<!-- /{SECTION} -->"
-    text = section.sub(lambda _: block, text) if found else text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def table(header: list[str], rows: list[list], align: str | None = None) -> str:
-    align = align or "l" + "r" * (len(header) - 1)
-    marks = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="put a markdown body into one part of the shards section")
-    ap.add_argument("part", choices=PARTS)
-    ap.add_argument("body", type=Path)
-    a = ap.parse_args()
-    update_results(a.part, a.body.read_text(encoding="utf-8"))
