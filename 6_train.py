@@ -93,8 +93,6 @@ class AdvancedOptions:
     warmup_ratio: float = opt("share of steps spent warming up", 0.03)
     source: str = opt("shards (stage 5) or jsonl (stage 3, encoded on the fly)", "shards", ["shards", "jsonl"])
     skip_corrupt_shards: bool = opt("skip unreadable shards (logged) instead of failing", False)
-    regression_loss: str = opt("the regression head's loss: l1 on log price, or smape on the price", "l1",
-                               ["l1", "smape"])
     text_only: bool = opt("ablation: drop every image and its tokens", False)
     record_samples: str = opt("write the sample_ids each rank and worker reads to this folder", "")
     group_window: int = opt("batches per length-grouping window", 16)

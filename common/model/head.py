@@ -6,7 +6,7 @@ text objective writes the price from; the system prompt's tokens, identical in e
 would only dilute a mean. The head is a 2-layer MLP in float32 (hidden -> 256 -> 1, GELU), its output bias
 started at the training split's mean log price, so training begins at the geometric-mean predictor.
 
-Loss: L1 on log(1 + price) (the one kept: see docs/performance.md for the comparison with a SMAPE surrogate).
+Loss: L1 on log(1 + price) (the one kept: docs/objective.md compares it with a SMAPE surrogate).
 A prediction becomes a price as expm1(y), clamped to the training prices' positive floor. The head is saved
 beside the adapter as `price_head.safetensors` (and in each checkpoint), with its sizes in head_config.json.
 """
@@ -41,13 +41,9 @@ def pooled(hidden_states: torch.Tensor, last_positions: torch.Tensor) -> torch.T
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_positions]
 
 
-def regression_loss(predicted_log: torch.Tensor, prices: torch.Tensor, kind: str = "l1") -> torch.Tensor:
-    """The mean over the batch of L1 on log(1 + price), or of SMAPE itself (a fraction, 0..2) on the prices."""
-    target = prices.float()
-    if kind == "l1":
-        return (predicted_log - torch.log1p(target)).abs().mean()
-    predicted = torch.expm1(predicted_log.clamp(max=20.0)).clamp(min=0.0)
-    return (2 * (predicted - target).abs() / (predicted + target.abs() + 1e-6)).mean()
+def regression_loss(predicted_log: torch.Tensor, prices: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch of L1 on log(1 + price)."""
+    return (predicted_log - torch.log1p(prices.float())).abs().mean()
 
 
 def to_prices(predicted_log: torch.Tensor, floor: float) -> list[float]:

@@ -170,10 +170,11 @@ class StepTimer(TrainerCallback):
 
 class PriceTrainer(FastTrainer):
     def __init__(self, *args, loader_options: dict, eval_options: dict, pixel_spec=None, no_cache: bool = False,
-                 samples_per_epoch: int = 0, head=None, head_learning_rate: float = 0.0, **kwargs):
+                 samples_per_epoch: int = 0, head=None, head_learning_rate: float = 0.0, price_floor: float = 0.01,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.head, self.head_learning_rate = head, head_learning_rate  # the regression objective's price head
-        self.regression_kind, self.price_floor = "l1", 0.01
+        # the regression objective's price head, and the lowest price it may predict (saved with it)
+        self.head, self.head_learning_rate, self.price_floor = head, head_learning_rate, price_floor
         # the loss is a sum over the global batch's answer tokens divided by their count (num_items_in_batch), so
         # any split into micro-batches, accumulation steps and ranks learns the same (the Trainer then does not
         # divide by the accumulation steps)
@@ -219,7 +220,7 @@ class PriceTrainer(FastTrainer):
         if self.head is not None:  # regression on log price from the last prompt token's final hidden state
             last, prices = inputs.pop(LAST_POSITIONS), inputs.pop(PRICE_TARGETS)
             outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-            loss = regression_loss(self.head(pooled(outputs.hidden_states[-1], last)), prices, self.regression_kind)
+            loss = regression_loss(self.head(pooled(outputs.hidden_states[-1], last)), prices)
             result = (loss, outputs) if return_outputs else loss
         elif self.answer_only and "labels" in inputs:
             if positions is None:
@@ -328,9 +329,8 @@ def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, ma
                            loader_options=loader, eval_options=eval_options, pixel_spec=spec,
                            glue=speed.on("trainer_glue"), answer_only=speed.on("answer_only_logits"),
                            no_cache=plan.backend == "hf", samples_per_epoch=streams["train"].num_samples,
-                           head=head, head_learning_rate=cfg.schedule.head_learning_rate,
+                           head=head, head_learning_rate=cfg.schedule.head_learning_rate, price_floor=floor,
                            callbacks=[CheckpointMarker(head, floor)])
-    trainer.regression_kind, trainer.price_floor = cfg.advanced.regression_loss, floor
     trainer.add_callback(NonFiniteGuard(trainer))
     trainer.speed_levers = speed.active()
     trainer.grouping = grouping  # its batch size follows the micro-batch if the backoff shrinks it
