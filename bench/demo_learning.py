@@ -47,6 +47,23 @@ def one_run(work: Path, objective: str, seed: int, text_only: bool) -> dict:
     return result
 
 
+COLUMNS = ["objective", "seeds", "validation SMAPE, mean", "lowest", "highest", "median baseline"]
+TITLE = "Demo: validation SMAPE by objective and seed, run.sh's schedule"
+
+
+def summary_rows(runs: list[dict]) -> list[list]:
+    """One row per objective and per text-only ablation: mean, lowest and highest over its seeds."""
+    rows = []
+    for objective in dict.fromkeys(r["objective"] for r in runs):
+        for text_only in (False, True):
+            got = [r["smape"] for r in runs if r["objective"] == objective and r["text_only"] == text_only]
+            if got:
+                rows.append([objective + (" (text only)" if text_only else ""), len(got),
+                             round(statistics.mean(got), 2), round(min(got), 2), round(max(got), 2),
+                             runs[0]["median_smape"]])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", type=Path, default=Path("work"), help="a demo work folder with stages 1-5 done")
@@ -57,18 +74,10 @@ def main() -> None:
     args = ap.parse_args()
     runs = [one_run(args.work_dir, o, s, False) for o in args.objectives for s in args.seeds]
     runs += [one_run(args.work_dir, o, s, True) for o in args.objectives for s in args.ablation_seeds]
-    rows = []
-    for objective in args.objectives:
-        for text_only in (False, True):
-            got = [r["smape"] for r in runs if r["objective"] == objective and r["text_only"] == text_only]
-            if got:
-                rows.append([objective + (" (text only)" if text_only else ""), len(got), round(statistics.mean(got), 2),
-                             f"{min(got):.2f} - {max(got):.2f}", runs[0]["median_smape"]])
-    columns = ["objective", "seeds", "validation SMAPE, mean", "range", "median baseline"]
-    print(table(columns, rows))
+    print(table(COLUMNS, summary_rows(runs)))
     if args.save:
-        save("demo_learning", "Demo: validation SMAPE by objective and seed", columns, rows,
-             f"bench/demo_learning.py --seeds {' '.join(map(str, args.seeds))}", cpu_device(), runs=runs)
+        save("demo_learning", TITLE, COLUMNS, summary_rows(runs),
+             f"python bench/demo_learning.py --seeds {' '.join(map(str, args.seeds))}", cpu_device(), runs=runs)
 
 
 if __name__ == "__main__":

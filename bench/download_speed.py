@@ -164,7 +164,7 @@ def main() -> None:
     print(table(columns, rows))
     if args.save:
         save("download_speed", f"Stage 1: image downloads from a loopback server adding {args.latency_ms:g} ms an answer",
-             columns, rows, f"bench/download_speed.py --images {args.images} --latency-ms {args.latency_ms:g}",
+             columns, rows, f"python bench/download_speed.py --images {args.images} --latency-ms {args.latency_ms:g}",
              cpu_device())
 
 

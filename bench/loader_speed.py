@@ -75,7 +75,7 @@ def main() -> None:
     print(table(columns, rows))
     if args.save:
         save("loader_speed", "Stage 6's loader: shards on local disk against HTTP (loopback)", columns, rows,
-             f"bench/loader_speed.py --samples {args.samples}", cpu_device())
+             f"python bench/loader_speed.py --samples {args.samples}", cpu_device())
 
 
 if __name__ == "__main__":

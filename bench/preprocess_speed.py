@@ -127,7 +127,7 @@ def run(n: int, repeats: int, scratch: Path, pool_samples: int, pool_workers: in
             "ours_bytes": ours_bytes / n, "plain_bytes": plain_bytes / n}
 
 
-def table(r: dict) -> tuple[list[str], list[list]]:
+def result_table(r: dict) -> tuple[list[str], list[list]]:
     n, b = r["n"], r["best"]
     rate = {k: n / v for k, v in b.items()}
     pool_rate = r["pool_samples"] / r["pool_s"]
@@ -158,11 +158,11 @@ def main() -> None:
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    columns, rows = table(result)
+    columns, rows = result_table(result)
     print(table(columns, rows))
     if args.save:
         save("preprocess_speed", "Stage 4: encoding samples (real catalog text, 448x448 JPEGs)", columns, rows,
-             f"bench/preprocess_speed.py --samples {args.samples}", cpu_device())
+             f"python bench/preprocess_speed.py --samples {args.samples}", cpu_device())
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def main() -> None:
     print(table(columns, rows))
     if args.save:
         save("resize_speed", f"Stage 2: resizing to {args.min_pixels}..{args.max_pixels} pixels, one process each",
-             columns, rows, f"bench/resize_speed.py --images {args.images}", cpu_device())
+             columns, rows, f"python bench/resize_speed.py --images {args.images}", cpu_device())
 
 
 if __name__ == "__main__":
