@@ -27,6 +27,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# Optional real assets where a maintainer has put a copy (gitignored; there is no model hub here): the real
+# Qwen2.5-VL tokenizer and processor config, and real catalog rows. Tests that need them say so when they are absent.
+ASSETS = ROOT / "bench" / "assets"
+REAL_PROCESSOR = Path(os.environ.get("QWEN_PROCESSOR_DIR", ASSETS / "qwen-processor"))
+REAL_CATALOG = Path(os.environ.get("REAL_CATALOG_CSV", ASSETS / "real_catalog_2k.csv"))
 
 from common.demo.catalog import write_demo  # noqa: E402
 from common.demo.imageserver import ImageServer  # noqa: E402

@@ -1,7 +1,6 @@
 """The label mask: only the answer and the `<|im_end|>` that closes it are learned."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,7 @@ from common.data.encode import Encoder, ImageSpec
 from common.data.encode import load_tokenizer
 from common.prompt import build_messages
 from common.demo.tiny import ensure_tiny_model
-
-# The real Qwen2.5-VL tokenizer and processor config, where a maintainer has put a copy (gitignored; no hub here)
-REAL_PROCESSOR = Path(os.environ.get("QWEN_PROCESSOR_DIR", Path(__file__).resolve().parents[1] / "bench" / "assets"
-                                     / "qwen-processor"))
+from conftest import REAL_PROCESSOR
 
 
 @pytest.fixture(scope="session")

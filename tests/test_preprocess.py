@@ -20,13 +20,10 @@ from common.data.encode import load_tokenizer
 from common.data.preprocess import preprocess_split
 from common.prompt import SYSTEM_PROMPT, build_messages, format_price, message_parts, user_text
 from common.data.shards import IndexableWebDataset, ShardStream, decode, iter_shard, load_index, pack_split
-from conftest import DEMO_PIXELS, run_stage4, run_stage5
+from conftest import DEMO_PIXELS, REAL_CATALOG, REAL_PROCESSOR, run_stage4, run_stage5
 
 PIX_448 = 448 * 448                 # = 256 * 28 * 28: a 448x448 image stays 448x448 (min = max)
 MAX_BYTES_PER_SAMPLE = 1_300_000
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-QWEN_DIR = SHARED / "qwen2.5-vl-processor"
-REAL_CSV = SHARED / "data" / "real_catalog_2k.csv"
 # The real data's shape (Item Name, numbered bullets, description with HTML, Value/Unit), ~650 characters.
 CATALOG = ("Item Name: Northwind Organic Whole Bean Coffee, Medium Roast, 12 Ounce Bag (Pack of 2)\n"
            "Bullet Point 1: SMOOTH & BALANCED: notes of milk chocolate, toasted almond and a hint of citrus\n"
@@ -345,17 +342,17 @@ def test_stage4_rerun_skips_finished_samples_and_redoes_partial_ones(encoded_dem
 # --------------------------------------------------------------------------------------------- (h) real tokenizer
 
 def _real_catalog() -> tuple[str, float]:
-    if REAL_CSV.exists():
-        with open(REAL_CSV, newline="", encoding="utf-8") as fh:
+    if REAL_CATALOG.exists():
+        with open(REAL_CATALOG, newline="", encoding="utf-8") as fh:
             row = next(csv.DictReader(fh))
         return row["catalog_content"], float(row["price"])
     return CATALOG, 23.99
 
 
-@pytest.mark.skipif(not QWEN_DIR.is_dir(), reason=f"optional: the real Qwen2.5 tokenizer is not at {QWEN_DIR}")
+@pytest.mark.skipif(not REAL_PROCESSOR.is_dir(), reason="no copy of the real Qwen2.5-VL processor (QWEN_PROCESSOR_DIR)")
 def test_real_qwen_tokenizer_chat_layout(tmp_path):
-    tok = load_tokenizer(str(QWEN_DIR))
-    spec = ImageSpec.from_model(str(QWEN_DIR))
+    tok = load_tokenizer(str(REAL_PROCESSOR))
+    spec = ImageSpec.from_model(str(REAL_PROCESSOR))
     enc = Encoder(tok, spec, 4096, PIX_448, PIX_448)
     ids_of = tok.convert_tokens_to_ids
     pad, v_start, v_end, im_start, im_end = (ids_of(t) for t in ("<|image_pad|>", "<|vision_start|>",
