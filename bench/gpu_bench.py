@@ -10,7 +10,7 @@ Phases (a phase's name picks its options; finished build and data are reused on 
   calibrate         bench/gpu_calibrate.py: memory and step time by micro-batch and checkpointing
   train_baseline    6_train.py as the libraries give it: every speed lever off, 16-bit, batch 4 x 4
   train_default     6_train.py with no options (the plan)        train_best  the fastest options found by hand
-  train_off_LEVER   train_default with one lever off (its A/B)   train_budget_N  with --max-gpu-memory N
+  train_off_LEVER   train_default with one lever off (its A/B)   train_budgetN   with --max-gpu-memory N
   train_fp16        with --dtype float16                         train_unsloth   with --backend unsloth
   train_regression  with --objective regression
   infer_*           7_infer.py the same ways (baseline: every lever off, batch 64), over train_default's adapter
