@@ -16,8 +16,10 @@ import importlib.util
 import io
 import shutil
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -317,6 +319,17 @@ def shard_work(small_demo_work, tmp_path_factory) -> ShardWork:
     shutil.copytree(small_demo_work.work_dir, work)
     run_stages_4_5(work)
     return ShardWork(work, small_demo_work.data_dir, str(work / "models" / "tiny"))
+
+
+def kill_script_when(script: str, *args: str, ready, timeout: float = 300) -> None:
+    """Start a stage, and kill -9 it once `ready()` is true (or it has ended, or `timeout` has passed)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def run_script(script: str, *args: str, env_extra: dict | None = None, timeout: int = 600,

@@ -5,14 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import kill_script_when, run_script
 
 BASE = ["--adapter", "none", "--model", "tiny", "--batch-size", "2", "--workers", "1", "--flush-every", "1"]
 
@@ -62,15 +58,9 @@ def test_kill_and_rerun_gives_an_identical_file(shard_work, tmp_path):
     clean, killed = shard_work.copy(tmp_path / "clean"), shard_work.copy(tmp_path / "killed")
     r = run_script("7_infer.py", "--work-dir", str(clean.work_dir), "--data-dir", str(clean.data_dir), *BASE)
     assert r.returncode == 0, r.stderr[-3000:]
-    args = [sys.executable, str(ROOT / "7_infer.py"), "--work-dir", str(killed.work_dir), "--data-dir",
-            str(killed.data_dir), *BASE]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = killed.work_dir / "infer_test" / "parts"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(parts.glob("part-*.csv"))) < 2 and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_script_when("7_infer.py", "--work-dir", str(killed.work_dir), "--data-dir", str(killed.data_dir), *BASE,
+                     ready=lambda: len(list(parts.glob("part-*.csv"))) >= 2)
     assert not (killed.work_dir / "test_out.csv").exists()
     r = run_script("7_infer.py", "--work-dir", str(killed.work_dir), "--data-dir", str(killed.data_dir), *BASE)
     assert r.returncode == 0, r.stderr[-3000:]

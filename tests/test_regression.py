@@ -4,16 +4,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import CPU_PLAN, ROOT, ShardWork, load_stage, run_script
+from conftest import CPU_PLAN, ShardWork, kill_script_when, load_stage, run_script
 
 INFER = ["--workers", "1", "--flush-every", "1", "--batch-size", "2"]
 
@@ -148,15 +144,9 @@ def test_kill_and_rerun_gives_an_identical_file(regression_work, tmp_path):
     clean, killed = regression_work.copy(tmp_path / "clean"), regression_work.copy(tmp_path / "killed")
     r = run_script("7_infer.py", "--work-dir", str(clean.work_dir), "--data-dir", str(clean.data_dir), *INFER)
     assert r.returncode == 0, r.stderr[-3000:]
-    args = [sys.executable, str(ROOT / "7_infer.py"), "--work-dir", str(killed.work_dir), "--data-dir",
-            str(killed.data_dir), *INFER]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = killed.work_dir / "infer_test" / "parts"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(parts.glob("part-*.csv"))) < 2 and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_script_when("7_infer.py", "--work-dir", str(killed.work_dir), "--data-dir", str(killed.data_dir), *INFER,
+                     ready=lambda: len(list(parts.glob("part-*.csv"))) >= 2)
     r = run_script("7_infer.py", "--work-dir", str(killed.work_dir), "--data-dir", str(killed.data_dir), *INFER)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((killed.work_dir / "infer_test" / "stats.json").read_text())["rank0_run"]["skipped_done"] > 0
@@ -198,13 +188,7 @@ def test_resuming_restores_the_head(regression_work, tmp_path):
     r = run_script("6_train.py", *args, "--output-dir", str(tmp_path / "whole"))
     assert r.returncode == 0, r.stderr[-3000:]
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "6_train.py"), *args, "--output-dir", str(cut)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (cut / "checkpoint-6" / "COMPLETE").exists() and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_script_when("6_train.py", *args, "--output-dir", str(cut), ready=(cut / "checkpoint-6" / "COMPLETE").exists)
     assert not (cut / "COMPLETE").exists()
     r = run_script("6_train.py", *args, "--output-dir", str(cut))
     assert r.returncode == 0, r.stderr[-3000:]
