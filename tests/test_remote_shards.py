@@ -64,6 +64,18 @@ def test_a_missing_remote_shard_is_named_or_skipped_and_counted(shard_work, shar
             ShardStream(srv.url("/files/no_such_split"), spec)
 
 
+@pytest.mark.parametrize("command, reason", [
+    # the fetch's output ends before it exits: tarfile sees an empty stream first, the exit status is the cause
+    ("exec >&-; sleep 1; exit 3", "cannot read shard .*: the command exited with status 3"),
+    ("exit 0", "corrupt or truncated shard .*: empty file"),
+    ("head -c 700 /dev/urandom", "corrupt or truncated shard .*: invalid header"),
+])
+def test_a_failed_fetch_is_told_apart_from_bad_bytes(command, reason):
+    from common.data.shard_source import ShardError, iter_remote_shard
+    with pytest.raises(ShardError, match=reason):
+        list(iter_remote_shard(f"pipe:{command}"))
+
+
 def shard_work_spec(shard_work):
     from common.data.encode import ImageSpec
     return ImageSpec.from_model(shard_work.model_path)

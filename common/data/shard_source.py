@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,14 +107,39 @@ def iter_remote_shard(url: str):
     """Raw WebDataset samples of a shard behind a URL or pipe: command."""
     from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
+    stream = None
     try:
         stream = gopen(url, "rb")
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
         stream.close()  # a failed download or command raises here, with its exit status
     except (OSError, ValueError, EOFError) as err:
-        raise ShardError(f"cannot read shard {url}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") \
-            from None
+        raise ShardError(f"cannot read shard {url}: {_first_line(err)}") from None
     except Exception as err:  # tarfile's errors, and WebDataset's own
-        if type(err).__module__.startswith(("tarfile", "webdataset")):
-            raise ShardError(f"corrupt or truncated shard {url}: {err}") from None
-        raise
+        if not type(err).__module__.startswith(("tarfile", "webdataset")):
+            raise
+        # A failed fetch reaches tarfile as an empty or short stream, often before curl has exited: its exit status
+        # is the real cause, so wait for it before calling the bytes corrupt.
+        failed = _fetch_failure(stream)
+        if failed:
+            raise ShardError(f"cannot read shard {url}: {failed}") from None
+        raise ShardError(f"corrupt or truncated shard {url}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The reason alone: WebDataset appends its stream object and URL to an error's args."""
+    reason = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+    return reason.splitlines()[0] if reason else type(err).__name__
+
+
+def _fetch_failure(stream, wait_s: float = 5.0) -> str | None:
+    """'exit N' when the curl or pipe: command behind a stream failed; None when it succeeded or still runs."""
+    proc = getattr(stream, "proc", None)
+    if proc is None:
+        return None
+    try:
+        status = proc.wait(wait_s)
+    except subprocess.TimeoutExpired:  # still sending bytes: the error is in them
+        proc.kill()
+        return None
+    fetcher = "curl" if "curl" in str(stream.args) else "the command"
+    return None if status == 0 else f"{fetcher} exited with status {status}"
