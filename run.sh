@@ -69,7 +69,7 @@ if [ "$DEMO" = 1 ]; then
   DOWNLOAD=(--allow-private-hosts)  # its images are served from 127.0.0.1
   PIXELS=(--min-pixels 12544 --max-pixels 25088)
   JSONL=(--validation-split-ratio 0.1)
-  TRAIN=(--global-batch-size 8 --epochs 12 --learning-rate 3e-3 --lora-r 32 --lora-alpha 32
+  TRAIN=(--global-batch-size 8 --epochs 12 --learning-rate 2e-3 --lora-r 32 --lora-alpha 32
          --eval-steps 500 --eval-samples 100 --save-steps 500 --workers 1)
   INFER=(--workers 1)
   if [ "$FROM" -le 1 ]; then
