@@ -132,7 +132,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _fetch_failure(stream, wait_s: float = 5.0) -> str | None:
-    """'exit N' when the curl or pipe: command behind a stream failed; None when it succeeded or still runs."""
+    """Which fetch failed and its exit status ('curl exited with status 22'); None if it succeeded or still runs."""
     proc = getattr(stream, "proc", None)
     if proc is None:
         return None
