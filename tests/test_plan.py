@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.model.plan import (SAFETY, Device, ModelSize, Request, plan_inference, plan_training, problems,
-                               training_gib)
+                               step_seconds, training_gib)
 from conftest import load_stage
 
 # Qwen2.5-VL-3B's shape, as ModelSize.of counts it (checked below against a config built here)
@@ -56,6 +56,25 @@ def test_big_cards_train_fastest_and_small_ones_recompute():
     tiny = plan_training(Request(tokens=700, max_gpu_memory=3), CARDS["H200"], QWEN3B)
     assert (tiny.base_precision, tiny.micro_batch, tiny.checkpoint_every) == ("4bit", 1, 1)
     assert "nothing is estimated to fit" in tiny.why
+
+
+def test_the_step_time_model_ranks_configurations_as_they_were_measured():
+    """Stage 6's median optimizer steps on an H200 (bench/RESULTS.md's budget table), 16 samples each: 16 x 1 in
+    0.27-0.30 s, 16 x 1 recomputing every layer 0.36 s, 8 x 2 0.45 s, 8 x 2 recomputing every layer 0.68 s."""
+    def step(micro, every):
+        return step_seconds(QWEN3B, micro, 616, every) * (16 // micro)
+    assert step(16, 0) < step(16, 1) < step(8, 0) < step(8, 1)
+
+
+def test_a_bigger_budget_never_plans_a_slower_step():
+    """48 and 80 GiB once planned 8 x 2 without recomputation, measured slower than 24 GiB's 16 x 1 with it."""
+    def seconds(budget):
+        plan = plan_training(Request(tokens=900, tokens_mean=616, max_gpu_memory=budget), CARDS["H200"], QWEN3B)
+        return plan.grad_accum * step_seconds(QWEN3B, plan.micro_batch, 616, plan.checkpoint_every), plan
+    budgets = [16, 24, 48, 80, 0]
+    times = [seconds(b)[0] for b in budgets]
+    assert times == sorted(times, reverse=True)
+    assert all(seconds(b)[1].micro_batch == 16 for b in (24, 48, 80, 0))
 
 
 def test_an_option_given_is_kept_and_not_listed_as_chosen():

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 GIB = 2**30
-# Coefficients measured on an H200 with Qwen2.5-VL-3B (bench/gpu_calibrate.py, bench/runs/h200-call1.json):
+# Coefficients measured on an H200 with Qwen2.5-VL-3B (bench/gpu_calibrate.py; the stored runs in bench/runs/):
 # Memory: bytes a token keeps for the backward in one decoder layer (bf16, LoRA on the 7 projections) =
 # 2 x (ACT_HIDDEN x hidden + ACT_INTERMEDIATE x intermediate): 136 KB a token and layer on the 3B.
 ACT_HIDDEN, ACT_INTERMEDIATE = 6.3, 5.0
@@ -25,15 +25,18 @@ ACT_HIDDEN, ACT_INTERMEDIATE = 6.3, 5.0
 # own (transformers' every_n_layers counts the vision blocks too: 4 -> 9 of 36 decoder layers), and the step's
 # time against no recomputation.
 CHECKPOINT_MEMORY = {0: 1.0, 4: 0.96, 2: 0.67, 1: 0.115}
-CHECKPOINT_TIME = {0: 1.0, 4: 1.21, 2: 1.35, 1: 1.6}
+CHECKPOINT_TIME = {0: 1.0, 4: 1.15, 2: 1.23, 1: 1.4}
 # Inference: bytes a prompt token needs at the prefill's peak, per hidden unit (activations, KV cache).
 INFER_PER_HIDDEN = 150.0
 FIXED_GIB = 1.0        # the allocator's slack and the compile and cuBLAS workspaces, beyond weights and activations
 SAFETY = 0.90          # plan to this share of the budget: batches longer than the planning length happen
-# Time: a micro-step takes the longer of STEP_S (the host issuing ~5,000 kernels) and TOKEN_S a token at the split's
-# mean length (bf16 on the 3B; the plan ranks configurations, it promises no speed). Checked on H200 budgets: 16 GiB
-# (8 x 2, every layer recomputed) 25.5 samples/s against 24 GiB's (4 x 4, every 2nd) ~19, as this model ranks them.
-STEP_S, TOKEN_S = 0.135, 40.6e-6
+# Time: a micro-step costs STEP_S (the host issuing ~5,000 kernels) plus TOKEN_S a token at the split's mean length,
+# times the recomputation's cost (bf16 on the 3B; the plan ranks configurations, it promises no speed). Fitted to
+# stage 6's median steps on an H200 (bench/RESULTS.md, the budget table): 16 x 1 0.27-0.30 s, 16 x 1 recomputing every
+# layer 0.36 s, 8 x 2 0.45 s, 8 x 2 recomputing every layer 0.68 s; every 2nd and 4th layer scaled from the
+# calibration's ratios. Halving the micro-batch costs more than recomputing on this card: the old fit,
+# a step proportional to its tokens, had 48 and 80 GiB budgets train at 8 x 2, measured slower than 24 GiB's 16 x 1.
+STEP_S, TOKEN_S = 0.15, 15.4e-6
 CHECKPOINT_EVERY = (0, 4, 2, 1)  # off, every 4th layer, every 2nd, every layer
 
 
@@ -148,7 +151,7 @@ def inference_gib(size: ModelSize, base_precision: str, dtype: str, batch: int, 
 
 def step_seconds(size: ModelSize, micro: int, tokens: int, every: int) -> float:
     """Estimated time of one micro-step, scaled to the model's size from the 3B's."""
-    return max(STEP_S, micro * tokens * TOKEN_S * size.params / 3.75e9) * CHECKPOINT_TIME[every]
+    return (STEP_S + micro * tokens * TOKEN_S * size.params / 3.75e9) * CHECKPOINT_TIME[every]
 
 
 def _dtype(request: Request, device: Device | None) -> str:
