@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import RUNS, table  # noqa: E402
 
 OUT = RUNS.parent / "RESULTS.md"
-PHASE_COLUMNS = ["phase", "status", "backend", "micro x accum", "recompute every", "samples/s", "peak GiB"]
+PHASE_COLUMNS = ["phase", "status", "backend", "micro x accum", "recompute every", "samples/s", "median-step samples/s",
+                 "peak GiB"]
 CALIBRATION_COLUMNS = ["recompute every", "micro-batch", "tokens", "step s", "samples/s", "peak GiB"]
 
 
@@ -31,10 +32,10 @@ def phase_rows(run: dict) -> list[list]:
             plan = got.get("plan", {})
             batch = (f"{plan['micro_batch']} x {plan['grad_accum']}" if "micro_batch" in plan else
                      str(plan.get("batch", "")))
-            speed = got.get("steady_samples_per_s", got.get("samples_per_s_window"))
+            speed = got.get("steady_samples_per_s", got.get("samples_per_s_window", got.get("samples_per_s")))
             rows.append([f"{name} {part}".strip(), phase["status"], plan.get("backend", ""), batch,
                          plan.get("checkpoint_every", ""), "" if speed is None else speed,
-                         got.get("peak_gpu_gib", got.get("train_peak_gib", ""))])
+                         got.get("median_samples_per_s", ""), got.get("peak_gpu_gib", got.get("train_peak_gib", ""))])
     return rows
 
 
@@ -63,7 +64,9 @@ def section(name: str, run: dict) -> list[str]:
 def render() -> str:
     order = [n.strip() for n in (RUNS / "ORDER").read_text().split() if n.strip()]
     lines = ["# Benchmark results", "",
-             "Rendered by `python bench/report.py` from `bench/runs/`; each table's rows come from one run.", ""]
+             "Rendered by `python bench/report.py` from `bench/runs/`; each table's rows come from one run.",
+             "In phase tables, samples/s is over the steps after the first (a recompile for a new length included);",
+             "median-step samples/s is 16 samples over the median step's time.", ""]
     for name in order:
         lines += section(name, json.loads((RUNS / f"{name}.json").read_text()))
     return "\n".join(lines).rstrip() + "\n"
