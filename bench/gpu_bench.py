@@ -12,13 +12,13 @@ Phases (a phase's name picks its options; finished build and data are reused on 
   train_default     6_train.py with no options (the plan)        train_best  the fastest options found by hand
   train_off_LEVER   train_default with one lever off (its A/B)   train_budgetN   with --max-gpu-memory N
   train_fp16        with --dtype float16                         train_unsloth   with --backend unsloth
-  train_regression  with --objective regression
+  train_regression  with --objective regression                train_unsloth_plain   Unsloth as it comes (levers off)
   infer_*           7_infer.py the same ways (baseline: every lever off, batch 64), over train_default's adapter
                     (infer_regression over train_regression's)
   old_train, old_infer   the code before the reorganization (a checkout in .old/), train_best's and infer_best's
                     options in its own spelling, timed by its own wrappers
 
-    python bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,run_sh,train_best,infer_best
+    python bench/gpu_bench.py --out $OUT --deadline 560 --phases build,data,run_sh,infer_best,train_best
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ OLD_TRAIN = ["--backend", "hf", "--no-load-in-4bit", "--batch-size", "16", "--gr
 TRAIN = {"baseline": ["--backend", "hf", "--base-precision", "16bit", "--batch-size", "4", "--grad-accum", "4",
                       "--speedups-off", "all"],
          "default": [], "best": BEST_TRAIN, "fp16": ["--dtype", "float16"], "unsloth": ["--backend", "unsloth"],
+         "unsloth_plain": ["--backend", "unsloth", "--speedups-off", "all"],
          "regression": ["--objective", "regression"]}
 INFER = {"baseline": ["--speedups-off", "all", "--batch-size", "64"], "default": [],
          "best": ["--backend", "hf", "--batch-size", "64"], "fp16": ["--dtype", "float16"], "regression": []}
