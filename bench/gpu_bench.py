@@ -62,7 +62,7 @@ class Bench:
             log.flush()
             try:
                 rc = subprocess.run([str(c) for c in cmd], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHON": PY, **(env or {})},
+                                    env={**os.environ, "PYTHON": PY, "PYTHONPATH": traced_path(), **(env or {})},
                                     timeout=min(limit, left - 10)).returncode
                 status = "ok" if rc == 0 else f"exit {rc}"
             except subprocess.TimeoutExpired:
@@ -145,6 +145,12 @@ class Bench:
         figures = json.loads(result.read_text()) if result.exists() else {}
         keep = ("samples_per_s", "samples_per_s_window", "train_peak_gib", "median_step_s", "first_step_s")
         return {**done, **{k: figures[k] for k in keep if k in figures}}
+
+
+def traced_path() -> str:
+    """PYTHONPATH with bench/exit_trace first: a stage slow to exit dumps its threads' stacks into the log."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([str(ROOT / "bench" / "exit_trace"), *rest])
 
 
 def option_set(variant: str, table: dict) -> list:
