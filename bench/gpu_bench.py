@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -84,9 +85,12 @@ class Bench:
         return {**done, **train_figures(out / "stats.json")}
 
     def stage7(self, name: str, options: list, adapter: Path) -> dict:
-        run_dir = self.work / "bench" / f"{name}_run"
+        run_dir, output = self.work / "bench" / f"{name}_run", self.work / "bench" / f"{name}.csv"
+        # a phase run again measures again: stage 7 would resume the finished file and time nothing
+        shutil.rmtree(run_dir, ignore_errors=True)
+        output.unlink(missing_ok=True)
         cmd = [PY, "7_infer.py", "--work-dir", self.work, "--data-dir", self.data, "--train-dir", adapter,
-               "--output", self.work / "bench" / f"{name}.csv", "--run-dir", run_dir, "--workers", 4, *options]
+               "--output", output, "--run-dir", run_dir, "--workers", 4, *options]
         done = self.run(name, cmd, self.a.phase_limit)
         return {**done, **infer_figures(run_dir / "stats.json")}
 
@@ -121,9 +125,11 @@ class Bench:
         options = option_set(variant, TRAIN if kind == "train" else INFER)
         if kind == "train":
             return self.stage6(name, options)
-        trained = ["train_regression"] if variant == "regression" else ["train_default", "train_best", "../train"]
-        adapter = next((self.work / "bench" / t for t in trained if (self.work / "bench" / t / "COMPLETE").exists()),
-                       self.work / "bench" / trained[0])
+        # run.sh's adapter (WORK/train) counts too: spelled through bench/.., it was missed while bench/ did not exist
+        bench = self.work / "bench"
+        trained = [bench / "train_regression"] if variant == "regression" else \
+            [bench / "train_default", bench / "train_best", self.work / "train"]
+        adapter = next((t for t in trained if (t / "COMPLETE").exists()), trained[0])
         return self.stage7(name, options, adapter)
 
     def old(self, name: str) -> dict:
