@@ -128,7 +128,8 @@ def _worker_message(err: BaseException) -> str | None:
 
 def run_stage(main, cls, description: str | None = None) -> None:
     """Parse the options, run main(cfg). An error the pipeline raises on purpose (a PipelineError), one raised in
-    a data loader worker, running out of GPU memory or of disk space are printed as one clear line, exit 1."""
+    a data loader worker, running out of GPU memory or of disk space are printed as one clear line, exit 1. Loader
+    workers are stopped before the process exits (common.speed.loader_exit)."""
     cfg = parse(cls, description=description)
     try:
         main(cfg)
@@ -138,6 +139,9 @@ def run_stage(main, cls, description: str | None = None) -> None:
             raise
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
         raise SystemExit(1) from None
+    finally:
+        from common.speed.loader_exit import stop_loader_workers
+        stop_loader_workers()
 
 
 def one_line_error(err: Exception, cfg=None) -> str | None:

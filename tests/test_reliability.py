@@ -187,3 +187,18 @@ def test_every_stage_explains_its_options(stage):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--work-dir" in done.stdout
     assert "reads" in done.stdout.lower(), done.stdout[:500]  # the stage's docstring: what it reads and writes
+
+
+def test_persistent_loader_workers_are_stopped_before_exit():
+    """torch 2.11's exit hook joins persistent pinned workers before telling them to stop (5 s each); the stages
+    stop every loader's workers first, and a loader used again after that starts new ones."""
+    import torch
+    from common.speed.loader_exit import stop_loader_workers
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, num_workers=2, persistent_workers=True)
+    first = [b.tolist() for b in loader]
+    workers = loader._iterator._workers
+    assert all(w.is_alive() for w in workers)  # persistent: kept after the pass
+    assert stop_loader_workers() >= 1
+    assert loader._iterator is None and not any(w.is_alive() for w in workers)
+    assert [b.tolist() for b in loader] == first == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert stop_loader_workers() >= 1
