@@ -64,7 +64,8 @@ def section(name: str, run: dict) -> list[str]:
 def render() -> str:
     order = [n.strip() for n in (RUNS / "ORDER").read_text().split() if n.strip()]
     lines = ["# Benchmark results", "",
-             "Rendered by `python bench/report.py` from `bench/runs/`; each table's rows come from one run.",
+             "Rendered by `python bench/report.py` from `bench/runs/`; a table's rows come from one run unless its note",
+             "names the runs.",
              "In phase tables, samples/s is over the steps after the first (a recompile for a new length included);",
              "median-step samples/s is 16 samples over the median step's time.", ""]
     for name in order:
