@@ -14,7 +14,7 @@ Phases (a phase's name picks its options; finished build and data are reused on 
   train_fp16        with --dtype float16                         train_unsloth   with --backend unsloth
   train_regression  with --objective regression                train_unsloth_plain   Unsloth as it comes (levers off)
   infer_*           7_infer.py the same ways (baseline: every lever off, batch 64), over train_default's adapter
-                    (infer_regression over train_regression's)
+                    (infer_regression over train_regression's); infer_best128, infer_regression128 at batch 128
   old_train, old_infer   the code before the reorganization (a checkout in .old/), train_best's and infer_best's
                     options in its own spelling, timed by its own wrappers
 
@@ -42,7 +42,10 @@ TRAIN = {"baseline": ["--backend", "hf", "--base-precision", "16bit", "--batch-s
          "unsloth_plain": ["--backend", "unsloth", "--speedups-off", "all"],
          "regression": ["--objective", "regression"]}
 INFER = {"baseline": ["--speedups-off", "all", "--batch-size", "64"], "default": [],
-         "best": ["--backend", "hf", "--batch-size", "64"], "fp16": ["--dtype", "float16"], "regression": []}
+         "best": ["--backend", "hf", "--batch-size", "64"], "fp16": ["--dtype", "float16"], "regression": [],
+         # the regression forward keeps no KV cache (16 GiB at batch 64 against the text path's 26): does a larger
+         # batch make it faster, and the text path with it?
+         "regression128": ["--batch-size", "128"], "best128": ["--backend", "hf", "--batch-size", "128"]}
 
 
 class Bench:
@@ -127,7 +130,7 @@ class Bench:
             return self.stage6(name, options)
         # run.sh's adapter (WORK/train) counts too: spelled through bench/.., it was missed while bench/ did not exist
         bench = self.work / "bench"
-        trained = [bench / "train_regression"] if variant == "regression" else \
+        trained = [bench / "train_regression"] if variant.startswith("regression") else \
             [bench / "train_default", bench / "train_best", self.work / "train"]
         adapter = next((t for t in trained if (t / "COMPLETE").exists()), trained[0])
         return self.stage7(name, options, adapter)
