@@ -1,4 +1,5 @@
-"""Put on PYTHONPATH by bench/gpu_bench.py to find what holds stage 6 open for ~20 s after saving on the GPU.
+"""Put on PYTHONPATH by bench/gpu_bench.py, to see what keeps a stage alive after its work (it found the loader
+workers that held stage 6 ~20 s after saving on the GPU: docs/performance.md, "Exiting").
 
 If a process is still alive 10 s after its main thread returned, every thread's stack is written to stderr (then
 every 10 s), and its Python child processes (loader workers, inductor's compile pool) are asked to write theirs
