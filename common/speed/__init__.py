@@ -52,8 +52,6 @@ LEVERS = {lever.name: lever for lever in [
           ("hf",), False, ("transformers",), ("transformers.loss.loss_utils:ForCausalLMLoss",)),
     Lever("compile", "torch.compile per block (vision; decoder layers in training), floats as constants",
           ("hf", "unsloth"), True, ("torch",)),
-    Lever("compile_one_forward", "decoder layers compiled too where inference is one forward (price head, "
-          "embeddings)", ("hf",), True, ("torch",)),
     Lever("lora_groups", "q/k/v and gate/up LoRA projections as one grouped GEMM each",
           ("hf",), True, ("transformers", "peft"),
           _qwen("Qwen2_5_VLAttention.forward", "Qwen2MLP.forward") + ("peft.tuners.lora.layer:Linear.forward",)),
