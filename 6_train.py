@@ -117,7 +117,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         from common.model.loading import backend_problem
         from common.model.plan import Device, problems
-        from common.speed import LEVERS, parse_off
+        from common.speed import lever_problems
         out = [f"--{n.replace('_', '-')} must be >= 1" for group, names in (
             (self.lora, ("lora_r",)), (self.run, ("save_steps",)), (self.advanced, ("logging_steps", "eval_batch_size")),
             (self.advanced, ("group_window",))) for n in names if getattr(group, n) < 1]
@@ -134,9 +134,7 @@ class TrainConfig:
         if self.device.workers < 0:
             out.append("--workers must be >= 0")
         out += backend_problem(self.device.backend)
-        unknown = parse_off(self.advanced.speedups_off) - set(LEVERS)
-        if unknown:
-            out.append(f"--speedups-off: unknown {', '.join(sorted(unknown))}; known: {', '.join(LEVERS)}")
+        out += lever_problems(self.advanced.speedups_off)
         for split in ("train", "validation"):
             path = (layout.shards_dir(self.data.work_dir, split) / "index.json" if self.advanced.source == "shards"
                     else layout.jsonl_path(self.data.work_dir, split))

@@ -52,6 +52,7 @@ class InferAdvancedOptions:
     _argument_group_name = "advanced: A/B switches and debugging"
     hidden = True
     speedups_off: str = opt("speed levers to turn off, comma-separated (common/speed/__init__.py)", "")
+    speedups_on: str = opt("opt-in speed levers (not yet timed on a GPU) to turn on, comma-separated", "")
     constrained: bool = opt("constrain decoding to a number", True)
     sort_by_length: bool = opt("batch samples of similar length together (less padding)", True)
     sort_window: int = opt("batches per length-sorting window", 16)
@@ -70,7 +71,7 @@ class InferConfig:
 
     def problems(self) -> list[str]:
         from common.model.loading import backend_problem
-        from common.speed import LEVERS, parse_off
+        from common.speed import lever_problems
         from common.model.plan import Device
         out = []
         if self.device.batch_size < 0 or self.device.max_gpu_memory < 0:
@@ -83,9 +84,7 @@ class InferConfig:
         elif device is not None and self.device.dtype == "bfloat16" and not device.bf16:
             out.append(f"--dtype bfloat16: {device.name} has no bf16; use float16 (or auto)")
         out += backend_problem(self.device.backend)
-        unknown = parse_off(self.advanced.speedups_off) - set(LEVERS)
-        if unknown:
-            out.append(f"--speedups-off: unknown {', '.join(sorted(unknown))}; known: {', '.join(LEVERS)}")
+        out += lever_problems(self.advanced.speedups_off, self.advanced.speedups_on)
         if self.data.adapter == "auto" and not (self.tdir / "train_config.json").exists():
             out.append(f"{self.tdir}/train_config.json not found: run 6_train.py, or pass --adapter none --model M")
         if self.data.adapter == "none" and not self.data.model and not (self.tdir / "train_config.json").exists():
@@ -148,7 +147,7 @@ def main(cfg: InferConfig) -> dict:
     from common.model.inference import gathered_parts, merge, run_predictions, write_embeddings, write_predictions_csv
     from common.model.loading import bind_local_gpu, cap_gpu_memory, load_inference_model, resolve_model
     from common.model.plan import Device, ModelSize, plan_inference
-    from common.speed import parse_off
+    from common.speed import parse_off, parse_on
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
     bind_local_gpu()
@@ -166,7 +165,8 @@ def main(cfg: InferConfig) -> dict:
         cfg.data.work_dir / f"infer_{cfg.data.split}{'_embeddings' if cfg.data.embeddings else ''}"
     decoding = objective == "text" and not cfg.data.embeddings
     model, backend, host, decoder = load_inference_model(base, adapter, cfg.device.backend, cfg.device.dtype,
-                                                         parse_off(cfg.advanced.speedups_off), decoding)
+                                                         parse_off(cfg.advanced.speedups_off), decoding,
+                                                         parse_on(cfg.advanced.speedups_on))
     predict, vectors, pooled = predictor(cfg, objective, model, tokenizer, spec, decoder)
     stream = open_stream(cfg.advanced.source, cfg.data.work_dir, cfg.data.split, spec, base, encoding,
                          skip_corrupt=cfg.advanced.skip_corrupt_shards, shards=cfg.data.shards)

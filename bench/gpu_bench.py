@@ -14,7 +14,8 @@ Phases (a phase's name picks its options; finished build and data are reused on 
   train_fp16        with --dtype float16                         train_unsloth   with --backend unsloth
   train_regression  with --objective regression                train_unsloth_plain   Unsloth as it comes (levers off)
   infer_*           7_infer.py the same ways (baseline: every lever off, batch 64), over train_default's adapter
-                    (infer_regression over train_regression's); infer_best128, infer_regression128 at batch 128
+                    (infer_regression over train_regression's); infer_best128, infer_regression128 at batch 128;
+                    infer_regression_compiled: its decoder layers compiled (opt-in lever compile_one_forward)
   old_train, old_infer   the code before the reorganization (a checkout in .old/), train_best's and infer_best's
                     options in its own spelling, timed by its own wrappers
 
@@ -45,7 +46,8 @@ INFER = {"baseline": ["--speedups-off", "all", "--batch-size", "64"], "default":
          "best": ["--backend", "hf", "--batch-size", "64"], "fp16": ["--dtype", "float16"], "regression": [],
          # the regression forward keeps no KV cache (16 GiB at batch 64 against the text path's 26): does a larger
          # batch make it faster, and the text path with it?
-         "regression128": ["--batch-size", "128"], "best128": ["--backend", "hf", "--batch-size", "128"]}
+         "regression128": ["--batch-size", "128"], "best128": ["--backend", "hf", "--batch-size", "128"],
+         "regression_compiled": ["--speedups-on", "compile_one_forward"]}
 
 
 class Bench:

@@ -1,7 +1,9 @@
 """torch.compile per block, and the process-wide torch settings that go with it.
 
-Each vision block and (in training) each decoder layer is compiled as its own region with dynamic shapes, so
-norms, rotary embeddings, SwiGLU and the LoRA adds fuse; one compilation per block type serves every layer.
+Each vision block and (in training; with `compile_one_forward`, in inference that is one forward: the price head,
+embeddings) each decoder layer is compiled as its own region with dynamic shapes, so norms, rotary embeddings,
+SwiGLU and the LoRA adds fuse; one compilation per block type serves every layer. Generation keeps its decoder
+layers eager: their KV cache updates would break the graphs, and static decoding replays its own CUDA graphs.
 On the hf backend the model's float attributes (norm eps, attention and LoRA scaling) are compiled as constants
 (`specialize_float`): passed as 0-d CPU tensors instead, each costs a read-back and a C++ kernel per block, and
 the 3B's first step compiles 2-3x slower. Under DDP each block stays one graph (`optimize_ddp` off): a block's
@@ -15,11 +17,12 @@ import logging
 log = logging.getLogger("speed")
 
 
-def compile_blocks(model, training: bool, backend: str) -> int:
-    """Compile the vision blocks, and in training on the hf backend the decoder layers. Returns how many."""
+def compile_blocks(model, decoder_layers: bool, backend: str) -> int:
+    """Compile the vision blocks, and with `decoder_layers` on the hf backend the decoder layers. Returns how
+    many."""
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
-    kinds = (Qwen2_5_VLVisionBlock, Qwen2_5_VLDecoderLayer) if training and backend == "hf" else \
+    kinds = (Qwen2_5_VLVisionBlock, Qwen2_5_VLDecoderLayer) if decoder_layers and backend == "hf" else \
         (Qwen2_5_VLVisionBlock,)
     blocks = [m for m in model.modules() if isinstance(m, kinds)]
     if not blocks:

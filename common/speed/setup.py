@@ -8,7 +8,7 @@ from common.speed import Speedups
 log = logging.getLogger("speed")
 
 
-def _model_levers(model, speed: Speedups, training: bool):
+def _model_levers(model, speed: Speedups, training: bool, one_forward: bool = False):
     from common.speed.compile import compile_blocks, no_cudnn_attention
     from common.speed.positions import HostLayout, skip_image_readbacks
     from common.speed.vision_attention import use_bucketed_vision_attention
@@ -21,7 +21,7 @@ def _model_levers(model, speed: Speedups, training: bool):
         from common.speed.lora_groups import fuse_shared_input_lora
         fuse_shared_input_lora(model)
     if speed.on("compile"):
-        compile_blocks(model, training, speed.backend)
+        compile_blocks(model, training or (one_forward and speed.on("compile_one_forward")), speed.backend)
     if speed.on("no_cudnn_attention"):
         no_cudnn_attention()
     host = HostLayout.from_model(model) if speed.on("host_positions") else None
@@ -39,7 +39,7 @@ def apply_for_training(model, speed: Speedups):
 
 def apply_for_inference(model, speed: Speedups, decoding: bool = True):
     """(HostLayout or None, a static decoder or None for the library's generate())."""
-    host = _model_levers(model, speed, training=False)
+    host = _model_levers(model, speed, training=False, one_forward=not decoding)
     decoder = None
     if decoding and speed.on("static_decode") and host is not None:
         from common.speed.decode import StaticDecoder
