@@ -76,6 +76,26 @@ def test_a_failed_fetch_is_told_apart_from_bad_bytes(command, reason):
         list(iter_remote_shard(f"pipe:{command}"))
 
 
+def test_a_server_that_never_answers_fails_the_fetch_instead_of_hanging(monkeypatch):
+    """A server that accepts the connection and sends nothing: curl gives up after STALL_S without a byte, and the
+    error names the shard and why, for the index and for a shard alike."""
+    import socket
+    import time
+
+    from common.data import shard_source
+    monkeypatch.setattr(shard_source, "STALL_S", 1)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel completes the handshake; nobody answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/webdataset_test"
+        started = time.monotonic()
+        with pytest.raises(shard_source.ShardError, match=r"cannot read shard .*shard-000000.tar: curl exited with "
+                                                          r"status 28 \(no answer, or stalled for 1 s\)"):
+            list(shard_source.iter_remote_shard(f"{url}/shard-000000.tar"))
+        with pytest.raises(shard_source.ShardError, match=r"cannot read the shard index .*index.json: curl exited "
+                                                          r"with status 28"):
+            shard_source._fetch_index(f"{url}/index.json")
+        assert time.monotonic() - started < 120
+
+
 def shard_work_spec(shard_work):
     from common.data.encode import ImageSpec
     return ImageSpec.from_model(shard_work.model_path)

@@ -5,7 +5,9 @@
     /data/train-shard-{000000..000067}.tar                       a brace pattern, local or URL
     pipe:aws s3 cp s3://bucket/train/train-shard-{000000..000067}.tar -    a command per shard, output on stdout
 
-Remote shards are opened by WebDataset's `gopen` (curl for http(s)://, a subprocess for pipe:). The sample counts
+Remote shards are opened by WebDataset's `gopen` (a subprocess for pipe:); http(s):// goes through curl with a
+stall limit (`_curl_command`), as gopen's own curl has none and waits forever on a server that never answers. The
+sample counts
 come from the index.json that stage 5 writes beside the shards, fetched the same way (the pattern's file name
 replaced by index.json), so training plans its steps and promises each sample once an epoch as it does on a
 local folder. A brace pattern may name more shards than the index: only those the index lists are read, in its
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,9 @@ from pathlib import Path
 from common.errors import PipelineError
 
 INDEX = "index.json"
+# curl gives up on a transfer that sends less than a byte a second for this long (a server that accepts and never
+# answers, a stalled peer); a slow but moving download of a large shard is left alone
+STALL_S = 60
 
 
 class ShardError(PipelineError, RuntimeError):
@@ -52,6 +58,17 @@ def _is_remote(spec: str) -> bool:
     return spec.startswith(("pipe:", "http://", "https://"))
 
 
+def _curl_command(url: str) -> str:
+    return (f"pipe:curl --fail --silent --show-error --location --connect-timeout 30 --retry 3 --retry-delay 2 "
+            f"--speed-limit 1 --speed-time {STALL_S} {shlex.quote(url)}")
+
+
+def _open(location: str):
+    """A binary stream of a shard or index behind a URL or pipe: command."""
+    from webdataset.gopen import gopen
+    return gopen(_curl_command(location) if location.startswith(("http://", "https://")) else location, "rb")
+
+
 def _index_location(spec: str) -> str:
     """Where the index of a pattern or pipe command lives: its shard file name replaced by index.json."""
     token = next((t for t in spec.split() if "{" in t or t.endswith(".tar")), None)
@@ -61,18 +78,19 @@ def _index_location(spec: str) -> str:
 
 
 def _fetch_index(location: str) -> dict:
+    stream = None
     try:
         if not _is_remote(location):
             return json.loads(Path(location).read_text(encoding="utf-8"))
-        from webdataset.gopen import gopen
-        stream = gopen(location, "rb")
+        stream = _open(location)
         data = stream.read()
         stream.close()
         return json.loads(data)
     except FileNotFoundError:
         raise ShardError(f"{location} not found: run 5_convert.py for this split first") from None
     except (OSError, ValueError) as err:
-        raise ShardError(f"cannot read the shard index {location}: {err}") from None
+        reason = (_fetch_failure(stream) if stream is not None else None) or _first_line(err)
+        raise ShardError(f"cannot read the shard index {location}: {reason}") from None
 
 
 def open_source(spec: str) -> ShardSource:
@@ -105,15 +123,14 @@ def _shard_name(url: str) -> str:
 
 def iter_remote_shard(url: str):
     """Raw WebDataset samples of a shard behind a URL or pipe: command."""
-    from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
     stream = None
     try:
-        stream = gopen(url, "rb")
+        stream = _open(url)
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
         stream.close()  # a failed download or command raises here, with its exit status
     except (OSError, ValueError, EOFError) as err:
-        raise ShardError(f"cannot read shard {url}: {_first_line(err)}") from None
+        raise ShardError(f"cannot read shard {url}: {_fetch_failure(stream) or _first_line(err)}") from None
     except Exception as err:  # tarfile's errors, and WebDataset's own
         if not type(err).__module__.startswith(("tarfile", "webdataset")):
             raise
@@ -141,5 +158,10 @@ def _fetch_failure(stream, wait_s: float = 5.0) -> str | None:
     except subprocess.TimeoutExpired:  # still sending bytes: the error is in them
         proc.kill()
         return None
-    fetcher = "curl" if "curl" in str(stream.args) else "the command"
-    return None if status == 0 else f"{fetcher} exited with status {status}"
+    if status == 0:
+        return None
+    if "curl" not in str(stream.args):
+        return f"the command exited with status {status}"
+    why = {6: "host not found", 7: "could not connect", 22: "an HTTP error status",
+           28: f"no answer, or stalled for {STALL_S} s"}.get(status)
+    return f"curl exited with status {status}" + (f" ({why})" if why else "")
