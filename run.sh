@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DATA_DIR="" WORK_DIR="work" MODEL="tiny" FROM=1 TO=7 NGPU=1 DEMO=0 PORT=8765 TRAIN_ROWS=2000 TEST_ROWS=200
+DATA_DIR="" WORK_DIR="work" MODEL="" FROM=1 TO=7 NGPU=1 DEMO=0 PORT=8765 TRAIN_ROWS=2000 TEST_ROWS=200
 NNODES=1 NODE_RANK=0 MASTER_ADDR="" MASTER_PORT=29500
 PY="${PYTHON:-python3}"
 ARGS1=() ARGS2=() ARGS3=() ARGS4=() ARGS5=() ARGS6=() ARGS7=()
@@ -60,7 +60,19 @@ number --nnodes "$NNODES"; number --node-rank "$NODE_RANK"; number --master-port
 [ "$NNODES" -ge 1 ] || bad "--nnodes must be at least 1"
 [ "$NODE_RANK" -lt "$NNODES" ] || bad "--node-rank must be below --nnodes"
 [ "$NNODES" -eq 1 ] || [ -n "$MASTER_ADDR" ] || bad "--nnodes $NNODES needs --master-addr (node 0's address)"
+[ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] || bad "--demo-port must be 1..65535, not $PORT"
 [ -z "$DATA_DIR" ] && DEMO=1
+# the tiny random model is the demo's; on real data it would train and predict without a word of warning
+[ -n "$MODEL" ] || [ "$DEMO" = 1 ] || bad "--data-dir needs --model (e.g. Qwen/Qwen2.5-VL-3B-Instruct; tiny: the demo's random model)"
+MODEL="${MODEL:-tiny}"
+
+# each stage's passed-on options are spelled right, before hours of stages 1-5 (their inputs are checked later)
+for n in 1 2 3 4 5 6 7; do
+  declare -n given="ARGS$n"
+  if [ "$n" -ge "$FROM" ] && [ "$n" -le "$TO" ] && [ ${#given[@]} -gt 0 ]; then
+    "$PY" "$(ls "${n}"_*.py)" --check-args "${given[@]}" > /dev/null || { echo "run.sh: --args-$n: see above" >&2; exit 2; }
+  fi
+done
 
 # Stage-specific settings: the demo uses small images and a short schedule so that it runs on a CPU.
 DOWNLOAD=() PIXELS=() JSONL=() TRAIN=() INFER=()

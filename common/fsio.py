@@ -51,8 +51,13 @@ def write_json(path: Path | str, obj) -> None:
 
 
 def read_json(path: Path | str):
+    """The JSON a stage wrote; a damaged file (edited, or written by another tool) is one line naming it."""
+    from common.errors import PipelineError
     with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+        try:
+            return json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PipelineError(f"{path}: not valid JSON ({err}); rerun the stage that writes it") from None
 
 
 def is_temp_name(name: str) -> bool:

@@ -100,8 +100,15 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None):
     """Parse argv into `cls` and run its `problems()` check, reporting every problem at once."""
     from common.errors import PipelineError
     argv = sys.argv[1:] if argv is None else argv
+    check_only = "--check-args" in argv
+    argv = [a for a in argv if a != "--check-args"]
     parser = build_parser(cls, description, show_all="--help-all" in argv)
-    parts = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    *parts, unknown = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
+                                                         return_remaining_strings=True)
+    if unknown:
+        parser.error(unknown_options_message(parser, unknown))
+    if check_only:  # run.sh, before stage 1: the spelling of every stage's options, not yet their inputs
+        raise SystemExit(0)
     cfg = parts[0] if groups_of(cls) == [cls] else cls(*parts)
     try:
         problems = cfg.problems() if hasattr(cfg, "problems") else []
@@ -110,6 +117,20 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None):
     if problems:
         raise OptionsError(parser.prog, problems)
     return cfg
+
+
+def unknown_options_message(parser, unknown: list[str]) -> str:
+    """'unknown option --concurency (did you mean --concurrency?)', for each word argparse could not place."""
+    import difflib
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and "_" not in o]
+    names = [w.split("=")[0] for w in unknown if w.startswith("-")]  # the words after one are its value
+    if not names:
+        return f"unexpected argument{'s' if len(unknown) > 1 else ''} {' '.join(unknown)}; options start with --"
+    words = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        words.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+    return f"unknown option{'s' if len(words) > 1 else ''} {', '.join(words)}; see --help"
 
 
 def to_jsonable(cfg) -> dict:
@@ -164,4 +185,7 @@ def one_line_error(err: Exception, cfg=None) -> str | None:
         # Outputs are written under temporary names, so what was finished before stays whole.
         return (f"out of disk space writing {err.filename or 'an output'} ({err.strerror}); free space and "
                 "rerun: finished work is kept")
+    if isinstance(err, OSError) and err.filename and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS,
+                                                                   errno.EISDIR, errno.ENOTDIR):
+        return f"{err.filename}: {err.strerror}; pick a folder this user can write (--work-dir), finished work is kept"
     return None

@@ -18,8 +18,10 @@ def main() -> None:
     print(f"test rows out: {test['rows_written']}  ({test['output']}); "
           f"fallbacks to the training median: {sum(test['fallback_counts'].values())} {test['fallback_counts']}")
     val_path = args.work_dir / "infer_validation" / "stats.json"
-    if val_path.exists():
-        ev = read_json(val_path)["evaluation"]
+    ev = read_json(val_path).get("evaluation") if val_path.exists() else None
+    if ev is None:
+        print("validation SMAPE: no validation rows (3_create_jsonl.py --validation-split-ratio)")
+    else:
         print(f"validation SMAPE: {ev['smape']:.2f}  vs  {ev['median_baseline_smape']:.2f} predicting the median "
               f"({ev['rows']} rows); report: {args.work_dir / 'eval' / 'report.md'}")
 

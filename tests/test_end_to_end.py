@@ -47,7 +47,8 @@ def test_run_sh_stops_at_the_first_failing_stage(tmp_path):
     data.mkdir()
     (data / "train.csv").write_text("sample_id,catalog_content\n1,x\n")
     (data / "test.csv").write_text("sample_id,catalog_content,image_link\n1,x,\n")
-    r = subprocess.run(["bash", str(ROOT / "run.sh"), "--data-dir", str(data), "--work-dir", str(tmp_path / "w")],
+    r = subprocess.run(["bash", str(ROOT / "run.sh"), "--data-dir", str(data), "--work-dir", str(tmp_path / "w"),
+                        "--model", "tiny"],
                        cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0

@@ -80,6 +80,54 @@ def test_run_sh_checks_its_options_before_running_anything(tmp_path, args, messa
     assert not (tmp_path / "w").exists()  # nothing ran
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "somewhere"], "--data-dir needs --model"),
+    (["--demo-port", "99999"], "--demo-port must be 1..65535, not 99999"),
+])
+def test_run_sh_refuses_real_data_without_a_model_and_a_port_out_of_range(tmp_path, args, message):
+    r = subprocess.run(["bash", str(ROOT / "run.sh"), "--work-dir", str(tmp_path / "w"), *args], cwd=ROOT,
+                       env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=30)
+    one_line(r, 2, message)
+    assert not (tmp_path / "w").exists()
+
+
+def test_run_sh_checks_the_options_it_passes_on_before_stage_1(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "run.sh"), "--work-dir", str(tmp_path / "w"),
+                        "--train-args", "--max-steps 3 --lerning-rate 1e-4"], cwd=ROOT,
+                       env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    one_line(r, 2, "unknown option --lerning-rate (did you mean --learning-rate?)")
+    assert "run.sh: --args-6" in r.stderr and "== stage" not in r.stdout
+    assert not (tmp_path / "w").exists()  # not even the demo catalog
+
+
+def test_an_unknown_stage_option_is_named_with_its_closest_match(tmp_path):
+    r = run_script("1_download.py", "--work-dir", str(tmp_path / "w"), "--concurency", "4", timeout=60)
+    one_line(r, 2, "unknown option --concurency (did you mean --concurrency?)")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_damaged_json_file_is_one_line_naming_it(shard_work, tmp_path):
+    w = shard_work.copy(tmp_path / "work")
+    stats = w.work_dir / "jsonl" / "stats.json"
+    stats.write_text(stats.read_text()[:40])
+    r = run_script("7_infer.py", "--work-dir", str(w.work_dir), "--data-dir", str(w.data_dir), "--adapter", "none",
+                   "--model", str(w.model_path), timeout=120)
+    one_line(r, 1, f"{stats}: not valid JSON")
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    """A read-only folder cannot be made on every machine (root writes to it anyway), so the errors are built as
+    the OS raises them."""
+    import errno
+
+    from common.options import one_line_error
+    path = str(tmp_path / "out" / "part.csv")
+    for code in (errno.EACCES, errno.EROFS, errno.EISDIR):
+        line = one_line_error(OSError(code, os.strerror(code), path))
+        assert line is not None and line.startswith(f"{path}: {os.strerror(code)}"), line
+    assert one_line_error(OSError(errno.EIO, "I/O error")) is None  # anything else keeps its traceback
+
+
 def test_run_sh_help_is_the_usage_alone():
     r = subprocess.run(["bash", str(ROOT / "run.sh"), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "--from-stage" in r.stdout and "pipefail" not in r.stdout

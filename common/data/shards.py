@@ -317,7 +317,7 @@ def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_s
     present = [(i, sid) for i, sid in mine if sid in have]
     missing = [sid for _, sid in mine if sid not in have]
     chunks = [present[k:k + per_shard] for k in range(0, len(present), per_shard)]
-    old = read_json(index_path) if index_path.exists() else None
+    old = _previous_index(index_path)
     old_shards = {s["name"]: s for s in old["shards"]} if old and old.get("samples_per_shard") == per_shard else {}
     if old and not old_shards:  # a different layout: start over rather than mix two
         for p in out_dir.glob(f"{prefix}*.tar"):
@@ -348,6 +348,18 @@ def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_s
     return {"samples": len(present), "shards": len(shards), "shards_written": written, "shards_reused": reused,
             "missing_from_stage4": len(missing), "missing_ids": missing,
             "bytes": sum(s["bytes"] for s in shards)}
+
+
+def _previous_index(index_path: Path) -> dict | None:
+    """The index a previous run wrote, to reuse its shards; a damaged one means starting the split over."""
+    from common.errors import PipelineError
+    if not index_path.exists():
+        return None
+    try:
+        return read_json(index_path)
+    except PipelineError as err:
+        log.warning("%s; its shards are written again", err)
+        return {"shards": []}
 
 
 def merge_part_indexes(out_dir: Path, split: str, count: int) -> dict:
