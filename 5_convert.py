@@ -58,13 +58,20 @@ def main(cfg: ConvertOptions) -> dict:
         rows = read_jsonl(layout.jsonl_path(cfg.work_dir, split))
         result = pack_split(rows, layout.preprocessed_dir(cfg.work_dir, split), out_dir, split,
                             cfg.samples_per_shard, part)
+        missing = result["missing_ids"]
+        warning = missing and (
+            f"{split}: {len(missing)} of {len(rows)} rows missing from stage 4 (first ids {', '.join(missing[:5])}): "
+            f"they are in no shard{', so stage 7 answers them with the training median' if split == 'test' else ''}"
+            f"; why: {layout.preprocessed_dir(cfg.work_dir, split) / 'stats.json'} (or rerun 4_preprocess.py)")
         stats = {"split": split, "rows_in": len(rows), **result, "seconds": round(time.time() - started, 2),
                  "bytes_per_sample": round(result["bytes"] / max(1, result["samples"])),
-                 "options": options.to_jsonable(cfg)}
+                 "missing_warning": warning or None, "options": options.to_jsonable(cfg)}
         write_json(out_dir / f"stats{part.suffix}.json", stats)
         log.info("%s: %d rows -> %d samples in %d shards (%d written, %d kept), %d missing from stage 4",
                  split, len(rows), result["samples"], result["shards"], result["shards_written"],
                  result["shards_reused"], result["missing_from_stage4"])
+        if warning:
+            log.warning("%s", warning)  # after the progress bar, so it is not lost
         all_stats[split] = stats
     return all_stats
 

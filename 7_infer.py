@@ -3,7 +3,8 @@
 Reads   WORK_DIR/train/ (adapter, train_config.json), WORK_DIR/webdataset_{split}/ (or --source jsonl),
         DATA_DIR/test.csv (every id to answer), WORK_DIR/jsonl/stats.json (the training median)
 Writes  WORK_DIR/test_out.csv   sample_id,price: every id of test.csv once, in its order, price > 0
-        WORK_DIR/infer_{split}/parts/ (what a rerun resumes from), WORK_DIR/infer_{split}/stats.json
+        WORK_DIR/infer_{split}/parts/ (what a rerun resumes from, while run-rNNN.json there, the model, samples and
+            options that wrote them, still match), WORK_DIR/infer_{split}/stats.json
         WORK_DIR/eval/ (--split validation): report.md, plots, validation_pred.csv
         WORK_DIR/embeddings/{split}.npy + {split}_ids.csv (--embeddings): one pooled vector per id, in their order
 
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common import layout, logs, options
-from common.fsio import read_json, write_json
+from common.fsio import read_json
 from common.options import opt
 
 
@@ -95,6 +96,8 @@ class InferConfig:
             out.append(f"{self.data.data_dir / 'test.csv'} not found (--data-dir)")
         if not (layout.jsonl_dir(self.data.work_dir) / "stats.json").exists():
             out.append(f"{layout.jsonl_dir(self.data.work_dir) / 'stats.json'} not found: run 3_create_jsonl.py first")
+        if not self.data.embeddings:
+            out += output_problems(self.out_csv, "--output" if self.data.output else "the output")
         return out
 
     def memory_hint(self) -> str:
@@ -106,12 +109,43 @@ class InferConfig:
         return Path(self.data.train_dir) if self.data.train_dir else layout.train_output_dir(self.data.work_dir)
 
     @property
+    def run_dir(self) -> Path:
+        return Path(self.advanced.run_dir) if self.advanced.run_dir else \
+            self.data.work_dir / f"infer_{self.data.split}{'_embeddings' if self.data.embeddings else ''}"
+
+    def fingerprint_settings(self, plan, backend: str, dtype: str) -> dict:
+        """The options that change a part file's predictions or its batches, as resolved (the plan's batch, the
+        backend and dtype loaded: auto may pick others on another machine). The loader interleaves its workers'
+        samples and ranks share them out, so --workers and the world size also decide which samples share a batch."""
+        a = self.advanced
+        return {"embeddings": self.data.embeddings, "batch_size": plan.batch, "backend": backend, "dtype": dtype,
+                "sort_by_length": a.sort_by_length, "sort_window": a.sort_window, "constrained": a.constrained,
+                "text_only": a.text_only, "source": a.source, "shards": self.data.shards,
+                "workers": self.device.workers, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+                "speedups_off": a.speedups_off, "speedups_on": a.speedups_on}
+
+    @property
     def out_csv(self) -> Path:
         if self.data.output:
             return Path(self.data.output)
         if self.data.split == "test":
             return layout.test_out_path(self.data.work_dir)
         return self.data.work_dir / "eval" / "validation_pred.csv"
+
+
+def output_problems(path: Path, what: str) -> list[str]:
+    """The predictions file must be one that can be written, checked before the inference rather than after it:
+    not a folder, under a folder that exists or can be made."""
+    if path.is_dir():
+        return [f"{what} {path} is a folder: name the CSV file to write (--output)"]
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return [f"{what} {path}: {parent} is a file, so its folder cannot be made"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"{what} {path}: {parent} is not writable"]
+    return []
 
 
 def expected_rows(cfg: InferConfig) -> tuple[list[str], dict[str, float]]:
@@ -144,7 +178,7 @@ def main(cfg: InferConfig) -> dict:
     from common.data.streams import open_stream
     from common.model.collate import for_tokenizer
     from common.model.distributed import init_distributed
-    from common.model.inference import gathered_parts, merge, run_predictions, write_embeddings, write_predictions_csv
+    from common.model import inference as inf
     from common.model.loading import bind_local_gpu, cap_gpu_memory, load_inference_model, resolve_model
     from common.model.plan import Device, ModelSize, plan_inference
     from common.speed import parse_off, parse_on
@@ -161,8 +195,6 @@ def main(cfg: InferConfig) -> dict:
     encoding = train_cfg.get("encoding", {"min_pixels": 256 * 28 * 28, "max_pixels": 512 * 28 * 28, "max_length": 2048})
     ids, truth = expected_rows(cfg)
     median = read_json(layout.jsonl_dir(cfg.data.work_dir) / "stats.json")["train_median_price"]
-    out_dir = Path(cfg.advanced.run_dir) if cfg.advanced.run_dir else \
-        cfg.data.work_dir / f"infer_{cfg.data.split}{'_embeddings' if cfg.data.embeddings else ''}"
     decoding = objective == "text" and not cfg.data.embeddings
     model, backend, host, decoder = load_inference_model(base, adapter, cfg.device.backend, cfg.device.dtype,
                                                          parse_off(cfg.advanced.speedups_off), decoding,
@@ -170,34 +202,28 @@ def main(cfg: InferConfig) -> dict:
     predict, vectors, pooled = predictor(cfg, objective, model, tokenizer, spec, decoder)
     stream = open_stream(cfg.advanced.source, cfg.data.work_dir, cfg.data.split, spec, base, encoding,
                          skip_corrupt=cfg.advanced.skip_corrupt_shards, shards=cfg.data.shards)
-    tokens, _ = planning_tokens(getattr(stream, "index", {}))
-    plan = plan_inference(cfg.device.batch_size, backend, str(next(model.parameters()).dtype).split(".")[-1],
-                          "graphs" if decoder else "generate" if decoding else "one forward", Device.detect(),
-                          ModelSize.of(base), tokens, cfg.device.max_gpu_memory)
+    index, dtype = getattr(stream, "index", {}), str(next(model.parameters()).dtype).split(".")[-1]
+    plan = plan_inference(cfg.device.batch_size, backend, dtype, "graphs" if decoder else "generate" if decoding
+                          else "one forward", Device.detect(), ModelSize.of(base), planning_tokens(index)[0],
+                          cfg.device.max_gpu_memory)
     logs.every_rank(plan.line(world))
     log.info("%s: %d rows; base %s, adapter %s, objective %s", cfg.data.split, len(ids), base, adapter, objective)
+    fingerprint = inf.prediction_fingerprint(base, adapter, objective, cfg.fingerprint_settings(plan, backend, dtype),
+                                             index, layout.jsonl_path(cfg.data.work_dir, cfg.data.split))
+    stale = inf.claim_parts(cfg.run_dir / "parts", rank, world, fingerprint)
     collator = for_tokenizer(tokenizer, "left", with_labels=False, host_ids=host, pooled=pooled,
                              drop_images=cfg.advanced.text_only)
-    run = run_predictions(predict, stream, collator, out_dir / "parts", rank, plan.batch, cfg.device.workers,
-                          cfg.advanced.sort_by_length, cfg.advanced.sort_window, cfg.advanced.flush_every,
-                          expected=len(ids) // world, vectors=vectors)
-    predictions = gathered_parts(out_dir / "parts", rank, vectors)
+    run = inf.run_predictions(predict, stream, collator, cfg.run_dir / "parts", rank, plan.batch, cfg.device.workers,
+                              cfg.advanced.sort_by_length, cfg.advanced.sort_window, cfg.advanced.flush_every,
+                              expected=len(ids) // world, vectors=vectors)
+    predictions = inf.gathered_parts(cfg.run_dir / "parts", rank, vectors)
     if rank != 0:
         return run
     stats = {"split": cfg.data.split, "rows_expected": len(ids), "objective": objective, "rank0_run": run,
-             "plan": asdict(plan), "world_size": world, "options": options.to_jsonable(cfg)}
-    if vectors:
-        stats["embeddings"] = write_embeddings(cfg.data.work_dir / "embeddings", cfg.data.split, ids, predictions)
-    else:
-        rows, reasons = merge(ids, predictions, median)
-        write_predictions_csv(cfg.out_csv, rows)
-        stats.update(rows_written=len(rows), fallback_counts={k: len(v) for k, v in reasons.items()},
-                     fallback_ids=reasons, fallback_price=median, output=str(cfg.out_csv))
-        if truth:
-            from common.model.report import write_report
-            stats["evaluation"] = write_report(cfg.data.work_dir / "eval", rows, truth, median)
-    write_json(out_dir / "stats.json", stats)
-    log.info("%d rows in -> %s", len(ids), cfg.data.work_dir / "embeddings" if vectors else cfg.out_csv)
+             "plan": asdict(plan), "world_size": world, "options": options.to_jsonable(cfg),
+             "fingerprint": fingerprint, "restarted_because": stale}
+    inf.write_outputs(cfg.data.work_dir, cfg.data.split, cfg.out_csv, cfg.run_dir / "stats.json", ids, predictions,
+                      median, index, truth, vectors, stats)
     return stats
 
 

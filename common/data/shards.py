@@ -180,8 +180,9 @@ class ShardStream(IterableDataset):
         at a member boundary reads back as a valid, shorter archive)."""
         if shard.local:
             problem = size_problem(Path(shard.url), shard.bytes)
-            if problem:
+            if problem and not self.skip_corrupt:
                 raise ShardError(problem)
+            # under skip_corrupt the samples before the damage are still read; reading stops where it breaks
         count = 0
         for raw in iter_shard(Path(shard.url)) if shard.local else iter_remote_shard(shard.url):
             count += 1

@@ -9,7 +9,9 @@ for stacking); prices go to CSV parts, embeddings to .npz parts.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import math
 import queue
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.fsio import write_text
+from common.model.report import price_text
 from common.model.predict import predict_batch, prepare_batch
 
 log = logging.getLogger("infer")
@@ -158,7 +161,9 @@ def run_predictions(predict, dataset, collator, parts_dir: Path, rank: int, batc
     """Stream the rank's samples in fixed batches; predict(prepared batch) -> one price (or None), or with `vectors`
     one embedding, a sample; write part files as batches finish, skipping batches a part already holds."""
     parts_dir.mkdir(parents=True, exist_ok=True)
-    done = read_vector_parts(parts_dir) if vectors else read_parts(parts_dir)
+    # Only this rank's parts: another rank's (or a run with another world size) hold other batches.
+    read = read_vector_parts if vectors else read_parts
+    done = read(parts_dir, f"part-r{rank:03d}-*")
     write = _write_vector_part if vectors else _write_part
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                         prefetch_factor=16 if workers else None, pin_memory=torch.cuda.is_available())
@@ -199,6 +204,74 @@ def _synchronized_time() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "price_head.safetensors",
+                 "head_config.json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prediction_fingerprint(base: str, adapter: str | None, objective: str, settings: dict, index: dict,
+                           source_file: Path | None = None) -> dict:
+    """Everything that decides what a part file holds: the model (base, and the adapter's and head's files by
+    sha256), the samples (the shard index, or the JSONL's sha256 when encoding on the fly) and `settings` (options
+    that change outputs or batch boundaries). sha256 rather than size + mtime: a retrain with the same LoRA rank
+    writes files of the same size, copies (cp -p, rsync -a) keep mtimes, and a LoRA adapter of the 3B model
+    (tens of MB) hashes in well under a second, next to tens of seconds of loading the model."""
+    files = {name: _sha256(Path(adapter) / name) for name in ADAPTER_FILES
+             if adapter and (Path(adapter) / name).is_file()}
+    samples = (hashlib.sha256(json.dumps(index, sort_keys=True, default=str).encode()).hexdigest() if index
+               else _sha256(source_file) if source_file and source_file.is_file() else None)
+    fingerprint = {"base_model": base, "adapter": adapter, "adapter_files": files, "objective": objective,
+                   "samples": samples, **settings}
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))  # as it reads back from run-*.json
+
+
+def _changes(old: dict | None, new: dict) -> str:
+    if old is None:
+        return "the parts have no fingerprint (written before it was recorded, or by another tool)"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
+
+
+def claim_parts(parts_dir: Path, rank: int, world: int, fingerprint: dict) -> str | None:
+    """Keep this rank's part files only if its run-rNNN.json records the same fingerprint; else delete them (a
+    cache: they would answer rows with another model's or another batching's predictions) and record the new one.
+    Returns what changed, or None. Each rank checks and clears only its own files, so ranks never race on a file
+    and nodes that do not share the folder work alike; one process alone (whose merge reads every part in the
+    folder) clears every rank's."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    marker = parts_dir / f"run-r{rank:03d}.json"
+    try:
+        old = json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        old = {"damaged": str(marker)}
+    mine = list(parts_dir.glob("part-*" if world == 1 else f"part-r{rank:03d}-*"))
+    if world == 1:
+        mine += [p for p in parts_dir.glob("run-r*.json") if p != marker]
+    if old == fingerprint:
+        return None
+    changed = _changes(old, fingerprint) if (old is not None or mine) else None
+    if changed:
+        log.warning("%s: not resuming from %d part files of another run (%s); predicting afresh",
+                    parts_dir, len(mine), changed)
+    for p in mine:
+        p.unlink()
+    from common.fsio import write_json
+    write_json(marker, fingerprint)
+    return changed
 
 
 def text_predictor(model, tokenizer, constrained: bool, spec, decoder=None):
@@ -253,11 +326,18 @@ def gathered_parts(parts_dir: Path, rank: int, vectors: bool) -> dict:
     return {k: v for part in everyone for k, v in part.items()} if rank == 0 else {}
 
 
-def merge(expected_ids: list[str], predictions: dict[str, tuple[float | None, str]], fallback: float):
-    """One (sample_id, price, reason) per expected id, in order; anything missing or odd gets the fallback."""
+def merge(expected_ids: list[str], predictions: dict[str, tuple[float | None, str]], fallback: float,
+          known: set | None = None):
+    """One (sample_id, price, reason) per expected id, in order; anything missing or odd gets the fallback.
+    `known`: the ids the samples hold (the shard index's): a missing id outside it is `not_in_shards` (test.csv
+    changed after stage 5, or stage 4 left the row out), one inside it `no_sample` (its shard unread)."""
+    if not (isinstance(fallback, (int, float)) and math.isfinite(fallback) and fallback > 0):
+        from common.errors import PipelineError
+        raise PipelineError(f"the training median price {fallback!r} is not a positive price: rerun 3_create_jsonl.py")
     rows, reasons = [], {}
     for sid in expected_ids:
-        price, status = predictions.get(sid, (None, "no_sample"))
+        missing = "not_in_shards" if known is not None and sid not in known else "no_sample"
+        price, status = predictions.get(sid, (None, missing))
         reason = "ok"
         if status != "ok":
             reason = status
@@ -297,5 +377,64 @@ def write_predictions_csv(path: Path, rows) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["sample_id", "price"])
     for sid, price, _ in rows:
-        w.writerow([sid, f"{price:.4f}"])
+        w.writerow([sid, price_text(price)])
     write_text(path, buf.getvalue())
+
+
+def indexed_ids(index: dict) -> set | None:
+    """Every sample_id the shard index lists, or None where there is no index (samples encoded on the fly)."""
+    shards = index.get("shards") if index else None
+    if not shards or any("sample_ids" not in s for s in shards):
+        return None
+    return {sid for s in shards for sid in s["sample_ids"]}
+
+
+def fallback_warning(split: str, total: int, reasons: dict[str, list[str]], median: float, index: dict,
+                     stats_path: Path) -> str | None:
+    """The line stage 7 ends with when rows got the median: how many, why, the first ids, the shards not read."""
+    n = sum(len(v) for v in reasons.values())
+    if not n:
+        return None
+    counts = ", ".join(f"{k} {len(v)}" for k, v in sorted(reasons.items()))
+    first = "; ".join(f"{', '.join(reasons[k][:3])}{', ...' if len(reasons[k]) > 3 else ''} ({k})"
+                      for k in sorted(reasons))  # a few of each reason: one reason's many would hide the others
+    unread = set(reasons.get("no_sample", []))
+    shards = sorted({s["name"] for s in (index or {}).get("shards", []) if unread & set(s.get("sample_ids", []))})
+    where = f"; shards broken or missing: {', '.join(shards[:5])}{' ...' if len(shards) > 5 else ''}" if shards else ""
+    return (f"{n} of {total} {split} ids had no prediction (reasons: {counts}; first ids: {first}{where}); they got "
+            f"the training median {price_text(median)}; see {stats_path}")
+
+
+def write_outputs(work_dir: Path, split: str, out_csv: Path, stats_path: Path, ids: list[str], predictions: dict,
+                  median: float, index: dict, truth: dict, vectors: bool, stats: dict) -> dict:
+    """Rank 0's end of stage 7: the embeddings, or the predictions CSV (every id, the median for the rest) and on
+    validation the report; then stats.json, and a WARNING line at the very end (after the progress bar, where it
+    is seen) when rows got no prediction. Rows answered with the median keep the exit status 0, as the promise is
+    a complete file (a broken shard is skipped under --skip-corrupt-shards, stage 4 may leave a row out); but
+    when not one row was read, the samples and the ids do not belong together, and that is an error."""
+    from common.errors import PipelineError
+    from common.fsio import write_json
+    if vectors:
+        stats["embeddings"] = write_embeddings(work_dir / "embeddings", split, ids, predictions)
+        missing = stats["embeddings"]["missing_ids"]
+        reasons = {"no_sample": missing} if missing else {}
+        warning = missing and (f"{len(missing)} of {len(ids)} {split} ids have no vector (NaN rows; first ids "
+                               f"{', '.join(missing[:5])}); see {stats_path}")
+    else:
+        rows, reasons = merge(ids, predictions, median, indexed_ids(index))
+        write_predictions_csv(out_csv, rows)
+        warning = fallback_warning(split, len(ids), reasons, median, index, stats_path)
+        stats.update(rows_written=len(rows), fallback_counts={k: len(v) for k, v in reasons.items()},
+                     fallback_ids=reasons, fallback_price=median, output=str(out_csv))
+        if truth:
+            from common.model.report import write_report
+            stats["evaluation"] = write_report(work_dir / "eval", rows, truth, median)
+    stats["fallback_warning"] = warning or None
+    write_json(stats_path, stats)
+    log.info("%d rows in -> %s", len(ids), work_dir / "embeddings" if vectors else out_csv)
+    unread = len(reasons.get("no_sample", [])) + len(reasons.get("not_in_shards", []))
+    if ids and unread == len(ids):
+        raise PipelineError(f"none of the {len(ids)} {split} ids was in the samples read: {warning}")
+    if warning:
+        log.warning("%s", warning)
+    return stats

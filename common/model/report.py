@@ -15,6 +15,12 @@ from common.model.metrics import mae_log, smape, smape_per_row
 W, H, PAD = 640, 640, 60
 
 
+def price_text(price: float) -> str:
+    """4 decimals for any price of a cent or more; below, 6 significant digits, since 4 decimals would write a
+    positive price under 0.00005 (a sub-cent training median) as 0.0000."""
+    return f"{price:.4f}" if price >= 0.01 else f"{price:.6g}"
+
+
 def _axes(draw: ImageDraw.ImageDraw, title: str, xlabel: str, ylabel: str) -> None:
     draw.rectangle([PAD, PAD, W - PAD, H - PAD], outline="black")
     draw.text((PAD, 20), title, fill="black")
@@ -76,7 +82,8 @@ def write_report(out_dir: Path, rows, truth: dict[str, float], median: float) ->
     per_row = smape_per_row(pred, true)
     deciles = np.quantile(true, np.linspace(0, 1, 11))
     which = np.clip(np.searchsorted(deciles, true, side="right") - 1, 0, 9)
-    by_decile = [{"decile": k + 1, "price_from": round(float(deciles[k]), 2), "price_to": round(float(deciles[k + 1]), 2),
+    # 6 significant digits, not cents: sub-cent prices would all read 0.0.
+    by_decile = [{"decile": k + 1, "price_from": float(f"{deciles[k]:.6g}"), "price_to": float(f"{deciles[k + 1]:.6g}"),
                   "rows": int((which == k).sum()), "smape": round(float(per_row[which == k].mean()), 2)
                   if (which == k).any() else None} for k in range(10)]
     fallbacks = sum(1 for _, _, r in rows if r != "ok")
@@ -88,11 +95,12 @@ def write_report(out_dir: Path, rows, truth: dict[str, float], median: float) ->
     lines = ["# Validation report", "",
              "| metric | value |", "|---|---|",
              f"| rows | {result['rows']} |", f"| SMAPE | {result['smape']:.2f} |",
-             f"| SMAPE of predicting the training median ({median:.2f}) | {result['median_baseline_smape']:.2f} |",
+             f"| SMAPE of predicting the training median ({price_text(median)}) | "
+             f"{result['median_baseline_smape']:.2f} |",
              f"| MAE of log price | {result['mae_log_price']:.4f} |", f"| fallbacks to the median | {fallbacks} |", "",
              "## SMAPE by true-price decile", "", "| decile | price range | rows | SMAPE |", "|---|---|---|---|"]
-    lines += [f"| {b['decile']} | {b['price_from']:.2f} - {b['price_to']:.2f} | {b['rows']} | {b['smape']} |"
-              for b in by_decile]
+    lines += [f"| {b['decile']} | {price_text(b['price_from'])} - {price_text(b['price_to'])} | {b['rows']} | "
+              f"{b['smape']} |" for b in by_decile]
     lines += ["", "## Pictures", "", "![predicted vs true](pred_vs_true.png)", "",
               "![error distribution](error_hist.png)", ""]
     write_text(out_dir / "report.md", "\n".join(lines))
