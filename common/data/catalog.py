@@ -53,6 +53,27 @@ def _price(text: str) -> tuple[float | None, str | None]:
     return value, None
 
 
+def _check_field_counts(path: Path, text: str) -> None:
+    """Every data row must have as many fields as the header: an unquoted comma in the catalog text shifts every
+    column after it, which the parser would otherwise take silently (or read the extra field as an index).
+    Rows are numbered as in the other errors (1-based data rows, blank lines not counted)."""
+    try:
+        records = [r for r in csv.reader(io.StringIO(text.lstrip("\ufeff"), newline=""), strict=True) if r]
+    except csv.Error:
+        return  # broken quoting: the CSV parser below names it
+    if not records:
+        return
+    width = len(records[0])
+    bad = [(n, len(r)) for n, r in enumerate(records[1:], 1) if len(r) != width]
+    if not bad:
+        return
+    (first, got), rest = bad[0], bad[1:MAX_LISTED]
+    more = "" if not rest else ("; also row(s) " + ", ".join(f"{n} ({k} fields)" for n, k in rest)
+                               + (f", ... ({len(bad)} in all)" if len(bad) > MAX_LISTED else ""))
+    raise CatalogError(f"{path}: row {first} has {got} fields, the header has {width} "
+                       f"(an unquoted comma?){more}")
+
+
 def read_catalog(path: Path | str, split: str, skip_bad_rows: bool = False) -> Catalog:
     """Read one split's CSV. Test rows are never skipped: a bad test row is always an error."""
     path = Path(path)
@@ -63,8 +84,10 @@ def read_catalog(path: Path | str, split: str, skip_bad_rows: bool = False) -> C
         line = raw[: raw.index(b"\x00")].count(b"\n") + 1
         raise CatalogError(f"{path}: NUL byte at line {line}; the file is binary or corrupt")
     try:
+        _check_field_counts(path, raw.decode("utf-8"))
+        # index_col=False: a row with one field too many must not turn its first field into an index
         df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, encoding="utf-8",
-                         quoting=csv.QUOTE_MINIMAL)
+                         quoting=csv.QUOTE_MINIMAL, index_col=False)
     except UnicodeDecodeError as err:
         raise CatalogError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except pd.errors.EmptyDataError:
