@@ -8,13 +8,16 @@ Writes  WORK_DIR/images/{split}/SAMPLE_ID.EXT   the verified original bytes, nam
     python 1_download.py --data-dir dataset --work-dir work --concurrency 64
 
 A rerun skips images already on disk and URLs that failed for good (404, not an image, too large, ...);
-it tries again only what may succeed (timeouts, 5xx, 429, truncated bodies), unless --retry-failed.
+it tries again only what may succeed (timeouts, 5xx, 429, truncated bodies), unless --retry-failed. A row
+whose image_link changed is fetched again. Ctrl-C stops at once: queued URLs are dropped, the manifest and
+stats of what finished are written (exit 130), and a rerun resumes.
 Only public http(s) hosts are fetched: other schemes are `bad_url`; link-local hosts (cloud metadata) are
 always `blocked_host`, and so are loopback, private and reserved ones unless --allow-private-hosts.
 Every CSV is checked before the first download.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ from common import layout, logs, options
 from common.data.catalog import read_catalog
 from common.data.download import FetchPolicy
 from common.fsio import write_json
-from common.data.image_store import download_split
+from common.data.image_store import Interrupted, download_split
 from common.data.parts import Part, part_problems
 
 
@@ -71,16 +74,26 @@ def main(cfg: DownloadOptions) -> dict:
     for split, catalog in catalogs.items():
         started = time.time()
         out_dir = layout.images_dir(cfg.work_dir, split)
-        counts = download_split(part.rows(catalog.rows), out_dir, policy, cfg.concurrency, cfg.retry_failed,
-                                part.suffix)
+        try:
+            counts, stopped = download_split(part.rows(catalog.rows), out_dir, policy, cfg.concurrency,
+                                             cfg.retry_failed, part.suffix), None
+        except Interrupted as err:  # Ctrl-C: the manifest of what finished is written; the stats follow
+            counts, stopped = err.counts, err
         stats = {"split": split, "rows_in": catalog.n_input, "rows_skipped_bad_input": catalog.skipped,
                  "status_counts": counts, "seconds": round(time.time() - started, 2),
-                 "options": options.to_jsonable(cfg)}
+                 "options": options.to_jsonable(cfg), "interrupted": stopped is not None}
         write_json(out_dir / f"stats{part.suffix}.json", stats)
+        if stopped is not None:
+            sys.stderr.write(f"{Path(sys.argv[0]).name}: {split}: {stopped}\n")
+            raise SystemExit(130)
         log.info("%s: %d rows -> %s (%.1fs)", split, len(catalog.rows), counts, stats["seconds"])
         all_stats[split] = stats
     return all_stats
 
 
 if __name__ == "__main__":
-    options.run_stage(main, DownloadOptions, __doc__)
+    try:
+        options.run_stage(main, DownloadOptions, __doc__)
+    except KeyboardInterrupt:  # before the downloads began, or a second Ctrl-C while the first was saving
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: interrupted; finished images are kept, rerun to resume\n")
+        raise SystemExit(130) from None

@@ -9,7 +9,8 @@ Writes  WORK_DIR/resized/{split}/SAMPLE_ID.jpg   RGB JPEG, both sides multiples 
     python 2_resize.py --work-dir work --min-pixels 200704 --max-pixels 401408 --workers 8
 
 EXIF orientation is applied, alpha flattened on white, grayscale/CMYK converted, decompression bombs
-refused. A rerun skips finished images; changing the pixel bounds needs --force.
+refused. A rerun skips finished images (and redoes those whose download is newer); changing the pixel
+bounds needs --force.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from common import layout, logs, options
 from common.fsio import write_json
 from common.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR
 from common.data.parts import Part, part_problems
-from common.data.resize_store import check_params, resize_split
+from common.data.resize_store import resize_split
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ResizeOptions:
 
     def problems(self) -> list[str]:
         out = []
+        if not self.work_dir.is_dir():  # checked before anything is created under a mistyped path
+            out.append(f"--work-dir {self.work_dir}: no such folder (run 1_download.py first)")
         if self.min_pixels < FACTOR * FACTOR:
             out.append(f"--min-pixels must be >= {FACTOR * FACTOR}")
         if self.max_pixels < self.min_pixels:
@@ -59,10 +62,8 @@ def main(cfg: ResizeOptions) -> dict:
     for split in layout.resolve_splits(cfg.split):
         started = time.time()
         out_dir = layout.resized_dir(cfg.work_dir, split)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        check_params(out_dir, params, cfg.force)
         part = Part.parse(cfg.part)
-        counts = resize_split(layout.images_dir(cfg.work_dir, split), out_dir, params, cfg.workers, part)
+        counts = resize_split(layout.images_dir(cfg.work_dir, split), out_dir, params, cfg.workers, part, cfg.force)
         stats = {"split": split, "status_counts": counts, "seconds": round(time.time() - started, 2),
                  "options": options.to_jsonable(cfg)}
         write_json(out_dir / f"stats{part.suffix}.json", stats)

@@ -7,8 +7,9 @@ Writes  WORK_DIR/jsonl/{train,validation,test}.jsonl   one chat per row; test ro
 
     python 3_create_jsonl.py --data-dir dataset --work-dir work --validation-split-ratio 0.05
 
-A row whose image is missing becomes a text-only chat (test rows are never dropped). Bad rows (ids,
-prices) fail with their ids listed, or with --skip-bad-rows are left out of train and counted.
+Downloads that stage 2 has not resized are an error (run 2_resize.py first); a work folder without downloads
+gives text-only chats. A row whose image is missing becomes a text-only chat (test rows are never dropped).
+Bad rows (ids, prices) fail with their ids listed, or with --skip-bad-rows are left out of train and counted.
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ def main(cfg: JsonlOptions) -> dict:
     started = time.time()
     train = read_catalog(cfg.data_dir / "train.csv", "train", cfg.skip_bad_rows)
     test = read_catalog(cfg.data_dir / "test.csv", "test")
-    train_images = resized_files(layout.resized_dir(cfg.work_dir, "train"))
-    test_images = resized_files(layout.resized_dir(cfg.work_dir, "test"))
+    train_images, test_images = (resized_files(layout.resized_dir(cfg.work_dir, s),
+                                               layout.images_dir(cfg.work_dir, s)) for s in ("train", "test"))
     train_rows = train.rows
     without_image = ~train_rows["sample_id"].isin(train_images.keys())
     skipped = dict(train.skipped)

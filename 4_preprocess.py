@@ -10,7 +10,8 @@ Writes  WORK_DIR/preprocessed/{split}/SAMPLE_ID/{input_ids.npy, attention_mask.n
 Training rows are encoded with their answer, test rows with the assistant turn opened, exactly as
 inference will see them. `pixel_values.npy` holds the processor's patches as uint8 (4x smaller than
 float32, lossless: readers normalize them back to the processor's float32 values). --max-length cuts
-the catalog text only. Finished samples are skipped on rerun.
+the catalog text only. A rerun skips finished samples whose input (JSONL row, image file, options) is
+unchanged and redoes the others; other encoding options for a split need --force (as stage 2's bounds).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class PreprocessOptions:
     max_length: int = options.opt("most tokens per sample; longer catalog text is cut", 2048)
     workers: int = options.opt("encoding processes (1: in this process)", os.cpu_count() or 1)
     part: str = options.opt("encode only part I of N (I/N, as 1_download.py --part)", "0/1")
+    force: bool = options.opt("redo a split encoded earlier with other options (model, lengths, pixels)", False)
 
     def problems(self) -> list[str]:
         out = []
@@ -65,7 +67,7 @@ def main(cfg: PreprocessOptions) -> dict:
         out_dir = layout.preprocessed_dir(cfg.work_dir, split)
         clean_partial(out_dir, part.has)
         result = preprocess_split(rows, out_dir, split, model_path, cfg.max_length, cfg.min_pixels,
-                                  cfg.max_pixels, cfg.workers, part)
+                                  cfg.max_pixels, cfg.workers, part, cfg.force)
         stats = {"split": split, "rows_in": sum(1 for r in rows if part.has(r["sample_id"])), **result, "model_path": model_path,
                  "seconds": round(time.time() - started, 2), "options": options.to_jsonable(cfg)}
         write_json(out_dir / f"stats{part.suffix}.json", stats)

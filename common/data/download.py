@@ -25,8 +25,9 @@ import requests
 from PIL import Image
 from requests.adapters import HTTPAdapter
 
-# Reasons a later run may fix by trying again; everything else is final for that URL.
-RETRYABLE = {"timeout", "connection_error", "truncated", "http_429", "http_5xx"}
+# Reasons a later run may fix by trying again; everything else is final for that URL. `interrupted`: the run was
+# stopped (Ctrl-C) before this URL was done.
+RETRYABLE = {"timeout", "connection_error", "truncated", "http_429", "http_5xx", "interrupted"}
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
@@ -169,7 +170,8 @@ def _retry_after(resp: requests.Response) -> float | None:
     return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
-def _get_once(url: str, policy: FetchPolicy) -> tuple[str, bytes | None, float | None]:
+def _get_once(url: str, policy: FetchPolicy, stop: threading.Event | None = None
+              ) -> tuple[str, bytes | None, float | None]:
     """One request: (reason or 'ok', body, seconds the server asked us to wait)."""
     try:
         with _open(url, policy) as resp:
@@ -193,6 +195,8 @@ def _get_once(url: str, policy: FetchPolicy) -> tuple[str, bytes | None, float |
                     return "too_large", None, None
                 if time.monotonic() > deadline:
                     return "timeout", None, None
+                if stop is not None and stop.is_set():
+                    return "interrupted", None, None
             return "ok", bytes(buf), None
     except Refused as err:
         return err.reason, None, None
@@ -211,20 +215,27 @@ def _get_once(url: str, policy: FetchPolicy) -> tuple[str, bytes | None, float |
         return "bad_response", None, None  # e.g. a body that fails its Content-Encoding; one URL, not the run
 
 
-def fetch(url: str, policy: FetchPolicy, rng: random.Random | None = None) -> FetchResult:
-    """Fetch and verify one image, retrying what may succeed on a later attempt."""
+def fetch(url: str, policy: FetchPolicy, rng: random.Random | None = None,
+          stop: threading.Event | None = None) -> FetchResult:
+    """Fetch and verify one image, retrying what may succeed on a later attempt. Once `stop` is set (Ctrl-C) no
+    new attempt starts, a backoff ends at once and the result is `interrupted`."""
     if not url or not url.strip():
         return FetchResult("no_link")
     rng = rng or random.Random()
+    stop = stop or threading.Event()
     attempts = 0
     while True:
+        if stop.is_set():
+            return FetchResult("interrupted", attempts=attempts)
         attempts += 1
-        reason, body, wait = _get_once(url.strip(), policy)
+        reason, body, wait = _get_once(url.strip(), policy, stop)
         if reason == "ok":
             reason, ext = check_image(body, policy.max_image_pixels)
             if reason == "ok":
                 return FetchResult("ok", body, ext, attempts)
         if reason not in RETRYABLE or attempts > policy.retries:
             return FetchResult(reason, attempts=attempts)
+        if stop.is_set():  # a failure that would be retried: left for the next run
+            return FetchResult("interrupted", attempts=attempts)
         backoff = min(policy.max_backoff_s, policy.backoff_s * 2 ** (attempts - 1)) * rng.uniform(0.5, 1.5)
-        time.sleep(min(policy.max_backoff_s, max(backoff, wait or 0.0)))
+        stop.wait(min(policy.max_backoff_s, max(backoff, wait or 0.0)))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.errors import PipelineError
 from common.fsio import clean_temp_files, read_json, write_bytes, write_json, write_text
 from common.data.image_store import read_manifest
 from common.data.images import ImageRejected, jpeg_bytes, load_resized
@@ -17,9 +18,14 @@ from common.workers import map_in_processes
 FIELDS = ["sample_id", "status", "file", "width", "height"]
 
 
+class ResizeError(PipelineError):
+    """A resize that cannot start: no download manifest, other bounds without --force."""
+
+
 def _resize_one(args) -> tuple[str, str, str, int, int]:
     sid, src, dst, min_pixels, max_pixels, max_image_pixels, use_draft, quality = args
-    if os.path.exists(dst):
+    # a source downloaded again (its link changed) is newer than what was resized from the old one
+    if os.path.exists(dst) and os.stat(dst).st_mtime_ns >= os.stat(src).st_mtime_ns:
         from PIL import Image
         try:
             with Image.open(dst) as img:
@@ -36,24 +42,28 @@ def _resize_one(args) -> tuple[str, str, str, int, int]:
 
 
 def check_params(out_dir: Path, params: dict, force: bool) -> None:
-    """Refuse to mix images resized with other bounds into one folder, unless told to redo them."""
+    """Refuse to mix images resized with other bounds into one folder, unless told to redo them. Called once
+    resizing is about to start: it writes params.json (and the folder)."""
     path = out_dir / "params.json"
     if path.exists() and read_json(path) != params:
         if not force:
-            raise SystemExit(f"{out_dir} was resized with {read_json(path)}, not {params}; "
+            raise ResizeError(f"{out_dir} was resized with {read_json(path)}, not {params}; "
                              "pass --force to redo it with the new options")
         for p in out_dir.glob("*.jpg"):
             p.unlink()
     write_json(path, params)
 
 
-def resize_split(images_dir: Path, out_dir: Path, params: dict, workers: int, part=None) -> dict[str, int]:
-    """Resize the downloaded rows (those of `part` only, when given), with a manifest of their own."""
+def resize_split(images_dir: Path, out_dir: Path, params: dict, workers: int, part=None,
+                 force: bool = False) -> dict[str, int]:
+    """Resize the downloaded rows (those of `part` only, when given), with a manifest of their own. Nothing is
+    written (not even the folder or params.json) until the download manifest and the bounds are checked."""
     from common.data.parts import Part
     part = part or Part()
     manifest = {sid: row for sid, row in read_manifest(images_dir).items() if part.has(sid)}
     if not manifest:
-        raise SystemExit(f"{images_dir}/manifest.csv not found or empty: run 1_download.py first")
+        raise ResizeError(f"{images_dir}/manifest.csv not found or empty: run 1_download.py first")
+    check_params(out_dir, params, force)
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_temp_files(out_dir, lambda name: name.rsplit(".", 1)[0] in manifest or name.endswith(part.suffix + ".csv"))
     jobs, results = [], {}
@@ -63,6 +73,7 @@ def resize_split(images_dir: Path, out_dir: Path, params: dict, workers: int, pa
                          params["max_pixels"], params["max_image_pixels"], params["use_draft"], params["quality"]))
         else:
             results[sid] = (sid, f"no_image:{row['status']}", "", 0, 0)
+            (out_dir / f"{sid}.jpg").unlink(missing_ok=True)  # resized from a download that is gone
     for res in tqdm(map_in_processes(_resize_one, jobs, workers, start_method="fork"), total=len(jobs),
                     desc=f"resize {out_dir.name}", unit="img", mininterval=1):
         results[res[0]] = res
@@ -75,8 +86,14 @@ def resize_split(images_dir: Path, out_dir: Path, params: dict, workers: int, pa
     return dict(Counter(r[1] for r in results.values()))
 
 
-def resized_files(out_dir: Path) -> dict[str, str]:
-    """sample_id -> absolute path of its resized image, for rows that have one (every part's manifest)."""
+def resized_files(out_dir: Path, images_dir: Path | None = None) -> dict[str, str]:
+    """sample_id -> absolute path of its resized image, for rows that have one (every part's manifest). Given stage
+    1's `images_dir`: downloads there without any stage 2 manifest here are an error (stage 2 was skipped), not
+    "no images"; with no downloads either, the rows are text only (a run without images)."""
+    if (images_dir is not None and not any(Path(out_dir).glob("manifest*.csv"))
+            and any(Path(images_dir).glob("manifest*.csv"))):
+        raise PipelineError(f"no resized images in {out_dir}, but downloads in {images_dir}: run 2_resize.py "
+                            "first")
     files = {}
     for path in sorted(Path(out_dir).glob("manifest*.csv")):
         with open(path, newline="", encoding="utf-8") as fh:

@@ -5,7 +5,8 @@ key). Text-only samples have no `pixel_values.npy`.
 
 `pixel_values.npy` holds the uint8 patches (`meta["pixel_storage"] == "uint8_patches"`); readers call
 `common.data.encode.normalize_patches` to get the processor's float32 values back. Each folder is written
-under a temporary name and renamed, so a folder that exists is complete.
+under a temporary name and renamed, so a folder that exists is complete. Its `fingerprint.txt` (not a member,
+never packed) names what it was encoded from, so that a rerun redoes a sample whose input changed.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 
 PIXEL_STORAGE = "uint8_patches"
 MEMBERS = ("input_ids.npy", "attention_mask.npy", "pixel_values.npy", "meta.json")
+FINGERPRINT = "fingerprint.txt"  # what the sample was encoded from (not a member: shards never carry it)
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -57,6 +59,20 @@ def done_ids(out_dir: Path) -> set[str]:
     if not out_dir.is_dir():
         return set()
     return {n for n in os.listdir(out_dir) if not n.startswith(".") and (out_dir / n / "meta.json").exists()}
+
+
+def read_fingerprint(out_dir: Path, sample_id: str) -> str | None:
+    """The input fingerprint a finished sample was written with; None for one written before they were kept."""
+    try:
+        return (out_dir / sample_id / FINGERPRINT).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def remove_sample(out_dir: Path, sample_id: str) -> None:
+    """Drop a finished sample whose input changed and can no longer be encoded: a stale copy must not stay."""
+    if (out_dir / sample_id).is_dir():
+        shutil.rmtree(out_dir / sample_id)
 
 
 def clean_partial(out_dir: Path, owned=lambda sample_id: True) -> int:

@@ -302,7 +302,7 @@ def planning_tokens(index: dict, default: int = 640) -> tuple[int, int]:
 
 def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_shard: int, part=None) -> dict:
     """Pack stage 4's sample folders into shards in JSONL order (the rows of `part` only, into its own shards and
-    index.part-I-of-N.json); skip shards already complete."""
+    index.part-I-of-N.json); skip shards already complete whose samples stage 4 has not redone since."""
     from tqdm import tqdm
 
     from common.data.parts import Part
@@ -329,7 +329,9 @@ def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_s
         keys = [sample_key(i) for i, _ in chunk]
         ids = [sid for _, sid in chunk]
         prev = old_shards.get(name)
-        if prev and prev["sample_ids"] == ids and size_problem(out_dir / name, prev.get("bytes")) is None:
+        inputs = _inputs_digest(pre_dir, ids)
+        if prev and prev["sample_ids"] == ids and prev.get("inputs") == inputs and \
+                size_problem(out_dir / name, prev.get("bytes")) is None:
             shards.append({**prev, "sample_tokens": prev.get("sample_tokens") or
                            [json.loads((pre_dir / sid / "meta.json").read_text())["input_ids_shape"][0] for sid in ids]})
             reused += 1
@@ -338,7 +340,8 @@ def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_s
         size = write_tar(out_dir / name, samples)
         verify_tar(out_dir / name, keys)
         tokens = [json.loads(files["meta.json"])["input_ids_shape"][0] for _, files in samples]
-        shards.append({"name": name, "samples": len(chunk), "bytes": size, "sample_ids": ids, "sample_tokens": tokens})
+        shards.append({"name": name, "samples": len(chunk), "bytes": size, "sample_ids": ids, "sample_tokens": tokens,
+                       "inputs": inputs})
         written += 1
     for p in out_dir.glob(f"{prefix}*.tar"):  # shards of an earlier, longer run
         if p.name not in {s["name"] for s in shards}:
@@ -349,6 +352,16 @@ def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_s
     return {"samples": len(present), "shards": len(shards), "shards_written": written, "shards_reused": reused,
             "missing_from_stage4": len(missing), "missing_ids": missing,
             "bytes": sum(s["bytes"] for s in shards)}
+
+
+def _inputs_digest(pre_dir: Path, ids: list[str]) -> str:
+    """A digest of what the shard's samples were encoded from (stage 4's fingerprints): a sample stage 4 redid
+    because its row or image changed makes its shard be packed again, though its ids are the same."""
+    import hashlib
+
+    from common.data.sample_store import read_fingerprint
+    text = "\n".join(f"{sid} {read_fingerprint(pre_dir, sid)}" for sid in ids)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def _previous_index(index_path: Path) -> dict | None:
