@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,7 +122,7 @@ class TrainConfig:
             (self.advanced, ("group_window",))) for n in names if getattr(group, n) < 1]
         out += [f"--{n.replace('_', '-')} must be >= 0" for group, n in (
             (self.device, "batch_size"), (self.device, "grad_accum"), (self.device, "max_gpu_memory"),
-            (self.schedule, "global_batch_size")) if getattr(group, n) < 0]
+            (self.schedule, "global_batch_size"), (self.run, "eval_steps")) if getattr(group, n) < 0]
         out += problems(self.request(), Device.detect())
         if self.schedule.max_steps <= 0 and self.schedule.epochs <= 0:
             out.append("give --epochs > 0 or --max-steps > 0")
@@ -135,12 +134,27 @@ class TrainConfig:
             out.append("--workers must be >= 0")
         out += backend_problem(self.device.backend)
         out += lever_problems(self.advanced.speedups_off)
+        out += self.output_problems()
         for split in ("train", "validation"):
             path = (layout.shards_dir(self.data.work_dir, split) / "index.json" if self.advanced.source == "shards"
                     else layout.jsonl_path(self.data.work_dir, split))
             if not path.exists() and not (self.data.shards and self.advanced.source == "shards"):
                 out.append(f"{path} not found: run the earlier stages first")
         return out
+
+    def output_problems(self) -> list[str]:
+        """A file as the output, or a folder --overwrite / --no-resume would clear that holds more than a run: told
+        now, before anything is loaded or deleted."""
+        from common.model.checkpoints import COMPLETE, foreign_entries, overwrite_refusal
+        out, what = self.out, "--output-dir" if self.data.output_dir else "the output folder"
+        if out.exists() and not out.is_dir():
+            return [f"{what} {out} is a file, not a folder"]
+        finished_and_kept = (out / COMPLETE).exists() and not self.run.overwrite  # main() skips it untouched
+        if out.is_dir() and (self.run.overwrite or not self.run.resume) and not finished_and_kept:
+            foreign = foreign_entries(out)
+            if foreign:
+                return [overwrite_refusal(out, foreign, what)]
+        return []
 
     def memory_hint(self) -> str:
         from common.model.loading import gpu_memory_text
@@ -178,9 +192,11 @@ def main(cfg: TrainConfig) -> dict:
     from common.data.shards import planning_tokens
     from common.data.streams import open_stream
     from common.model.backoff import train_with_backoff
-    from common.model.checkpoints import latest_complete_checkpoint, remove_incomplete_checkpoints, save_run
+    from common.model.checkpoints import (clear_run_folder, latest_complete_checkpoint, remove_incomplete_checkpoints,
+                                          save_run)
     from common.model.distributed import agreed_checkpoint, init_distributed, output_shared_by_all_nodes
-    from common.model.loading import LoraSettings, bind_local_gpu, cap_gpu_memory, load_training_model, resolve_model
+    from common.model.loading import (LoraSettings, bind_local_gpu, cap_gpu_memory, check_model_files,
+                                      load_training_model, resolve_model)
     from common.model.plan import Device, ModelSize, plan_training
     from common.model.training import build_trainer, plan_steps, ranks_hold_same_weights
     from common.speed import Speedups, parse_off
@@ -194,15 +210,17 @@ def main(cfg: TrainConfig) -> dict:
     init_distributed()
     shared = output_shared_by_all_nodes(cfg.out)  # else every node keeps its own checkpoints
     writer = logs.rank() == 0 or (not shared and int(os.environ.get("LOCAL_RANK", 0)) == 0)
-    if writer and (cfg.run.overwrite or not cfg.run.resume) and cfg.out.exists():
-        shutil.rmtree(cfg.out)
     model_path = resolve_model(cfg.data.model, cfg.data.work_dir)
+    check_model_files(model_path)
     tokenizer, spec = load_tokenizer(model_path), ImageSpec.from_model(model_path)
     streams = {split: open_stream(cfg.advanced.source, cfg.data.work_dir, split, spec, model_path, cfg.encoding,
                                   training=split == "train", by_rank=split == "train", seed=cfg.schedule.seed,
                                   shuffle_buffer=cfg.advanced.shuffle_buffer, shards=cfg.data.shards,
                                   skip_corrupt=cfg.advanced.skip_corrupt_shards)
                for split in ("train", "validation")}
+    # only now that the model and the data have loaded: a bad --model must not cost the previous run
+    if writer and (cfg.run.overwrite or not cfg.run.resume):
+        clear_run_folder(cfg.out, "--output-dir" if cfg.data.output_dir else "the output folder")
     tokens = planning_tokens(getattr(streams["train"], "index", {}))
     speed = Speedups(cfg.device.backend if cfg.device.backend != "auto" else "hf", parse_off(cfg.advanced.speedups_off))
     plan = plan_training(cfg.request(tokens), Device.detect(), ModelSize.of(model_path), speed.on("compile"))

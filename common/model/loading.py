@@ -30,6 +30,10 @@ class MissingPackage(PipelineError, ImportError):
     pass
 
 
+class NotAnAdapter(PipelineError, ValueError):
+    pass
+
+
 def require(package: str, needed_for: str, instead: str) -> None:
     """One line naming a missing optional package, what needs it and how to do without it."""
     if importlib.util.find_spec(package) is None:
@@ -53,7 +57,8 @@ def resolve_model(name: str, work_dir: Path) -> str:
     local cache, or online). Anything else is one clear line."""
     if name == "tiny":
         from common.demo.tiny import ensure_tiny_model
-        return str(ensure_tiny_model(layout.models_dir(work_dir) / "tiny"))
+        # absolute: train_config.json keeps this path, and stage 7 may run from another directory
+        return str(ensure_tiny_model(layout.models_dir(work_dir) / "tiny").resolve())
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
@@ -201,11 +206,49 @@ def load_for_training(path: str, plan, lora: LoraSettings, seed: int):
     return model
 
 
+def check_adapter(adapter: str) -> None:
+    """A LoRA adapter is a folder with an adapter_config.json; anything else (a data folder, a base model) is one
+    line here, not a tokenizer or peft error later. Stage 7 should call this before it loads the adapter's
+    tokenizer."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise NotAnAdapter(f"--adapter {adapter} is not a LoRA adapter (no adapter_config.json there): pass the "
+                           "folder 6_train.py wrote (WORK_DIR/train), or --adapter none")
+
+
+def adapter_base(adapter: str) -> tuple[str, str]:
+    """(the base model the adapter was trained on, the file that says so): stage 6's train_config.json, else
+    peft's adapter_config.json."""
+    for name, key in (("train_config.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            base = json.loads((Path(adapter) / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if base:
+            return str(base), f"its {name}"
+    return "unknown", "neither its train_config.json nor its adapter_config.json names it"
+
+
+def load_adapter(model, adapter: str, base_path: str):
+    """The base with the adapter merged in; an adapter of another base (its LoRA shapes or modules do not fit) is one
+    line naming the base it was trained on."""
+    from peft import PeftModel
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (RuntimeError, ValueError) as err:
+        if not any(s in str(err) for s in ("size mismatch", "Target module", "not found in the base model")):
+            raise
+        trained_on, source = adapter_base(adapter)
+        raise NotAnAdapter(f"adapter {adapter} was trained on base {trained_on} (from {source}), not "
+                           f"{base_path}: pass --model {trained_on}") from None
+
+
 def load_for_inference(base_path: str, adapter: str | None, backend: str, dtype: str = "auto"):
     """Base model (+ LoRA adapter merged where possible), in eval mode. dtype auto: bf16 on a GPU that has it,
     else fp16; fp32 on a CPU."""
     import torch
     backend = pick_backend(backend)
+    if adapter:
+        check_adapter(adapter)
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if torch.cuda.is_available() \
             else "float32"
@@ -218,8 +261,7 @@ def load_for_inference(base_path: str, adapter: str | None, backend: str, dtype:
     from transformers import Qwen2_5_VLForConditionalGeneration
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_path, dtype=torch_dtype(dtype))
     if adapter:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = load_adapter(model, adapter, base_path)
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()
