@@ -185,12 +185,28 @@ class TrainConfig:
         return {k: getattr(self.advanced, k) for k in keys}
 
 
+def open_split(cfg: TrainConfig, split: str, spec, model_path: str):
+    from common.data.streams import open_stream
+    return open_stream(cfg.advanced.source, cfg.data.work_dir, split, spec, model_path, cfg.encoding,
+                       training=split == "train", by_rank=split == "train", seed=cfg.schedule.seed,
+                       shuffle_buffer=cfg.advanced.shuffle_buffer, shards=cfg.data.shards,
+                       skip_corrupt=cfg.advanced.skip_corrupt_shards)
+
+
+def run_stats(trainer, result, plan, world: int, seconds: float, resume_from, final_eval: dict, in_step) -> dict:
+    """stats.json of a finished run: steps, loss, plan, timings, the log, whether the ranks agree."""
+    return {"steps": trainer.state.global_step, "train_loss": result.training_loss, "plan": asdict(plan),
+            "seconds": round(seconds, 1), "resumed_from": str(resume_from) if resume_from else None,
+            "samples_seen": trainer.state.global_step * world * plan.global_batch, "final_eval": final_eval,
+            "timing": trainer.timer.summary(plan.global_batch * world), "log_history": trainer.state.log_history,
+            "world_size": world, "ranks_hold_same_weights": in_step, "speed_levers": trainer.speed_levers}
+
+
 def main(cfg: TrainConfig) -> dict:
     from common.model.loading import import_backend
     import_backend(cfg.device.backend)  # Unsloth, if chosen, must be imported before transformers
     from common.data.encode import ImageSpec, load_tokenizer
     from common.data.shards import planning_tokens
-    from common.data.streams import open_stream
     from common.model.backoff import train_with_backoff
     from common.model.checkpoints import (clear_run_folder, latest_complete_checkpoint, remove_incomplete_checkpoints,
                                           save_run)
@@ -213,11 +229,7 @@ def main(cfg: TrainConfig) -> dict:
     model_path = resolve_model(cfg.data.model, cfg.data.work_dir)
     check_model_files(model_path)
     tokenizer, spec = load_tokenizer(model_path), ImageSpec.from_model(model_path)
-    streams = {split: open_stream(cfg.advanced.source, cfg.data.work_dir, split, spec, model_path, cfg.encoding,
-                                  training=split == "train", by_rank=split == "train", seed=cfg.schedule.seed,
-                                  shuffle_buffer=cfg.advanced.shuffle_buffer, shards=cfg.data.shards,
-                                  skip_corrupt=cfg.advanced.skip_corrupt_shards)
-               for split in ("train", "validation")}
+    streams = {split: open_split(cfg, split, spec, model_path) for split in ("train", "validation")}
     # only now that the model and the data have loaded: a bad --model must not cost the previous run
     if writer and (cfg.run.overwrite or not cfg.run.resume):
         clear_run_folder(cfg.out, "--output-dir" if cfg.data.output_dir else "the output folder")
@@ -243,11 +255,7 @@ def main(cfg: TrainConfig) -> dict:
     in_step = ranks_hold_same_weights(trainer.model)
     if in_step is False:
         log.error("the ranks ended with different LoRA weights: DDP did not keep them in step; rank 0's are saved")
-    stats = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "plan": asdict(plan),
-             "seconds": round(time.time() - started, 1), "resumed_from": str(resume_from) if resume_from else None,
-             "samples_seen": trainer.state.global_step * world * plan.global_batch, "final_eval": final_eval,
-             "timing": trainer.timer.summary(plan.global_batch * world), "log_history": trainer.state.log_history, "world_size": world,
-             "ranks_hold_same_weights": in_step, "speed_levers": trainer.speed_levers}
+    stats = run_stats(trainer, result, plan, world, time.time() - started, resume_from, final_eval, in_step)
     if writer:  # rank 0, and each node's first rank when the nodes do not share OUTPUT_DIR
         save_run(cfg.out, trainer.accelerator.unwrap_model(trainer.model), tokenizer, model_path,
                  {"base_model": model_path, "backend": plan.backend, "objective": cfg.schedule.objective,
