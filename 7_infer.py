@@ -71,7 +71,7 @@ class InferConfig:
     advanced: InferAdvancedOptions
 
     def problems(self) -> list[str]:
-        from common.model.loading import backend_problem
+        from common.model.loading import adapter_problem, backend_problem
         from common.speed import lever_problems
         from common.model.plan import Device
         out = []
@@ -88,9 +88,8 @@ class InferConfig:
         out += lever_problems(self.advanced.speedups_off, self.advanced.speedups_on)
         if self.data.adapter == "auto" and not (self.tdir / "train_config.json").exists():
             out.append(f"{self.tdir}/train_config.json not found: run 6_train.py, or pass --adapter none --model M")
-        if self.data.adapter not in ("auto", "none") and not (Path(self.data.adapter) / "adapter_config.json").is_file():
-            out.append(f"--adapter {self.data.adapter} is not a LoRA adapter (no adapter_config.json there): pass the "
-                       "folder 6_train.py wrote, or none")
+        if self.data.adapter not in ("auto", "none") and adapter_problem(self.data.adapter):
+            out.append(adapter_problem(self.data.adapter))
         if self.data.adapter == "none" and not self.data.model and not (self.tdir / "train_config.json").exists():
             out.append("--adapter none needs --model")
         if self.data.split == "train" and not self.data.embeddings:

@@ -60,6 +60,19 @@ def read_json(path: Path | str):
             raise PipelineError(f"{path}: not valid JSON ({err}); rerun the stage that writes it") from None
 
 
+def settle_params(out_dir: Path, params: dict, force: bool, made: str, error=None) -> bool:
+    """Refuse to mix outputs made with other options in one folder unless `force`, then record them in
+    params.json. Returns whether they differ from those recorded (the caller redoes its outputs)."""
+    from common.errors import PipelineError
+    path = Path(out_dir) / "params.json"
+    changed = path.exists() and read_json(path) != params
+    if changed and not force:
+        raise (error or PipelineError)(f"{out_dir} was {made} with {read_json(path)}, not {params}; pass --force to "
+                                       "redo it with the new options")
+    write_json(path, params)
+    return changed
+
+
 def is_temp_name(name: str) -> bool:
     return name.startswith(".") and ".tmp" in name
 

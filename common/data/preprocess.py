@@ -13,7 +13,7 @@ from common.data.encode import Encoder, ImageSpec, SampleError, validate
 from common.errors import PipelineError
 from common.data.sample_store import (FINGERPRINT, PIXEL_STORAGE, done_ids, read_fingerprint, remove_sample,
                                       sample_files, write_sample)
-from common.fsio import read_json, write_json
+from common.fsio import settle_params
 from common.workers import map_in_processes
 
 _worker: dict = {}
@@ -81,16 +81,6 @@ def encoding_params(model_path: str, max_length: int, min_pixels: int, max_pixel
             "max_pixels": max_pixels}
 
 
-def check_params(out_dir: Path, params: dict, force: bool) -> None:
-    """As stage 2's bounds: refuse to mix samples encoded with other options into one folder unless --force (which
-    redoes every sample: the options are part of each one's fingerprint). Writes params.json once checked."""
-    path = out_dir / "params.json"
-    if path.exists() and read_json(path) != params and not force:
-        raise PipelineError(f"{out_dir} was encoded with {read_json(path)}, not {params}; pass --force to redo it "
-                            "with the new options")
-    write_json(path, params)
-
-
 def _file_identity(path: str) -> list | None:
     try:
         st = os.stat(path)
@@ -132,7 +122,7 @@ def preprocess_split(rows: list[dict], out_dir: Path, split: str, model_path: st
     from common.data.parts import Part
     part = part or Part()
     params = encoding_params(model_path, max_length, min_pixels, max_pixels)
-    check_params(out_dir, params, force)
+    settle_params(out_dir, params, force, "encoded")  # --force redoes every sample: options are in each fingerprint
     have = done_ids(out_dir)
     mine = [(i, r, fingerprint(r, i, params)) for i, r in enumerate(rows) if part.has(r["sample_id"])]
     jobs = [(i, r, fp) for i, r, fp in mine

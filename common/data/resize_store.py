@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.errors import PipelineError
-from common.fsio import clean_temp_files, read_json, write_bytes, write_json, write_text
+from common.fsio import clean_temp_files, settle_params, write_bytes, write_text
 from common.data.image_store import read_manifest
 from common.data.images import ImageRejected, jpeg_bytes, load_resized
 from common.workers import map_in_processes
@@ -44,14 +44,9 @@ def _resize_one(args) -> tuple[str, str, str, int, int]:
 def check_params(out_dir: Path, params: dict, force: bool) -> None:
     """Refuse to mix images resized with other bounds into one folder, unless told to redo them. Called once
     resizing is about to start: it writes params.json (and the folder)."""
-    path = out_dir / "params.json"
-    if path.exists() and read_json(path) != params:
-        if not force:
-            raise ResizeError(f"{out_dir} was resized with {read_json(path)}, not {params}; "
-                             "pass --force to redo it with the new options")
+    if settle_params(out_dir, params, force, "resized", ResizeError):
         for p in out_dir.glob("*.jpg"):
             p.unlink()
-    write_json(path, params)
 
 
 def resize_split(images_dir: Path, out_dir: Path, params: dict, workers: int, part=None,

@@ -206,13 +206,13 @@ def load_for_training(path: str, plan, lora: LoraSettings, seed: int):
     return model
 
 
-def check_adapter(adapter: str) -> None:
+def adapter_problem(adapter: str) -> str | None:
     """A LoRA adapter is a folder with an adapter_config.json; anything else (a data folder, a base model) is one
-    line here, not a tokenizer or peft error later. Stage 7 should call this before it loads the adapter's
-    tokenizer."""
+    line, not a tokenizer or peft error later."""
     if not (Path(adapter) / "adapter_config.json").is_file():
-        raise NotAnAdapter(f"--adapter {adapter} is not a LoRA adapter (no adapter_config.json there): pass the "
-                           "folder 6_train.py wrote (WORK_DIR/train), or --adapter none")
+        return (f"--adapter {adapter} is not a LoRA adapter (no adapter_config.json there): pass the folder "
+                "6_train.py wrote (WORK_DIR/train), or --adapter none")
+    return None
 
 
 def adapter_base(adapter: str) -> tuple[str, str]:
@@ -247,8 +247,8 @@ def load_for_inference(base_path: str, adapter: str | None, backend: str, dtype:
     else fp16; fp32 on a CPU."""
     import torch
     backend = pick_backend(backend)
-    if adapter:
-        check_adapter(adapter)
+    if adapter and adapter_problem(adapter):
+        raise NotAnAdapter(adapter_problem(adapter))
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if torch.cuda.is_available() \
             else "float32"
