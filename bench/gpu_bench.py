@@ -15,7 +15,7 @@ Phases (a phase's name picks its options; finished build and data are reused on 
   train_regression  with --objective regression                train_unsloth_plain   Unsloth as it comes (levers off)
   infer_*           7_infer.py the same ways (baseline: every lever off, batch 64), over train_default's adapter
                     (infer_regression over train_regression's); infer_best128, infer_regression128 at batch 128;
-                    infer_regression_compiled: its decoder layers compiled (opt-in lever compile_one_forward)
+                    infer_regression_eager: its decoder layers not compiled (lever compile_one_forward off)
   old_train, old_infer   the code before the reorganization (a checkout in .old/), train_best's and infer_best's
                     options in its own spelling, timed by its own wrappers
 
@@ -47,7 +47,7 @@ INFER = {"baseline": ["--speedups-off", "all", "--batch-size", "64"], "default":
          # the regression forward keeps no KV cache (16 GiB at batch 64 against the text path's 26): does a larger
          # batch make it faster, and the text path with it?
          "regression128": ["--batch-size", "128"], "best128": ["--backend", "hf", "--batch-size", "128"],
-         "regression_compiled": ["--speedups-on", "compile_one_forward"]}
+         "regression_eager": ["--speedups-off", "compile_one_forward"]}
 
 
 class Bench:
@@ -84,8 +84,8 @@ class Bench:
     def stage6(self, name: str, options: list) -> dict:
         out = self.work / "bench" / name
         cmd = [PY, "6_train.py", "--work-dir", self.work, "--model", self.model, "--output-dir", out, "--overwrite",
-               "--max-steps", self.a.steps, "--eval-steps", 0, "--eval-samples", 4, "--save-steps", 100000,
-               "--logging-steps", 5, "--workers", 4, *options]
+               *(["--max-steps", self.a.steps] if self.a.steps else []), "--eval-steps", 0, "--eval-samples", 4,
+               "--save-steps", 100000, "--logging-steps", 5, "--workers", 4, *options]
         done = self.run(name, cmd, self.a.phase_limit)
         return {**done, **train_figures(out / "stats.json")}
 
@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("/tmp/gpu_bench"), help="model, data and work folders")
     ap.add_argument("--deadline", type=float, default=560, help="seconds for the whole call")
     ap.add_argument("--phase-limit", type=float, default=150, help="seconds for one stage run")
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per training phase")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per training phase (0: one epoch, as run.sh)")
     ap.add_argument("--train-rows", type=int, default=512)
     ap.add_argument("--test-rows", type=int, default=640)
     ap.add_argument("--size", default="3b", choices=["3b", "small"], help="small: a CPU check of the phases")

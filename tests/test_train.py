@@ -40,6 +40,9 @@ def test_training_loss_falls_and_output_is_self_describing(shard_work, tmp_path)
     stats = json.loads((out / "stats.json").read_text())
     evals = [h for h in stats["log_history"] if "eval_smape" in h]
     assert len(evals) >= 2 and all(0 <= e["eval_smape"] <= 200 for e in evals)  # logged beside the loss
+    slowest = stats["timing"]["slowest_steps"]  # which steps pulled the steady rate down, slowest first
+    assert 1 <= len(slowest) <= 3 and all(3 < step <= 40 for step, _ in slowest), slowest
+    assert [s for _, s in slowest] == sorted((s for _, s in slowest), reverse=True), slowest
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # TensorBoard
     # a rerun of a finished stage is skipped, not retrained
     again = run_script("6_train.py", "--work-dir", str(shard_work.work_dir), "--output-dir", str(out), *FAST)
@@ -133,3 +136,22 @@ def test_ranks_holding_different_trainable_weights_are_caught(tmp_path, differ):
     assert verdicts == {not differ}
     from common.model.training import ranks_hold_same_weights
     assert ranks_hold_same_weights(torch.nn.Linear(2, 2)) is None  # outside torchrun
+
+
+def test_steady_rate_leaves_out_the_steps_that_compiled():
+    """A step during which torch.compile compiles (real dynamo, the eager backend) is listed apart and left out of
+    the steady rate; the steps around it count."""
+    from transformers import TrainerState
+
+    from common.model.training import StepTimer
+    timer, state = StepTimer(warmup=3), TrainerState(max_steps=10)
+    timer.on_train_begin(None, state, None)
+    compiled = torch.compile(lambda x: x.sin() + 1, backend="eager", dynamic=True)
+    for step in range(1, 11):
+        state.global_step = step
+        if step == 6:
+            compiled(torch.randn(3))
+        timer.on_step_end(None, state, None)
+    timing = timer.summary(samples_per_step=16)
+    assert [step for step, _ in timing["compile_steps"]] == [6], timing
+    assert timing["steady_steps"] == 10 - 3 - 1 and timing["steady_samples_per_s"] > 0, timing

@@ -127,42 +127,58 @@ class EpochBanner(logging.Filter):
         return True
 
 
+def compilations() -> int:
+    """Frames torch.compile has compiled in this process so far (dynamo's own counter: torch._dynamo.reset keeps it)."""
+    from torch._dynamo.utils import counters
+    return counters["frames"]["total"]
+
+
 class StepTimer(TrainerCallback):
     """Wall time of the optimizer steps for stats.json: the first step (it compiles) apart; the steady rate over the
-    steps after the `warmup`-th, the GPU synchronized at the window's two ends only; and the rate at the median
-    step, which a step that recompiles for a new shape (seconds, a few times a run) does not move."""
+    steps after the `warmup`-th, the GPU synchronized at the window's two ends only, leaving out the steps during
+    which torch.compile compiled (listed apart with their seconds: a recompilation costs 10-30 s once, on the 3B
+    e.g. when checkpointing first recomputes a compiled layer in autograd's thread); the rate at the median step;
+    and the slowest steps after the warmup with their numbers."""
 
     def __init__(self, warmup: int = 3):
-        self.warmup, self.first_step_s, self.marks, self.ends = warmup, None, [], []
+        self.warmup, self.first_step_s, self.marks, self.timed = warmup, None, [], []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.begin_step, self.started, self.first_step_s = state.global_step, time.perf_counter(), None
-        self.marks, self.ends = [], []
+        self.marks, self.timed, self.last = [], [], None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def on_step_end(self, args, state, control, **kwargs):
-        done = state.global_step - self.begin_step
+        done, now = state.global_step - self.begin_step, time.perf_counter()
         if done == 1:
-            self.first_step_s = time.perf_counter() - self.started
+            self.first_step_s = now - self.started
         if done == self.warmup or state.global_step == state.max_steps:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.marks.append((state.global_step, time.perf_counter()))
+                now = time.perf_counter()
+            self.marks.append((state.global_step, now))
         if done >= self.warmup:
-            self.ends.append(time.perf_counter())
+            if self.last is not None:  # (step, its seconds, whether it compiled)
+                self.timed.append((state.global_step, now - self.last[0], compilations() != self.last[1]))
+            self.last = (now, compilations())
 
     def summary(self, samples_per_step: int) -> dict:
         out = {"first_step_s": round(self.first_step_s, 2) if self.first_step_s else None}
+        compiling = [(step, s) for step, s, compiled in self.timed if compiled]
         if len(self.marks) == 2:
             (step0, t0), (step1, t1) = self.marks
-            out.update(steady_steps=step1 - step0,
-                       steady_samples_per_s=round((step1 - step0) * samples_per_step / (t1 - t0), 2))
-        if len(self.ends) > 2:
-            intervals = sorted(b - a for a, b in zip(self.ends, self.ends[1:]))
+            steps, seconds = step1 - step0 - len(compiling), t1 - t0 - sum(s for _, s in compiling)
+            out.update(steady_steps=steps, compile_steps=[[step, round(s, 2)] for step, s in compiling])
+            if steps > 0 and seconds > 0:
+                out["steady_samples_per_s"] = round(steps * samples_per_step / seconds, 2)
+        if len(self.timed) > 1:
+            intervals = sorted(s for _, s, _ in self.timed)
             median = intervals[len(intervals) // 2]
             out.update(median_step_s=round(median, 4), median_samples_per_s=round(samples_per_step / median, 2),
                        slow_steps=sum(1 for i in intervals if i > 5 * median))
+            slowest = sorted(self.timed, key=lambda t: -t[1])[:3]
+            out["slowest_steps"] = [[step, round(s, 2)] for step, s, _ in slowest]
         if torch.cuda.is_available():
             out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         return out
