@@ -24,6 +24,7 @@ from common import layout, logs, options
 from common.data.chat_jsonl import read_jsonl
 from common.fsio import write_json
 from common.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from common.demo.catalog import is_demo_work
 from common.model.loading import check_model_files, resolve_model
 from common.data.parts import Part, part_problems
 from common.data.preprocess import preprocess_split
@@ -58,6 +59,9 @@ class PreprocessOptions:
 
 def main(cfg: PreprocessOptions) -> dict:
     log = logs.setup("preprocess")
+    if cfg.model == "tiny" and not is_demo_work(cfg.work_dir):
+        log.warning("--model tiny is the demo's random model, and this catalog is not the demo's: pass --model "
+                    "Qwen/Qwen2.5-VL-3B-Instruct (or a local copy) to train the real one")
     model_path = resolve_model(cfg.model, cfg.work_dir)
     check_model_files(model_path)  # here, once, rather than failing in every worker
     part, all_stats = Part.parse(cfg.part), {}

@@ -27,7 +27,7 @@ class DataOptions:
     work_dir: Path = opt("folder every stage writes under", Path("work"))
     output_dir: str = opt("where the adapter and checkpoints go; empty: WORK_DIR/train", "")
     shards: str = opt("shards of each {split}: a folder, URL, brace pattern or pipe: command; empty: WORK_DIR's", "")
-    model: str = opt("base model: tiny | LOCAL_DIR | HUB_ID", "tiny")
+    model: str = opt("base model: tiny | LOCAL_DIR | HUB_ID; empty: the one 4_preprocess.py encoded with", "")
 
 
 @dataclass
@@ -212,7 +212,7 @@ def main(cfg: TrainConfig) -> dict:
                                           save_run)
     from common.model.distributed import agreed_checkpoint, init_distributed, output_shared_by_all_nodes
     from common.model.loading import (LoraSettings, bind_local_gpu, cap_gpu_memory, check_model_files,
-                                      load_training_model, resolve_model)
+                                      load_training_model, training_model)
     from common.model.plan import Device, ModelSize, plan_training
     from common.model.training import build_trainer, plan_steps, ranks_hold_same_weights
     from common.speed import Speedups, parse_off
@@ -226,7 +226,8 @@ def main(cfg: TrainConfig) -> dict:
     init_distributed()
     shared = output_shared_by_all_nodes(cfg.out)  # else every node keeps its own checkpoints
     writer = logs.rank() == 0 or (not shared and int(os.environ.get("LOCAL_RANK", 0)) == 0)
-    model_path = resolve_model(cfg.data.model, cfg.data.work_dir)
+    model_path = training_model(cfg.data.model, cfg.data.work_dir,
+                                cfg.advanced.source == "shards" and not cfg.data.shards)
     check_model_files(model_path)
     tokenizer, spec = load_tokenizer(model_path), ImageSpec.from_model(model_path)
     streams = {split: open_split(cfg, split, spec, model_path) for split in ("train", "validation")}

@@ -302,3 +302,21 @@ def test_ctrl_c_in_stage1_stops_soon_saves_what_finished_and_resumes(make_demo, 
     assert {sid for sid, r in manifest.items() if r["status"] == "skipped"} == finished
     assert again["status_counts"]["skipped"] == len(finished) and "interrupted" not in again["status_counts"]
     assert again["interrupted"] is False
+
+
+def test_stage4_warns_when_the_demo_model_meets_a_real_catalog(stage4_copy, tmp_path):
+    """--model tiny (stage 4's default) on a catalog that is not the demo's trains a random model on real data:
+    one warning says which --model to pass; on the demo's catalog there is none."""
+    demo, _ = stage4_copy
+    args = ["4_preprocess.py", "--work-dir", str(demo.work_dir), "--model", "tiny", "--split", "test", "--workers",
+            "1", "--min-pixels", str(DEMO_PIXELS["min_pixels"]), "--max-pixels", str(DEMO_PIXELS["max_pixels"]),
+            "--force"]
+    warning = "--model tiny is the demo's random model, and this catalog is not the demo's"
+    r = run_script(*args, timeout=300)
+    assert r.returncode == 0 and warning not in r.stderr, r.stderr[-3000:]
+    stats_path = demo.work_dir / "jsonl" / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats["options"]["data_dir"] = str(tmp_path / "data")  # the CSVs alone: no demo.json
+    stats_path.write_text(json.dumps(stats))
+    r = run_script(*args, timeout=300)
+    assert r.returncode == 0 and warning in r.stderr, r.stderr[-3000:]

@@ -37,6 +37,32 @@ def trained(shard_work, tmp_path_factory):
     return w
 
 
+def test_stage_6_trains_the_model_stage_4_encoded_with_and_refuses_another(shard_work, tmp_path):
+    """Without --model, stage 6 follows 4_preprocess.py's model (train_config.json names it); a copy of that model
+    folder is the same model; a model with other image settings is refused in one line, before anything runs."""
+    w = shard_work.copy(tmp_path / "work").work_dir
+    encoded = json.loads((w / "preprocessed" / "train" / "stats.json").read_text())["options"]["model"]
+    assert encoded == "tiny"  # as stage 4 was given it: this work folder's tiny model
+    folder = (w / "models" / "tiny").resolve()
+    other = tmp_path / "other-model"
+    shutil.copytree(folder, other)
+    settings = json.loads((other / "preprocessor_config.json").read_text())
+    (other / "preprocessor_config.json").write_text(json.dumps({**settings, "max_pixels": settings["max_pixels"] * 2}))
+    r = run_script("6_train.py", "--work-dir", str(w), "--model", str(other), *TWO_STEPS)
+    assert r.returncode == 1 and error_lines(r.stderr) == [
+        f"6_train.py: error: --model {other} is not the model 4_preprocess.py encoded {w / 'preprocessed' / 'train'} "
+        f"with ({encoded}): leave --model out to train that one, or rerun 4_preprocess.py and 5_convert.py with "
+        f"--model {other} --force"], r.stderr[-3000:]
+    assert not (w / "train").exists()
+    same = tmp_path / "same-model"
+    shutil.copytree(folder, same)
+    for model in ([], ["--model", str(same)]):
+        r = run_script("6_train.py", "--work-dir", str(w), "--overwrite", *model, *TWO_STEPS)
+        assert r.returncode == 0, r.stderr[-3000:]
+        base = json.loads((w / "train" / "train_config.json").read_text())["base_model"]
+        assert base == str(same if model else folder)
+
+
 @pytest.mark.parametrize("flag", ["--overwrite", "--no-resume"])
 def test_clearing_a_folder_stage_6_did_not_write_is_refused_before_anything_is_deleted(shard_work, tmp_path, flag):
     w = shard_work.copy(tmp_path / "work").work_dir

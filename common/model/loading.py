@@ -81,6 +81,31 @@ def resolve_model(name: str, work_dir: Path) -> str:
     return name
 
 
+def training_model(name: str, work_dir: Path, stage4_samples: bool) -> str:
+    """Stage 6's base model, resolved: --model, or (empty) the one 4_preprocess.py encoded the train split with.
+    Training on stage 4's samples (`stage4_samples`), another model is refused: their tokens and image grids are
+    its."""
+    from common.data.preprocess import model_identity
+    from common.fsio import read_json
+    folder = layout.preprocessed_dir(work_dir, "train")
+    stats, params = folder / "stats.json", folder / "params.json"
+    if not name:
+        if not stats.exists():
+            raise ModelNotFound(f"--model not given and {stats} (4_preprocess.py's record of its model) not found: "
+                                "pass --model")
+        name = read_json(stats)["options"]["model"]  # as given: `tiny` is this work folder's, wherever it moved
+    path = resolve_model(name, work_dir)
+    if stage4_samples and params.exists():
+        encoded = read_json(params)["model"]
+        mine = model_identity(path)
+        if mine != encoded and mine.startswith("sha256:") == encoded.startswith("sha256:"):
+            raise ModelNotFound(f"--model {name} is not the model 4_preprocess.py encoded {folder} with "
+                                f"({read_json(stats)['options']['model'] if stats.exists() else encoded}): leave --model "
+                                "out to train that one, or rerun 4_preprocess.py and 5_convert.py with --model "
+                                f"{name} --force")
+    return path
+
+
 def check_model_files(path: str) -> None:
     """Load the tokenizer and image settings once, so that a broken model folder is one line in the parent
     process, not a failure in every worker."""
