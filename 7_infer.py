@@ -53,7 +53,6 @@ class InferAdvancedOptions:
     _argument_group_name = "advanced: A/B switches and debugging"
     hidden = True
     speedups_off: str = opt("speed levers to turn off, comma-separated (common/speed/__init__.py)", "")
-    speedups_on: str = opt("opt-in speed levers (not yet timed on a GPU) to turn on, comma-separated", "")
     constrained: bool = opt("constrain decoding to a number", True)
     sort_by_length: bool = opt("batch samples of similar length together (less padding)", True)
     sort_window: int = opt("batches per length-sorting window", 16)
@@ -85,7 +84,7 @@ class InferConfig:
         elif device is not None and self.device.dtype == "bfloat16" and not device.bf16:
             out.append(f"--dtype bfloat16: {device.name} has no bf16; use float16 (or auto)")
         out += backend_problem(self.device.backend)
-        out += lever_problems(self.advanced.speedups_off, self.advanced.speedups_on)
+        out += lever_problems(self.advanced.speedups_off)
         if self.data.adapter == "auto" and not (self.tdir / "train_config.json").exists():
             out.append(f"{self.tdir}/train_config.json not found: run 6_train.py, or pass --adapter none --model M")
         if self.data.adapter not in ("auto", "none") and adapter_problem(self.data.adapter):
@@ -124,7 +123,7 @@ class InferConfig:
                 "sort_by_length": a.sort_by_length, "sort_window": a.sort_window, "constrained": a.constrained,
                 "text_only": a.text_only, "source": a.source, "shards": self.data.shards,
                 "workers": self.device.workers, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-                "speedups_off": a.speedups_off, "speedups_on": a.speedups_on}
+                "speedups_off": a.speedups_off}
 
     @property
     def out_csv(self) -> Path:
@@ -183,7 +182,7 @@ def main(cfg: InferConfig) -> dict:
     from common.model import inference as inf
     from common.model.loading import bind_local_gpu, cap_gpu_memory, load_inference_model, resolve_model
     from common.model.plan import Device, ModelSize, plan_inference
-    from common.speed import parse_off, parse_on
+    from common.speed import parse_off
     log = logs.setup("infer")
     rank, world = logs.rank(), int(os.environ.get("WORLD_SIZE", 1))
     bind_local_gpu()
@@ -199,8 +198,7 @@ def main(cfg: InferConfig) -> dict:
     median = read_json(layout.jsonl_dir(cfg.data.work_dir) / "stats.json")["train_median_price"]
     decoding = objective == "text" and not cfg.data.embeddings
     model, backend, host, decoder = load_inference_model(base, adapter, cfg.device.backend, cfg.device.dtype,
-                                                         parse_off(cfg.advanced.speedups_off), decoding,
-                                                         parse_on(cfg.advanced.speedups_on))
+                                                         parse_off(cfg.advanced.speedups_off), decoding)
     predict, vectors, pooled = predictor(cfg, objective, model, tokenizer, spec, decoder)
     stream = open_stream(cfg.advanced.source, cfg.data.work_dir, cfg.data.split, spec, base, encoding,
                          skip_corrupt=cfg.advanced.skip_corrupt_shards, shards=cfg.data.shards)

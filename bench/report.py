@@ -66,8 +66,9 @@ def render() -> str:
     lines = ["# Benchmark results", "",
              "Rendered by `python bench/report.py` from `bench/runs/`; a table's rows come from one run unless its note",
              "names the runs.",
-             "In phase tables, samples/s is over the steps after the first (a recompile for a new length included);",
-             "median-step samples/s is 16 samples over the median step's time.", ""]
+             "In phase tables, training samples/s is over the steps after the third, leaving out those that compiled",
+             "(runs before h200-call12 include them); median-step samples/s is 16 samples over the median step's time.",
+             ""]
     for name in order:
         lines += section(name, json.loads((RUNS / f"{name}.json").read_text()))
     return "\n".join(lines).rstrip() + "\n"

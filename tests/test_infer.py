@@ -125,12 +125,10 @@ def test_static_cache_decoding_predicts_what_generate_predicts(shard_work, tmp_p
 def test_options_are_checked_up_front(shard_work, tmp_path):
     w = shard_work.copy(tmp_path / "work")
     r = run_script("7_infer.py", "--work-dir", str(w.work_dir), "--data-dir", str(w.data_dir), *BASE,
-                   "--backend", "unsloth", "--batch-size", "-1", "--speedups-off", "warp_drive",
-                   "--speedups-on", "compile,compile_one_forward")
+                   "--backend", "unsloth", "--batch-size", "-1", "--speedups-off", "warp_drive")
     assert r.returncode == 2
     import torch
     for expected in ("--batch-size and --max-gpu-memory must be >= 0", "--speedups-off: unknown warp_drive",
-                     "--speedups-on: compile already on by default; opt-in levers: compile_one_forward",
                      *([] if torch.cuda.is_available() else ["--backend unsloth needs"])):
         assert expected in r.stderr, r.stderr[-2000:]
     assert not (w.work_dir / "infer_test").exists()

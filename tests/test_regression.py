@@ -199,10 +199,10 @@ def test_resuming_restores_the_head(regression_work, tmp_path):
         torch.testing.assert_close(resumed[name], w, msg=name)
 
 
-def test_one_forward_inference_compiles_its_decoder_layers_when_asked_and_predicts_the_same(regression_work):
-    """compile_one_forward (opt-in, GPU-only like compile): the price head's forward keeps no KV cache, so its
-    decoder layers may compile as training's do; generation keeps them eager, and so does the default. On the CPU,
-    fp32, the compiled model's pooled states and prices are the eager model's."""
+def test_one_forward_inference_compiles_its_decoder_layers_and_predicts_the_same(regression_work):
+    """compile_one_forward (GPU-only like compile): the price head's forward keeps no KV cache, so its decoder
+    layers compile as training's do; generation keeps them eager, and so does --speedups-off compile_one_forward.
+    On the CPU, fp32, the compiled model's pooled states and prices are the eager model's."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
 
     from common.data.encode import ImageSpec, load_tokenizer
@@ -220,18 +220,18 @@ def test_one_forward_inference_compiles_its_decoder_layers_when_asked_and_predic
     head, floor = load_head(w.work_dir / "train", "cpu")
     gpu = {"static_decode", "no_cudnn_attention"}  # off: they need a real GPU; compile runs on the CPU too
 
-    def model_with(on: frozenset, decoding: bool):
+    def model_with(off: frozenset, decoding: bool):
         model, _ = load_for_inference(w.model_path, str(w.work_dir / "train"), "hf")
-        host, _ = apply_for_inference(model, Speedups("hf", frozenset(gpu), cuda=True, on=on), decoding=decoding)
+        host, _ = apply_for_inference(model, Speedups("hf", frozenset(gpu | off), cuda=True), decoding=decoding)
         layers = [m for m in model.modules() if isinstance(m, Qwen2_5_VLDecoderLayer)]
         return model, host, sum(m._compiled_call_impl is not None for m in layers), len(layers)
 
-    asked = frozenset({"compile_one_forward"})
+    lever_off = frozenset({"compile_one_forward"})
     with torch._dynamo.config.patch(specialize_float=False, optimize_ddp=True):  # compile_blocks sets them
-        eager, host, compiled_layers, layers = model_with(frozenset(), decoding=False)
+        eager, host, compiled_layers, layers = model_with(lever_off, decoding=False)
         assert compiled_layers == 0 and layers > 0
-        assert model_with(asked, decoding=True)[2] == 0
-        compiled, _, compiled_layers, _ = model_with(asked, decoding=False)
+        assert model_with(frozenset(), decoding=True)[2] == 0
+        compiled, _, compiled_layers, _ = model_with(frozenset(), decoding=False)
         assert compiled_layers == layers
         batch = for_tokenizer(load_tokenizer(w.model_path), pooled=True, host_ids=host)(samples)
         with torch.no_grad():

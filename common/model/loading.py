@@ -306,14 +306,13 @@ def load_training_model(path: str, plan, lora: LoraSettings, seed: int, speedups
 
 
 def load_inference_model(base: str, adapter: str | None, backend: str, dtype: str = "auto",
-                         speedups_off: frozenset = frozenset(), decoding: bool = True,
-                         speedups_on: frozenset = frozenset()):
+                         speedups_off: frozenset = frozenset(), decoding: bool = True):
     """(model with the speed levers applied, backend, host layout or None, static decoder or None); `decoding`:
     whether prices are generated (a price head or embeddings need no decoder)."""
     from common.speed import Speedups
     from common.speed.setup import apply_for_inference
     model, backend = load_for_inference(base, adapter, backend, dtype)
-    return (model, backend, *apply_for_inference(model, Speedups(backend, speedups_off, on=speedups_on), decoding))
+    return (model, backend, *apply_for_inference(model, Speedups(backend, speedups_off), decoding))
 
 
 def cap_gpu_memory(gib: float) -> None:

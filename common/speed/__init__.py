@@ -4,8 +4,7 @@ package, each lever fenced to the library versions it was written and tested for
 A lever names the library code it relies on or replaces (`replaces`; tests/test_speed_fence.py hashes that source
 and fails loudly when a library release changes it) and the libraries whose versions fence it. With a version
 outside `TESTED`, the lever is off, with one warning, and the library's own path runs. `--speedups-off a,b`
-turns levers off by name, for A/B runs (bench/gpu_bench.py). A lever that has not yet been timed on a GPU is
-`opt_in`: off unless named in stage 7's `--speedups-on`, until its A/B makes it a default or deletes it.
+turns levers off by name, for A/B runs (bench/gpu_bench.py).
 
 Stages call `Speedups(backend, off)` once and ask it `on(name)`; the model-level patches are applied by
 `apply_for_training` / `apply_for_inference` (common.speed.setup).
@@ -31,7 +30,6 @@ class Lever:
     gpu_only: bool
     libraries: tuple[str, ...]
     replaces: tuple[str, ...] = ()  # "module:Qualified.name" of library code it re-implements or depends on
-    opt_in: bool = False  # off unless asked for: not yet timed against the path without it
 
 
 def _qwen(*names: str) -> tuple[str, ...]:
@@ -55,7 +53,7 @@ LEVERS = {lever.name: lever for lever in [
     Lever("compile", "torch.compile per block (vision; decoder layers in training), floats as constants",
           ("hf", "unsloth"), True, ("torch",)),
     Lever("compile_one_forward", "decoder layers compiled too where inference is one forward (price head, "
-          "embeddings)", ("hf",), True, ("torch",), opt_in=True),
+          "embeddings)", ("hf",), True, ("torch",)),
     Lever("lora_groups", "q/k/v and gate/up LoRA projections as one grouped GEMM each",
           ("hf",), True, ("transformers", "peft"),
           _qwen("Qwen2_5_VLAttention.forward", "Qwen2MLP.forward") + ("peft.tuners.lora.layer:Linear.forward",)),
@@ -138,16 +136,14 @@ class Speedups:
     """Which levers run in this process: asked for (not in `off`; an opt-in one in `on`), fitting the backend and
     device, and fenced to tested library versions."""
 
-    def __init__(self, backend: str, off: frozenset[str] = frozenset(), cuda: bool | None = None,
-                 on: frozenset[str] = frozenset()):
+    def __init__(self, backend: str, off: frozenset[str] = frozenset(), cuda: bool | None = None):
         import torch
-        unknown = (set(off) | set(on)) - set(LEVERS)
+        unknown = set(off) - set(LEVERS)
         if unknown:
             raise ValueError(f"unknown speed levers {sorted(unknown)}; known: {', '.join(LEVERS)}")
         self.backend, self.off = backend, frozenset(off)
         self.cuda = torch.cuda.is_available() if cuda is None else cuda
-        self.enabled = {name: name not in self.off and (name in on or not lever.opt_in)
-                        and backend in lever.backends and (self.cuda or not lever.gpu_only)
+        self.enabled = {name: name not in self.off and backend in lever.backends and (self.cuda or not lever.gpu_only)
                         and all([version_tested(library) for library in lever.libraries])
                         for name, lever in LEVERS.items()}
 
@@ -164,21 +160,7 @@ def parse_off(text: str) -> frozenset[str]:
     return frozenset(LEVERS) if "all" in names else names
 
 
-def parse_on(text: str) -> frozenset[str]:
-    """--speedups-on's value: opt-in lever names, comma-separated."""
-    return frozenset(n.strip() for n in text.split(",") if n.strip())
-
-
-def lever_problems(off: str, on: str = "") -> list[str]:
-    """One line for each option naming a lever that does not exist, or turning on one that is on by default."""
-    out = []
-    for option, names in (("--speedups-off", parse_off(off)), ("--speedups-on", parse_on(on))):
-        unknown = names - set(LEVERS)
-        if unknown:
-            out.append(f"{option}: unknown {', '.join(sorted(unknown))}; known: {', '.join(LEVERS)}")
-    default_on = sorted(n for n in parse_on(on) & set(LEVERS) if not LEVERS[n].opt_in)
-    if default_on:
-        opt_in = [n for n, lever in LEVERS.items() if lever.opt_in]
-        out.append(f"--speedups-on: {', '.join(default_on)} already on by default; opt-in levers: "
-                   f"{', '.join(opt_in) or 'none'}")
-    return out
+def lever_problems(off: str) -> list[str]:
+    """One line if --speedups-off names a lever that does not exist."""
+    unknown = parse_off(off) - set(LEVERS)
+    return [f"--speedups-off: unknown {', '.join(sorted(unknown))}; known: {', '.join(LEVERS)}"] if unknown else []
