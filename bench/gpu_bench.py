@@ -205,7 +205,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("/tmp/gpu_bench"), help="model, data and work folders")
     ap.add_argument("--deadline", type=float, default=560, help="seconds for the whole call")
     ap.add_argument("--phase-limit", type=float, default=150, help="seconds for one stage run")
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per training phase (0: one epoch, as run.sh)")
+    ap.add_argument("--steps", type=int, default=30,
+                    help="optimizer steps per training phase (0: one epoch, as run.sh)")
     ap.add_argument("--train-rows", type=int, default=512)
     ap.add_argument("--test-rows", type=int, default=640)
     ap.add_argument("--size", default="3b", choices=["3b", "small"], help="small: a CPU check of the phases")

@@ -169,13 +169,10 @@ def write_demo(out_dir: Path | str, base_url: str, train_rows: int = 3000, test_
 
 def is_demo_work(work_dir: Path) -> bool:
     """Whether 3_create_jsonl.py read the demo's catalog (its folder holds demo.json) into this work folder."""
-    import json
-
     from common import layout
+    from common.fsio import read_json
     stats = layout.jsonl_dir(work_dir) / "stats.json"
-    if not stats.exists():
-        return False
-    return (Path(json.loads(stats.read_text())["options"]["data_dir"]) / "demo.json").exists()
+    return stats.exists() and (Path(read_json(stats)["options"]["data_dir"]) / "demo.json").exists()
 
 
 def tokenizer_corpus() -> list[str]:

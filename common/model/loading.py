@@ -89,20 +89,19 @@ def training_model(name: str, work_dir: Path, stage4_samples: bool) -> str:
     from common.fsio import read_json
     folder = layout.preprocessed_dir(work_dir, "train")
     stats, params = folder / "stats.json", folder / "params.json"
-    if not name:
-        if not stats.exists():
-            raise ModelNotFound(f"--model not given and {stats} (4_preprocess.py's record of its model) not found: "
-                                "pass --model")
-        name = read_json(stats)["options"]["model"]  # as given: `tiny` is this work folder's, wherever it moved
+    # as stage 4 was given it: `tiny` is this work folder's own, wherever the folder moved
+    given = read_json(stats)["options"]["model"] if stats.exists() else None
+    if not name and given is None:
+        raise ModelNotFound(f"--model not given and {stats} (4_preprocess.py's record of its model) not found: "
+                            "pass --model")
+    name = name or given
     path = resolve_model(name, work_dir)
     if stage4_samples and params.exists():
-        encoded = read_json(params)["model"]
-        mine = model_identity(path)
+        encoded, mine = read_json(params)["model"], model_identity(path)
         if mine != encoded and mine.startswith("sha256:") == encoded.startswith("sha256:"):
             raise ModelNotFound(f"--model {name} is not the model 4_preprocess.py encoded {folder} with "
-                                f"({read_json(stats)['options']['model'] if stats.exists() else encoded}): leave --model "
-                                "out to train that one, or rerun 4_preprocess.py and 5_convert.py with --model "
-                                f"{name} --force")
+                                f"({given or encoded}): leave --model out to train that one, or rerun "
+                                f"4_preprocess.py and 5_convert.py with --model {name} --force")
     return path
 
 

@@ -159,9 +159,10 @@ class StepTimer(TrainerCallback):
                 now = time.perf_counter()
             self.marks.append((state.global_step, now))
         if done >= self.warmup:
+            compiled = compilations()
             if self.last is not None:  # (step, its seconds, whether it compiled)
-                self.timed.append((state.global_step, now - self.last[0], compilations() != self.last[1]))
-            self.last = (now, compilations())
+                self.timed.append((state.global_step, now - self.last[0], compiled != self.last[1]))
+            self.last = (now, compiled)
 
     def summary(self, samples_per_step: int) -> dict:
         out = {"first_step_s": round(self.first_step_s, 2) if self.first_step_s else None}

@@ -133,8 +133,8 @@ def version_tested(library: str) -> bool:
 
 
 class Speedups:
-    """Which levers run in this process: asked for (not in `off`; an opt-in one in `on`), fitting the backend and
-    device, and fenced to tested library versions."""
+    """Which levers run in this process: not turned off (`off`), fitting the backend and device, and fenced to
+    tested library versions."""
 
     def __init__(self, backend: str, off: frozenset[str] = frozenset(), cuda: bool | None = None):
         import torch
