@@ -128,6 +128,10 @@ def iter_remote_shard(url: str):
     try:
         stream = _open(url)
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        # the tar's end-of-archive padding is still on its way: closing the pipe before it arrives fails curl's
+        # last write (status 23) and a complete shard would read as a failed fetch
+        while stream.read(1 << 16):
+            pass
         stream.close()  # a failed download or command raises here, with its exit status
     except (OSError, ValueError, EOFError) as err:
         raise ShardError(f"cannot read shard {url}: {_fetch_failure(stream) or _first_line(err)}") from None
