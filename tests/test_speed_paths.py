@@ -590,3 +590,38 @@ def test_training_forward_takes_the_collators_vision_indices(tiny_model_dir, enc
         got = model(**batch).loss
         assert handed == [True] * 3
     torch.testing.assert_close(got, want)
+
+
+def test_steps_keep_the_thread_count_a_pin_memory_thread_changes():
+    """DataLoader's pin-memory thread sets torch's thread count to 1 as each loader starts; with the count given
+    back at each step, a compiled block run again in a thread started later (autograd's GPU thread, recomputing a
+    checkpointed layer) finds the count it was compiled with, and does not compile again."""
+    import threading
+
+    from torch._dynamo.testing import CompileCounter
+
+    from common.speed.compile import KeepThreadCount
+
+    def in_new_thread(fn, *args):
+        out = []
+        thread = threading.Thread(target=lambda: out.append(fn(*args)))
+        thread.start()
+        thread.join()
+        return out[0]
+
+    given = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        keep, counter = KeepThreadCount(), CompileCounter()
+        block = torch.compile(lambda x: x * 2 + 1, backend=counter, dynamic=False)
+        for _epoch in range(2):
+            in_new_thread(torch.set_num_threads, 1)  # what the loader's pin-memory thread does first
+            keep.on_step_begin(None, None, None)
+            block(torch.ones(4))                     # the forward, in the main thread
+            in_new_thread(block, torch.ones(4))      # the recomputation, in a thread started after
+            assert torch.get_num_threads() == 3
+            assert in_new_thread(torch.get_num_threads) == 3
+        assert counter.frame_count == 1
+    finally:
+        torch.set_num_threads(given)
+        torch._dynamo.reset()

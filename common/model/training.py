@@ -349,6 +349,9 @@ def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, ma
                            head=head, head_learning_rate=cfg.schedule.head_learning_rate, price_floor=floor,
                            callbacks=[CheckpointMarker(head, floor)])
     trainer.add_callback(NonFiniteGuard(trainer))
+    if speed.on("compile"):
+        from common.speed.compile import KeepThreadCount
+        trainer.add_callback(KeepThreadCount())
     trainer.speed_levers = speed.active()
     trainer.grouping = grouping  # its batch size follows the micro-batch if the backoff shrinks it
     logging.getLogger("transformers.trainer").addFilter(

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import logging
 
+import torch
+from transformers import TrainerCallback
+
 log = logging.getLogger("speed")
 
 
 def compile_blocks(model, decoder_layers: bool, backend: str) -> int:
     """Compile the vision blocks, and with `decoder_layers` on the hf backend the decoder layers. Returns how
     many."""
-    import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
     kinds = (Qwen2_5_VLVisionBlock, Qwen2_5_VLDecoderLayer) if decoder_layers and backend == "hf" else \
         (Qwen2_5_VLVisionBlock,)
@@ -36,9 +38,21 @@ def compile_blocks(model, decoder_layers: bool, backend: str) -> int:
     return len(blocks)
 
 
+class KeepThreadCount(TrainerCallback):
+    """Gives the process its torch thread count back at each step. A DataLoader's pin-memory thread sets the count
+    to 1 when the loader starts (each epoch), and autograd's GPU thread, started by the first backward, takes that
+    count: a decoder layer that gradient checkpointing recomputes there then fails dynamo's thread-count guard and
+    compiles again (seen on an H100: every variant of the layer compiled twice)."""
+
+    def __init__(self):
+        self.threads = torch.get_num_threads()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        torch.set_num_threads(self.threads)  # unconditionally: this thread may read its own count, not the process's
+
+
 def no_cudnn_attention() -> None:
     """SDPA may not pick cuDNN, its first choice on an H100: cuDNN builds an execution plan for every new sequence
     length, and with real catalog lengths every batch (and every decode step) is one; profiled, those builds held
     the GPU idle for half of inference. SDPA takes the flash or memory-efficient kernel instead."""
-    import torch
     torch.backends.cuda.enable_cudnn_sdp(False)
