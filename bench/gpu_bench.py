@@ -87,7 +87,7 @@ class Bench:
                *(["--max-steps", self.a.steps] if self.a.steps else []), "--eval-steps", 0, "--eval-samples", 4,
                "--save-steps", 100000, "--logging-steps", 5, "--workers", 4, *options]
         # Unsloth imports and patches for ~40 s and compiles its layers in a first step of ~95 s (H100)
-        limit = self.a.phase_limit * (2 if "--backend" in options and "unsloth" in options else 1)
+        limit = self.a.phase_limit * (2 if "unsloth" in options else 1)
         done = self.run(name, cmd, limit)
         return {**done, **train_figures(out / "stats.json")}
 

@@ -136,8 +136,8 @@ def compilations() -> int:
 class StepTimer(TrainerCallback):
     """Wall time of the optimizer steps for stats.json: the first step (it compiles) apart; the steady rate over the
     steps after the `warmup`-th, the GPU synchronized at the window's two ends only, leaving out the steps during
-    which torch.compile compiled (listed apart with their seconds: a recompilation costs 10-30 s once, on the 3B
-    e.g. when checkpointing first recomputes a compiled layer in autograd's thread); the rate at the median step;
+    which torch.compile compiled (listed apart with their seconds: a recompilation costs 10-30 s once on the 3B,
+    e.g. for the first length that is not a multiple of 8); the rate at the median step;
     and the slowest steps after the warmup with their numbers."""
 
     def __init__(self, warmup: int = 3):
