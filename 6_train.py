@@ -161,7 +161,7 @@ class TrainConfig:
         return (f" in stage 6, with {gpu_memory_text()}: pass a smaller --batch-size, --gradient-checkpointing on "
                 "or --base-precision 4bit")
 
-    def request(self, tokens: tuple[int, int] = (640, 640)):
+    def request(self, tokens: tuple[int, int, int] = (640, 640, 640)):
         """What the user asked of the plan (common.model.plan)."""
         from common.model.plan import Request
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -199,7 +199,8 @@ def run_stats(trainer, result, plan, world: int, seconds: float, resume_from, fi
             "seconds": round(seconds, 1), "resumed_from": str(resume_from) if resume_from else None,
             "samples_seen": trainer.state.global_step * world * plan.global_batch, "final_eval": final_eval,
             "timing": trainer.timer.summary(plan.global_batch * world), "log_history": trainer.state.log_history,
-            "world_size": world, "ranks_hold_same_weights": in_step, "speed_levers": trainer.speed_levers}
+            "world_size": world, "ranks_hold_same_weights": in_step, "speed_levers": trainer.speed_levers,
+            "recompute_batches": trainer.recompute.summary() if trainer.recompute else None}
 
 
 def main(cfg: TrainConfig) -> dict:

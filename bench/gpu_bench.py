@@ -180,6 +180,7 @@ def train_figures(path: Path) -> dict:
     stats = json.loads(path.read_text())
     losses = [h["loss"] for h in stats["log_history"] if "loss" in h]
     return {**stats["timing"], "plan": stats["plan"], "speed_levers": stats.get("speed_levers"),
+            "recompute_batches": stats.get("recompute_batches"),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
 
 

@@ -75,6 +75,84 @@ def test_a_bigger_budget_never_plans_a_slower_step():
     assert all(plans[budget].micro_batch == 16 for budget in (24, 48, 80, 0))
 
 
+def test_each_micro_batch_gets_the_least_recomputation_that_fits():
+    """The levels' limits are where the estimate crosses the budget, and the longest sample's batch fits at its
+    level."""
+    for card in CARDS.values():
+        for budget in (0, 24, 48):
+            plan = plan_training(Request(tokens=901, tokens_mean=536, tokens_max=1318, max_gpu_memory=budget), card,
+                                 QWEN3B)
+            room = plan.budget_gib * SAFETY + 0.05
+            assert [every for every, _ in plan.recompute_limits] == [0, 4, 2, 1]
+            for every, most in plan.recompute_limits:
+                assert training_gib(QWEN3B, plan.base_precision, plan.dtype, 1, most, every) <= room
+                assert training_gib(QWEN3B, plan.base_precision, plan.dtype, 1, most + 2, every) > room - 0.05
+                assert plan.every_for(most) == every
+            longest = plan.micro_batch * 1318
+            assert training_gib(QWEN3B, plan.base_precision, plan.dtype, 1, longest, plan.every_for(longest)) <= room
+            assert plan.estimate_gib <= room
+            assert plan.every_for(plan.micro_batch * 901) == plan.checkpoint_every  # the usual batch's level
+
+
+def test_an_h100_trains_the_usual_batch_without_recomputing_and_the_longest_with_it():
+    """The bench data on an H100: 16 x 1 with no recomputation fit its 320 rows (peak 63.8 GiB) and ran out at
+    step 20 of its 512 rows (longest sample 1318 tokens): a level for the whole run had to recompute every 2nd
+    layer throughout (0.75 of the speed)."""
+    plan = plan_training(Request(tokens=901, tokens_mean=536, tokens_max=1318), CARDS["H100"], QWEN3B)
+    assert (plan.micro_batch, plan.checkpoint_every) == (16, 0)
+    assert plan.every_for(16 * 1055) == 0 and plan.every_for(16 * 1318) > 0
+    assert "recomputing no layer up to" in plan.line() and "every layer beyond" in plan.line()
+
+
+def test_recomputation_given_or_under_unsloth_is_one_level_for_the_run():
+    request = Request(tokens=901, tokens_mean=536, tokens_max=1318)
+    for change in ({"checkpointing": "on"}, {"checkpointing": "off"}, {"backend": "unsloth"}):
+        plan = plan_training(dataclasses.replace(request, **change), CARDS["H100"], QWEN3B)
+        assert plan.recompute_limits == () and plan.every_for(10**6) == plan.checkpoint_every
+    unsloth = plan_training(dataclasses.replace(request, backend="unsloth"), CARDS["H100"], QWEN3B)
+    assert unsloth.checkpoint_every > 0  # one level: the longest batch's
+
+
+def test_the_level_is_set_per_batch_and_recomputes_what_it_says(tiny_model_dir, encoded_demo):
+    """The tiny model, one real batch, at each level: the layers marked recompute (their forward runs again in the
+    backward, the others' once), and the gradients are the same at every level."""
+    import itertools
+
+    from common.data.encode import load_tokenizer
+    from common.data.shards import ShardStream
+    from common.model.collate import for_tokenizer
+    from common.model.loading import LoraSettings, load_for_training
+    from common.model.predict import with_normalized_pixels
+    from common.model.recompute import Recompute
+    from conftest import CPU_PLAN
+    samples = list(itertools.islice(iter(ShardStream(encoded_demo.shards_dir("train"), encoded_demo.spec(),
+                                                     normalize=False)), 4))
+    batch = with_normalized_pixels(for_tokenizer(load_tokenizer(str(tiny_model_dir)))(samples), encoded_demo.spec())
+    n = batch["input_ids"].numel()
+    limits = ((0, n - 1), (2, 2 * n), (1, 10**9))  # this batch: every 2nd layer; twice its size and more: every one
+    plan = dataclasses.replace(CPU_PLAN, recompute_limits=limits)
+    model = load_for_training(str(tiny_model_dir), plan, LoraSettings(r=4, alpha=8), 0).train()
+    recompute = Recompute(plan, model, tune_vision=False)
+    assert len(recompute.decoder) == 4
+    calls = [0] * 4
+    for i, layer in enumerate(recompute.decoder):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    grads = {}
+    for size, want in ((n // 2, 0), (n, 2), (4 * n, 1)):
+        model.zero_grad()
+        calls[:] = [0] * 4
+        assert recompute.for_batch(torch.zeros(size)) == want
+        model(**batch).loss.backward()
+        marked = [want and i % want == 0 for i in range(4)]
+        assert [layer.gradient_checkpointing for layer in recompute.decoder] == [bool(m) for m in marked]
+        assert calls == [2 if m else 1 for m in marked]
+        grads[want] = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    for want in (2, 1):
+        for k, g in grads[0].items():
+            torch.testing.assert_close(grads[want][k], g, msg=k)
+    assert recompute.summary() == {"0": 1, "1": 1, "2": 1}
+
+
 def test_an_option_given_is_kept_and_not_listed_as_chosen():
     request = Request(micro_batch=2, checkpointing="off", dtype="float16", base_precision="4bit", tokens=700)
     plan = plan_training(request, CARDS["H100"], QWEN3B)

@@ -293,11 +293,12 @@ def token_summary(lengths: list[int]) -> dict:
             "max": ordered[-1]}
 
 
-def planning_tokens(index: dict, default: int = 640) -> tuple[int, int]:
-    """(95th percentile, mean) of a split's sample lengths, what a plan sizes batches (memory) and times steps by;
-    `default` for an index written before stage 5 recorded lengths."""
+def planning_tokens(index: dict, default: int = 640) -> tuple[int, int, int]:
+    """(95th percentile, mean, longest) of a split's sample lengths: what a plan sizes batches (memory) and times
+    steps by; `default` for an index written before stage 5 recorded lengths."""
     tokens = index.get("tokens", {})
-    return int(tokens.get("p95") or default), int(tokens.get("mean") or default)
+    p95 = int(tokens.get("p95") or default)
+    return p95, int(tokens.get("mean") or default), int(tokens.get("max") or p95)
 
 
 def pack_split(rows: list[dict], pre_dir: Path, out_dir: Path, split: str, per_shard: int, part=None) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.errors import PipelineError
 from common.model.checkpoints import latest_complete_checkpoint
-from common.model.plan import Plan, with_micro_batch
+from common.model.plan import LEVELS, Plan, with_micro_batch
 
 log = logging.getLogger("train")
 
@@ -24,8 +24,9 @@ class OutOfGpuMemory(PipelineError, RuntimeError):
 
 
 def out_of_memory_message(plan: Plan, why: str) -> str:
+    recomputed = "by the batch's size" if plan.recompute_limits else LEVELS[plan.checkpoint_every]
     return (f"stage 6 ran out of GPU memory at micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation "
-            f"({plan.budget_gib} GiB budget, checkpointing every {plan.checkpoint_every or 'no'} layer(s)){why}: "
+            f"({plan.budget_gib} GiB budget, recomputing {recomputed}){why}: "
             "pass a smaller --batch-size, --gradient-checkpointing on, --base-precision 4bit, or a lower "
             "--max-length in stage 4; finished checkpoints are kept")
 

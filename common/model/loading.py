@@ -219,9 +219,9 @@ def load_for_training(path: str, plan, lora: LoraSettings, seed: int):
     targets = LANGUAGE_TARGETS + (f"|{VISION_TARGETS}" if lora.tune_vision else "")
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=targets, bias="none", task_type="CAUSAL_LM"))
-    if plan.checkpoint_every:
+    if plan.checkpoint_every or plan.recompute_limits:  # with limits, common.model.recompute sets the layers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
-                                            every_n_layers=plan.checkpoint_every)
+                                            every_n_layers=plan.checkpoint_every or 1)
         if not lora.tune_vision:
             # transformers marks the inputs as requiring grad, which makes the frozen vision tower
             # recompute and back-propagate (3x slower on an H100); LoRA does not need it

@@ -17,19 +17,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 GIB = 2**30
-# Coefficients measured on an H200 with Qwen2.5-VL-3B (bench/gpu_calibrate.py; the stored runs in bench/runs/):
-# Memory: bytes a token keeps for the backward in one decoder layer (bf16, LoRA on the 7 projections) =
-# 2 x (ACT_HIDDEN x hidden + ACT_INTERMEDIATE x intermediate): 136 KB a token and layer on the 3B.
-ACT_HIDDEN, ACT_INTERMEDIATE = 6.3, 5.0
-# The share of those activations still held at the step's peak when every n-th decoder layer recomputes its
-# own (transformers' every_n_layers counts the vision blocks too: 4 -> 9 of 36 decoder layers), and the step's
-# time against no recomputation.
-CHECKPOINT_MEMORY = {0: 1.0, 4: 0.96, 2: 0.67, 1: 0.115}
+# Coefficients measured on an H200 and an H100 with Qwen2.5-VL-3B (the stored runs in bench/runs/): a step's peak is
+# the weights, the LoRA state and FIXED_GIB, plus the activations of the micro-batch as padded (micro-batch x its
+# longest sample), per token and decoder layer 2 x (ACT_HIDDEN x hidden + ACT_INTERMEDIATE x intermediate) bytes:
+# 99 KB on the 3B. Fitted to the peaks of 16 x 1 without recomputation over two data sets whose longest samples
+# are 1055 and 1318 tokens (63.8 and 77.7 GiB), and checked at 8 x 2 (42.8 GiB, 0.1% off).
+ACT_HIDDEN, ACT_INTERMEDIATE = 4.58, 3.64
+# The share of those activations held at the step's peak when every n-th decoder layer recomputes its own, from
+# the same runs' peaks with recomputation (every 4th: 50.8 GiB, every 2nd: 37.8 and 45.3, every layer: 13.1 and
+# 14.0), and the step's time against no recomputation.
+CHECKPOINT_MEMORY = {0: 1.0, 4: 0.77, 2: 0.54, 1: 0.095}
 CHECKPOINT_TIME = {0: 1.0, 4: 1.15, 2: 1.23, 1: 1.4}
 # Inference: bytes a prompt token needs at the prefill's peak, per hidden unit (activations, KV cache).
 INFER_PER_HIDDEN = 150.0
 FIXED_GIB = 1.0        # the allocator's slack and the compile and cuBLAS workspaces, beyond weights and activations
-SAFETY = 0.90          # plan to this share of the budget: batches longer than the planning length happen
+SAFETY = 0.90          # plan to this share of the budget: the allocator's fragmentation, the model's error
 # Time: a micro-step costs STEP_S (the host issuing ~5,000 kernels) plus TOKEN_S a token at the split's mean length,
 # times the recomputation's cost (bf16 on the 3B; the plan ranks configurations, it promises no speed). Fitted to
 # stage 6's median steps on an H200 (bench/RESULTS.md, the budget table): 16 x 1 0.27-0.30 s, 16 x 1 recomputing every
@@ -38,6 +40,7 @@ SAFETY = 0.90          # plan to this share of the budget: batches longer than t
 # a step proportional to its tokens, had 48 and 80 GiB budgets train at 8 x 2, measured slower than 24 GiB's 16 x 1.
 STEP_S, TOKEN_S = 0.15, 15.4e-6
 CHECKPOINT_EVERY = (0, 4, 2, 1)  # off, every 4th layer, every 2nd, every layer
+LEVELS = {0: "no layer", 4: "every 4th layer", 2: "every 2nd layer", 1: "every layer"}
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,9 @@ class Request:
     max_gpu_memory: float = 0.0     # GiB; 0: the card's
     global_batch: int = 16
     world: int = 1
-    tokens: int = 640               # a sample's length for memory: stage 5's 95th percentile (batches pad to it)
+    tokens: int = 640               # a sample's length, stage 5's 95th percentile: most batches pad to about it
     tokens_mean: int = 0            # for time: the mean (0: tokens)
+    tokens_max: int = 0             # the longest sample: the batch that must fit (0: tokens)
 
 
 @dataclass(frozen=True)
@@ -109,9 +113,17 @@ class Plan:
     checkpoint_every: int           # 0: off; n: every n-th decoder layer recomputes its activations
     compiled: bool
     budget_gib: float | None
-    estimate_gib: float | None
+    estimate_gib: float | None      # the longest sample's micro-batch
     chosen: tuple[str, ...] = field(default=())  # what the plan chose rather than the user
     why: str = ""
+    # (every, most tokens in a micro-batch): the recomputation each micro-batch gets by its padded size, the least
+    # that fits; empty: checkpoint_every for all. checkpoint_every is then a batch of 95th-percentile samples' level.
+    recompute_limits: tuple[tuple[int, int], ...] = ()
+
+    def every_for(self, tokens: int) -> int:
+        """The recomputation for a micro-batch of `tokens` (its rows x its longest row)."""
+        return next((every for every, most in self.recompute_limits if tokens <= most),
+                    self.recompute_limits[-1][0] if self.recompute_limits else self.checkpoint_every)
 
     @property
     def global_batch(self) -> int:
@@ -120,8 +132,9 @@ class Plan:
     def line(self, world: int = 1) -> str:
         memory = (f"{self.budget_gib:.0f} GiB budget, ~{self.estimate_gib:.1f} GiB planned"
                   if self.budget_gib else "no GPU")
-        checkpointing = {0: "no checkpointing", 1: "checkpointing every layer"}.get(
-            self.checkpoint_every, f"checkpointing every {self.checkpoint_every} layers")
+        levels = [f"{LEVELS[every]} up to {most:,} tokens" for every, most in self.recompute_limits[:-1]]
+        checkpointing = (f"recomputing {', '.join(levels)} a micro-batch, {LEVELS[self.recompute_limits[-1][0]]} "
+                         "beyond" if self.recompute_limits else f"recomputing {LEVELS[self.checkpoint_every]}")
         return (f"plan on {self.device} ({memory}): {self.backend}, {self.base_precision} base, {self.dtype}, "
                 f"micro-batch {self.micro_batch} x {self.grad_accum} accumulation x {world} rank(s) = "
                 f"{self.micro_batch * self.grad_accum * world}, {checkpointing}, "
@@ -211,25 +224,42 @@ def plan_training(request: Request, device: Device | None, size: ModelSize, comp
     budget = min(device.total_gib, request.max_gpu_memory or device.total_gib)
     precisions = ["16bit", "4bit"] if request.base_precision == "auto" else [request.base_precision]
     everys = {"auto": CHECKPOINT_EVERY, "on": (1,), "off": (0,)}[request.checkpointing]
+    # recomputation chosen per micro-batch on the hf backend; Unsloth's is one switch for the run
+    adaptive = backend == "hf" and len(everys) > 1
+    longest = request.tokens_max or request.tokens
     options = []
     for precision in precisions:
         for micro in _micro_batches(request):
-            for every in everys:
-                gib = training_gib(size, precision, dtype, micro, request.tokens, every)
-                if gib <= budget * SAFETY:
-                    seconds = step_seconds(size, micro, request.tokens_mean or request.tokens, every)
-                    options.append((round(micro / seconds, 1), precision, micro, every, gib))
+            # the longest sample's batch must fit at some level; the time is a typical batch's, padded to the p95
+            fitting = [e for e in everys if training_gib(size, precision, dtype, micro, longest, e) <= budget * SAFETY]
+            if not fitting:
+                continue
+            usual = [e for e in everys if training_gib(size, precision, dtype, micro, request.tokens, e)
+                     <= budget * SAFETY] if adaptive else fitting[:1]
+            every = usual[0] if usual else fitting[0]
+            seconds = step_seconds(size, micro, request.tokens_mean or request.tokens, every)
+            options.append((round(micro / seconds, 1), precision, micro, every, fitting[0]))
         if options:  # a 16-bit base that fits beats any 4-bit one (dequantizing costs every matmul)
             break
     why = ""
     if not options:  # nothing fits by the estimate: the smallest footprint, and the backoff if a step runs out
         micro = _micro_batches(request)[-1]
-        precision, every = precisions[-1], everys[-1]
-        options = [(0, precision, micro, every, training_gib(size, precision, dtype, micro, request.tokens, every))]
+        options = [(0, precisions[-1], micro, everys[-1], everys[-1])]
         why = f"nothing is estimated to fit {budget:.0f} GiB: the smallest configuration allowed"
-    _, precision, micro, every, gib = max(options)
+    _, precision, micro, every, longest_every = max(options)
+    limits = recompute_limits(size, precision, dtype, budget * SAFETY, everys) if adaptive else ()
+    if not adaptive:
+        every = longest_every
+    gib = training_gib(size, precision, dtype, micro, longest, longest_every)
     return Plan(device.name, backend, precision, dtype, micro, per_rank // micro, every, compiled, round(budget, 1),
-                round(gib, 1), chosen, why)
+                round(gib, 1), chosen, why, limits)
+
+
+def recompute_limits(size: ModelSize, precision: str, dtype: str, gib: float, everys) -> tuple[tuple[int, int], ...]:
+    """For each level, from none to every layer, the most tokens a micro-batch may hold to fit `gib` at it."""
+    one = training_gib(size, precision, dtype, 1, 1, 0) - training_gib(size, precision, dtype, 0, 1, 0)
+    room = gib - training_gib(size, precision, dtype, 0, 1, 0)
+    return tuple((e, max(0, int(room / (one * CHECKPOINT_MEMORY[e])))) for e in everys)
 
 
 @dataclass(frozen=True)

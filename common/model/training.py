@@ -188,7 +188,7 @@ class StepTimer(TrainerCallback):
 class PriceTrainer(FastTrainer):
     def __init__(self, *args, loader_options: dict, eval_options: dict, pixel_spec=None, no_cache: bool = False,
                  samples_per_epoch: int = 0, head=None, head_learning_rate: float = 0.0, price_floor: float = 0.01,
-                 **kwargs):
+                 recompute=None, **kwargs):
         super().__init__(*args, **kwargs)
         # the regression objective's price head, and the lowest price it may predict (saved with it)
         self.head, self.head_learning_rate, self.price_floor = head, head_learning_rate, price_floor
@@ -203,6 +203,7 @@ class PriceTrainer(FastTrainer):
         self.samples_per_epoch = samples_per_epoch
         self.pixel_spec = pixel_spec
         self._nonfinite = None
+        self.recompute = recompute  # common.model.recompute: the level set per micro-batch, or None
         # transformers builds a KV cache in every training forward unless told not to: wasted copies, and with
         # compiled decoder layers one recompilation per layer (each guards on its own cache slot)
         self.forward_kwargs = {"use_cache": False} if no_cache else {}
@@ -234,6 +235,8 @@ class PriceTrainer(FastTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**with_normalized_pixels(inputs, self.pixel_spec), **self.forward_kwargs}
         positions = inputs.pop(ANSWER_POSITIONS, None)
+        if self.recompute is not None and model.training:
+            self.recompute.for_batch(inputs["input_ids"])
         if self.head is not None:  # regression on log price from the last prompt token's final hidden state
             last, prices = inputs.pop(LAST_POSITIONS), inputs.pop(PRICE_TARGETS)
             outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
@@ -313,6 +316,7 @@ def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, ma
     from common.fsio import read_json
     from common.model.checkpoints import CheckpointMarker
     from common.model.collate import for_tokenizer
+    from common.model.recompute import Recompute
     from common.speed import Speedups, parse_off
     speed = Speedups(plan.backend, parse_off(cfg.advanced.speedups_off))
     train, grouping = streams["train"], None
@@ -347,6 +351,7 @@ def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, ma
                            glue=speed.on("trainer_glue"), answer_only=speed.on("answer_only_logits"),
                            no_cache=plan.backend == "hf", samples_per_epoch=streams["train"].num_samples,
                            head=head, head_learning_rate=cfg.schedule.head_learning_rate, price_floor=floor,
+                           recompute=Recompute(plan, model, cfg.lora.tune_vision) if plan.recompute_limits else None,
                            callbacks=[CheckpointMarker(head, floor)])
     trainer.add_callback(NonFiniteGuard(trainer))
     if speed.on("compile"):
