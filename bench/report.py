@@ -34,9 +34,18 @@ def phase_rows(run: dict) -> list[list]:
                      str(plan.get("batch", "")))
             speed = got.get("steady_samples_per_s", got.get("samples_per_s_window", got.get("samples_per_s")))
             rows.append([f"{name} {part}".strip(), phase["status"], plan.get("backend", ""), batch,
-                         plan.get("checkpoint_every", ""), "" if speed is None else speed,
+                         recomputed(got, plan), "" if speed is None else speed,
                          got.get("median_samples_per_s", ""), got.get("peak_gpu_gib", got.get("train_peak_gib", ""))])
     return rows
+
+
+def recomputed(got: dict, plan: dict):
+    """The plan's level, or with a level per micro-batch how many ran at each ("6 none, 3 2nd")."""
+    batches = got.get("recompute_batches")
+    if not batches:
+        return plan.get("checkpoint_every", "")
+    names = {"0": "none", "4": "4th", "2": "2nd", "1": "all"}
+    return ", ".join(f"{n} {names[level]}" for level, n in batches.items())
 
 
 def calibration_rows(run: dict) -> list[list]:

@@ -3,13 +3,14 @@
 Training's plan fixes the backend, the base weights' precision (16-bit or 4-bit), the compute dtype (bf16, or
 fp16 with loss scaling on a GPU without bf16, fp32 on a CPU), the micro-batch and the gradient accumulation
 (micro-batch x accumulation x ranks = --global-batch-size, whatever the card: the same learning), which decoder
-layers recompute their activations in the backward (gradient checkpointing, every n-th layer), and whether the
-blocks are compiled. Among the configurations whose estimated memory fits the budget (the card, or
+layers recompute their activations in the backward (gradient checkpointing, every n-th layer: on the hf backend a
+token limit a level, the level then set per micro-batch by common.model.recompute), and whether the blocks are
+compiled. Among the configurations whose longest batch is estimated to fit the budget (the card, or
 --max-gpu-memory) it takes the one estimated fastest; an option the user gave is kept as given. Inference's plan
 fixes the batch size the same way.
 
-The estimates are a memory and a step-time model of the model's shape, with coefficients measured on an H200
-with Qwen2.5-VL-3B (bench/gpu_calibrate.py; docs/performance.md). If a step still runs out of memory, stage 6
+The estimates are a memory and a step-time model of the model's shape, with coefficients measured on an H200 and
+an H100 with Qwen2.5-VL-3B (docs/performance.md). If a step still runs out of memory, stage 6
 retries it at half the micro-batch and twice the accumulation (common.model.backoff).
 """
 from __future__ import annotations
