@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -268,4 +269,6 @@ def main(cfg: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
+    from common.model.loading import import_unsloth_if_asked
+    import_unsloth_if_asked(sys.argv[1:])
     options.run_stage(main, TrainConfig, __doc__)

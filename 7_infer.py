@@ -14,6 +14,7 @@ Writes  WORK_DIR/test_out.csv   sample_id,price: every id of test.csv once, in i
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -228,4 +229,6 @@ def main(cfg: InferConfig) -> dict:
 
 
 if __name__ == "__main__":
+    from common.model.loading import import_unsloth_if_asked
+    import_unsloth_if_asked(sys.argv[1:])
     options.run_stage(main, InferConfig, __doc__)

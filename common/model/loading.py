@@ -144,12 +144,21 @@ def pick_backend(requested: str) -> str:
 
 
 def backend_problem(requested: str) -> list[str]:
-    """Why the requested backend cannot run here (for the options check), or nothing."""
+    """Why the requested backend cannot run here (for the options check), or nothing; Unsloth, when it can run, is
+    imported."""
     try:
-        pick_backend(requested)
+        import_backend(requested)
     except PipelineError as err:
         return [str(err)]
     return []
+
+
+def import_unsloth_if_asked(argv: list[str]) -> None:
+    """With --backend unsloth in argv, import Unsloth before anything imports transformers, the options parser
+    included (it patches transformers, peft and trl as it is imported); where it cannot run, the options check
+    reports why."""
+    if "--backend=unsloth" in argv or any(a == "--backend" and b == "unsloth" for a, b in zip(argv, argv[1:])):
+        backend_problem("unsloth")
 
 
 def import_backend(requested: str) -> str:
