@@ -249,8 +249,6 @@ def plan_training(request: Request, device: Device | None, size: ModelSize, comp
         why = f"nothing is estimated to fit {budget:.0f} GiB: the smallest configuration allowed"
     _, precision, micro, every, longest_every = max(options)
     limits = recompute_limits(size, precision, dtype, budget * SAFETY, everys) if adaptive else ()
-    if not adaptive:
-        every = longest_every
     gib = training_gib(size, precision, dtype, micro, longest, longest_every)
     return Plan(device.name, backend, precision, dtype, micro, per_rank // micro, every, compiled, round(budget, 1),
                 round(gib, 1), chosen, why, limits)
