@@ -150,13 +150,23 @@ def weights_gib(size: ModelSize, base_precision: str, dtype: str) -> float:
     return size.params * element / GIB
 
 
-def training_gib(size: ModelSize, base_precision: str, dtype: str, micro: int, tokens: int, every: int) -> float:
-    """Estimated peak GPU memory of a training step."""
+def token_gib(size: ModelSize, dtype: str) -> float:
+    """Activations a padded token keeps for the backward across the decoder layers, none recomputed."""
     per_layer = 2 * (ACT_HIDDEN * size.hidden + ACT_INTERMEDIATE * size.intermediate) * (2 if dtype == "float32"
                                                                                          else 1)
-    activations = micro * tokens * size.layers * per_layer * CHECKPOINT_MEMORY[every] / GIB
+    return size.layers * per_layer / GIB
+
+
+def fixed_gib(size: ModelSize, base_precision: str, dtype: str) -> float:
+    """A training step's memory beside the activations: weights, LoRA state, workspaces."""
     lora_state = size.lora_params * 16 / GIB  # fp32 weights, gradients and two Adam moments
-    return weights_gib(size, base_precision, dtype) + lora_state + activations + FIXED_GIB
+    return weights_gib(size, base_precision, dtype) + lora_state + FIXED_GIB
+
+
+def training_gib(size: ModelSize, base_precision: str, dtype: str, micro: int, tokens: int, every: int) -> float:
+    """Estimated peak GPU memory of a training step."""
+    activations = micro * tokens * token_gib(size, dtype) * CHECKPOINT_MEMORY[every]
+    return fixed_gib(size, base_precision, dtype) + activations
 
 
 def inference_gib(size: ModelSize, base_precision: str, dtype: str, batch: int, tokens: int) -> float:
@@ -256,8 +266,7 @@ def plan_training(request: Request, device: Device | None, size: ModelSize, comp
 
 def recompute_limits(size: ModelSize, precision: str, dtype: str, gib: float, everys) -> tuple[tuple[int, int], ...]:
     """For each level, from none to every layer, the most tokens a micro-batch may hold to fit `gib` at it."""
-    one = training_gib(size, precision, dtype, 1, 1, 0) - training_gib(size, precision, dtype, 0, 1, 0)
-    room = gib - training_gib(size, precision, dtype, 0, 1, 0)
+    room, one = gib - fixed_gib(size, precision, dtype), token_gib(size, dtype)
     return tuple((e, max(0, int(room / (one * CHECKPOINT_MEMORY[e])))) for e in everys)
 
 

@@ -17,11 +17,14 @@ class Recompute:
     def __init__(self, plan, model, tune_vision: bool):
         from transformers.modeling_layers import GradientCheckpointingLayer
         self.plan, self.every, self.steps = plan, None, Counter()
-        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
-        self.decoder = [m for name, m in layers if ".visual." not in name and not name.startswith("visual.")]
-        for name, m in layers:
-            if m not in self.decoder:
+        self.decoder = []
+        for name, m in model.named_modules():
+            if not isinstance(m, GradientCheckpointingLayer):
+                continue
+            if ".visual." in name or name.startswith("visual."):
                 m.gradient_checkpointing = tune_vision
+            else:
+                self.decoder.append(m)
 
     def for_batch(self, input_ids) -> int:
         """Set the layers' flags for a batch of `input_ids` (rows x padded length); returns the level."""
