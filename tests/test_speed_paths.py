@@ -193,7 +193,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model_dir, encode
         model = tiny(tiny_model_dir, lora=True).train()
         use_bucketed_vision_attention(model)
         if compiled:
-            assert compile_blocks(model, True, "hf") == 2 + 4  # the tiny model's vision blocks + decoder layers
+            assert compile_blocks(model, True) == 2 + 4  # the tiny model's vision blocks + decoder layers
         loss = answer_only_loss(model(**inputs, logits_to_keep=positions, use_cache=False).logits, batch["labels"],
                                 positions)
         loss.backward()
@@ -416,7 +416,7 @@ def test_compiled_blocks_stay_one_graph_each_under_ddp(tiny_model_dir, tmp_path)
             return x + self.down(torch.nn.functional.gelu(self.up(x)))
 
     with torch._dynamo.config.patch(optimize_ddp=True, specialize_float=False):  # PyTorch's defaults, restored after
-        assert compile_blocks(tiny(tiny_model_dir, lora=True), True, "hf") > 0
+        assert compile_blocks(tiny(tiny_model_dir, lora=True), True) > 0
         assert torch._dynamo.config.optimize_ddp is False
         torch.manual_seed(0)
         block = Block()
@@ -485,17 +485,17 @@ def test_host_built_training_batch_gives_the_librarys_loss_and_gradients(tiny_mo
 
 def test_compiled_blocks_take_the_models_floats_as_constants(tiny_model_dir):
     """With dynamic shapes Dynamo turns each float attribute (RMSNorm eps, attention and LoRA scaling) into a 0-d CPU
-    tensor input read with .item(), which Inductor builds CPU kernels for; compile_blocks makes them constants on
-    the hf backend. The blocks' traced graphs show it (a capturing backend, on the CPU)."""
+    tensor input read with .item(), which Inductor builds CPU kernels for; compile_blocks makes them constants.
+    The blocks' traced graphs show it (a capturing backend, on the CPU)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
 
     from common.speed.compile import compile_blocks
 
-    def float_reads(backend: str | None = None) -> list[int]:
+    def float_reads(ours: bool) -> list[int]:
         with torch._dynamo.config.patch(specialize_float=False, optimize_ddp=True):  # PyTorch's defaults
             model = tiny(tiny_model_dir, lora=True)
-            if backend:
-                compile_blocks(model, True, backend)
+            if ours:
+                compile_blocks(model, True)
             torch._dynamo.reset()
             codes = []
 
@@ -513,10 +513,9 @@ def test_compiled_blocks_take_the_models_floats_as_constants(tiny_model_dir):
             torch._dynamo.reset()
             return [code.count(".item()") for code in codes]
 
-    plain = float_reads()
+    plain = float_reads(False)
     assert plain and sum(plain) >= 10, plain  # a decoder layer alone reads 10 floats
-    assert sum(float_reads("hf")) == 0
-    assert float_reads("unsloth") == plain  # Unsloth's own compiles keep PyTorch's default
+    assert sum(float_reads(True)) == 0
     assert not torch._dynamo.config.specialize_float
 
 

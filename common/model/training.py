@@ -354,7 +354,7 @@ def build_trainer(cfg, plan, model, host_ids, tokenizer, spec, streams: dict, ma
                            recompute=Recompute(plan, model, cfg.lora.tune_vision) if plan.recompute_limits else None,
                            callbacks=[CheckpointMarker(head, floor)])
     trainer.add_callback(NonFiniteGuard(trainer))
-    if speed.on("compile"):
+    if speed.on("compile") or plan.backend == "unsloth":  # Unsloth compiles its decoder layers itself
         from common.speed.compile import KeepThreadCount
         trainer.add_callback(KeepThreadCount())
     trainer.speed_levers = speed.active()

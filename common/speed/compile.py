@@ -4,11 +4,10 @@ Each vision block and (in training; with `compile_one_forward`, in inference tha
 embeddings) each decoder layer is compiled as its own region with dynamic shapes, so norms, rotary embeddings,
 SwiGLU and the LoRA adds fuse; one compilation per block type serves every layer. Generation keeps its decoder
 layers eager: their KV cache updates would break the graphs, and static decoding replays its own CUDA graphs.
-On the hf backend the model's float attributes (norm eps, attention and LoRA scaling) are compiled as constants
-(`specialize_float`): passed as 0-d CPU tensors instead, each costs a read-back and a C++ kernel per block, and
+The model's float attributes (norm eps, attention and LoRA scaling) are compiled as constants (`specialize_float`): passed as 0-d CPU tensors instead, each costs a read-back and a C++ kernel per block, and
 the 3B's first step compiles 2-3x slower. Under DDP each block stays one graph (`optimize_ddp` off): a block's
 gradients reach DDP's reducer as its backward ends anyway, so a cut buys no overlap and splits the fusions.
-Unsloth compiles its own decoder layers: only the vision blocks are compiled there.
+hf backend only: Unsloth compiles its decoder layers and the vision tower's parts itself (common.speed, "compile").
 """
 from __future__ import annotations
 
@@ -20,17 +19,14 @@ from transformers import TrainerCallback
 log = logging.getLogger("speed")
 
 
-def compile_blocks(model, decoder_layers: bool, backend: str) -> int:
-    """Compile the vision blocks, and with `decoder_layers` on the hf backend the decoder layers. Returns how
-    many."""
+def compile_blocks(model, decoder_layers: bool) -> int:
+    """Compile the vision blocks, and with `decoder_layers` the decoder layers. Returns how many."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
-    kinds = (Qwen2_5_VLVisionBlock, Qwen2_5_VLDecoderLayer) if decoder_layers and backend == "hf" else \
-        (Qwen2_5_VLVisionBlock,)
+    kinds = (Qwen2_5_VLVisionBlock, Qwen2_5_VLDecoderLayer) if decoder_layers else (Qwen2_5_VLVisionBlock,)
     blocks = [m for m in model.modules() if isinstance(m, kinds)]
     if not blocks:
         return 0
-    if backend == "hf":
-        torch._dynamo.config.specialize_float = True
+    torch._dynamo.config.specialize_float = True
     torch._dynamo.config.optimize_ddp = False
     for block in blocks:
         block.compile(dynamic=True)

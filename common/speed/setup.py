@@ -21,7 +21,7 @@ def _model_levers(model, speed: Speedups, training: bool, one_forward: bool = Fa
         from common.speed.lora_groups import fuse_shared_input_lora
         fuse_shared_input_lora(model)
     if speed.on("compile"):
-        compile_blocks(model, training or (one_forward and speed.on("compile_one_forward")), speed.backend)
+        compile_blocks(model, training or (one_forward and speed.on("compile_one_forward")))
     if speed.on("no_cudnn_attention"):
         no_cudnn_attention()
     host = HostLayout.from_model(model) if speed.on("host_positions") else None
