@@ -28,6 +28,9 @@ ACT_HIDDEN, ACT_INTERMEDIATE = 4.58, 3.64
 # the same runs' peaks with recomputation (every 4th: 50.8 GiB, every 2nd: 37.8 and 45.3, every layer: 13.1 and
 # 14.0), and the step's time against no recomputation.
 CHECKPOINT_MEMORY = {0: 1.0, 4: 0.77, 2: 0.54, 1: 0.095}
+# Unsloth keeps more activations than the hf path: 16 x 1 without recomputation peaked at 77.4 GiB on an H100 where
+# the hf path peaked at 63.8 (same 320 rows, longest 1055 tokens; h100-unsloth). One point, fitted to the activations.
+UNSLOTH_ACTIVATIONS = 1.24
 CHECKPOINT_TIME = {0: 1.0, 4: 1.15, 2: 1.23, 1: 1.4}
 # Inference: bytes a prompt token needs at the prefill's peak, per hidden unit (activations, KV cache).
 INFER_PER_HIDDEN = 150.0
@@ -112,7 +115,7 @@ class Plan:
     micro_batch: int
     grad_accum: int
     checkpoint_every: int           # 0: off; n: every n-th decoder layer recomputes its activations
-    compiled: bool
+    compiled: bool                  # the compile lever's blocks (Unsloth compiles its own)
     budget_gib: float | None
     estimate_gib: float | None      # the longest sample's micro-batch
     chosen: tuple[str, ...] = field(default=())  # what the plan chose rather than the user
@@ -136,10 +139,11 @@ class Plan:
         levels = [f"{LEVELS[every]} up to {most:,} tokens" for every, most in self.recompute_limits[:-1]]
         checkpointing = (f"recomputing {', '.join(levels)} a micro-batch, {LEVELS[self.recompute_limits[-1][0]]} "
                          "beyond" if self.recompute_limits else f"recomputing {LEVELS[self.checkpoint_every]}")
+        compiling = "compiled by Unsloth" if self.backend == "unsloth" else "compiled" if self.compiled else "eager"
         return (f"plan on {self.device} ({memory}): {self.backend}, {self.base_precision} base, {self.dtype}, "
                 f"micro-batch {self.micro_batch} x {self.grad_accum} accumulation x {world} rank(s) = "
                 f"{self.micro_batch * self.grad_accum * world}, {checkpointing}, "
-                f"{'compiled' if self.compiled else 'eager'}; chosen: {', '.join(self.chosen) or 'nothing (all given)'}"
+                f"{compiling}; chosen: {', '.join(self.chosen) or 'nothing (all given)'}"
                 f"{'; ' + self.why if self.why else ''}")
 
 
@@ -150,11 +154,11 @@ def weights_gib(size: ModelSize, base_precision: str, dtype: str) -> float:
     return size.params * element / GIB
 
 
-def token_gib(size: ModelSize, dtype: str) -> float:
+def token_gib(size: ModelSize, dtype: str, backend: str = "hf") -> float:
     """Activations a padded token keeps for the backward across the decoder layers, none recomputed."""
     per_layer = 2 * (ACT_HIDDEN * size.hidden + ACT_INTERMEDIATE * size.intermediate) * (2 if dtype == "float32"
                                                                                          else 1)
-    return size.layers * per_layer / GIB
+    return size.layers * per_layer / GIB * (UNSLOTH_ACTIVATIONS if backend == "unsloth" else 1.0)
 
 
 def fixed_gib(size: ModelSize, base_precision: str, dtype: str) -> float:
@@ -163,9 +167,10 @@ def fixed_gib(size: ModelSize, base_precision: str, dtype: str) -> float:
     return weights_gib(size, base_precision, dtype) + lora_state + FIXED_GIB
 
 
-def training_gib(size: ModelSize, base_precision: str, dtype: str, micro: int, tokens: int, every: int) -> float:
+def training_gib(size: ModelSize, base_precision: str, dtype: str, micro: int, tokens: int, every: int,
+                 backend: str = "hf") -> float:
     """Estimated peak GPU memory of a training step."""
-    activations = micro * tokens * token_gib(size, dtype) * CHECKPOINT_MEMORY[every]
+    activations = micro * tokens * token_gib(size, dtype, backend) * CHECKPOINT_MEMORY[every]
     return fixed_gib(size, base_precision, dtype) + activations
 
 
@@ -234,15 +239,17 @@ def plan_training(request: Request, device: Device | None, size: ModelSize, comp
                     False, None, None, chosen, "a CPU: fp32, no compiling")
     budget = min(device.total_gib, request.max_gpu_memory or device.total_gib)
     precisions = ["16bit", "4bit"] if request.base_precision == "auto" else [request.base_precision]
-    everys = {"auto": CHECKPOINT_EVERY, "on": (1,), "off": (0,)}[request.checkpointing]
-    # recomputation chosen per micro-batch on the hf backend; Unsloth's is one switch for the run
+    # Unsloth's recomputation is one switch for the run, every layer; on the hf backend it is chosen per micro-batch
+    everys = {"auto": (0, 1) if backend == "unsloth" else CHECKPOINT_EVERY, "on": (1,), "off": (0,)}[
+        request.checkpointing]
     adaptive = backend == "hf" and len(everys) > 1
     longest = request.tokens_max or request.tokens
     options = []
     for precision in precisions:
         for micro in _micro_batches(request):
             # the longest sample's batch must fit at some level; the time is a typical batch's, padded to the p95
-            fitting = [e for e in everys if training_gib(size, precision, dtype, micro, longest, e) <= budget * SAFETY]
+            fitting = [e for e in everys if training_gib(size, precision, dtype, micro, longest, e, backend)
+                       <= budget * SAFETY]
             if not fitting:
                 continue
             usual = [e for e in everys if training_gib(size, precision, dtype, micro, request.tokens, e)
@@ -259,7 +266,7 @@ def plan_training(request: Request, device: Device | None, size: ModelSize, comp
         why = f"nothing is estimated to fit {budget:.0f} GiB: the smallest configuration allowed"
     _, precision, micro, every, longest_every = max(options)
     limits = recompute_limits(size, precision, dtype, budget * SAFETY, everys) if adaptive else ()
-    gib = training_gib(size, precision, dtype, micro, longest, longest_every)
+    gib = training_gib(size, precision, dtype, micro, longest, longest_every, backend)
     return Plan(device.name, backend, precision, dtype, micro, per_rank // micro, every, compiled, round(budget, 1),
                 round(gib, 1), chosen, why, limits)
 
