@@ -13,6 +13,7 @@ Phases (a phase's name picks its options; finished build and data are reused on 
   train_off_LEVER   train_default with one lever off (its A/B)   train_budgetN   with --max-gpu-memory N
   train_fp16        with --dtype float16                         train_unsloth   with --backend unsloth
   train_regression  with --objective regression                train_unsloth_plain   Unsloth as it comes (levers off)
+  train_unsloth_16x1, train_unsloth_8x2   Unsloth at that micro-batch x accumulation, recomputing nothing
   infer_*           7_infer.py the same ways (baseline: every lever off, batch 64), over train_default's adapter
                     (infer_regression over train_regression's); infer_best128, infer_regression128 at batch 128;
                     infer_regression_eager: its decoder layers not compiled (lever compile_one_forward off)
@@ -41,6 +42,11 @@ TRAIN = {"baseline": ["--backend", "hf", "--base-precision", "16bit", "--batch-s
                       "--speedups-off", "all"],
          "default": [], "best": BEST_TRAIN, "fp16": ["--dtype", "float16"], "unsloth": ["--backend", "unsloth"],
          "unsloth_plain": ["--backend", "unsloth", "--speedups-off", "all"],
+         # the Unsloth plan's alternatives on an 80 GB card: its one recomputation switch, or half the micro-batch
+         "unsloth_16x1": ["--backend", "unsloth", "--batch-size", "16", "--grad-accum", "1",
+                          "--gradient-checkpointing", "off"],
+         "unsloth_8x2": ["--backend", "unsloth", "--batch-size", "8", "--grad-accum", "2",
+                         "--gradient-checkpointing", "off"],
          "regression": ["--objective", "regression"]}
 INFER = {"baseline": ["--speedups-off", "all", "--batch-size", "64"], "default": [],
          "best": ["--backend", "hf", "--batch-size", "64"], "fp16": ["--dtype", "float16"], "regression": [],
