@@ -252,7 +252,7 @@ def plan_training(request: Request, device: Device | None, size: ModelSize, comp
                        <= budget * SAFETY]
             if not fitting:
                 continue
-            usual = [e for e in everys if training_gib(size, precision, dtype, micro, request.tokens, e)
+            usual = [e for e in everys if training_gib(size, precision, dtype, micro, request.tokens, e, backend)
                      <= budget * SAFETY] if adaptive else fitting[:1]
             every = usual[0] if usual else fitting[0]
             seconds = step_seconds(size, micro, request.tokens_mean or request.tokens, every)

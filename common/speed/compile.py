@@ -7,7 +7,8 @@ layers eager: their KV cache updates would break the graphs, and static decoding
 The model's float attributes (norm eps, attention and LoRA scaling) are compiled as constants (`specialize_float`):
 passed as 0-d CPU tensors instead, each costs a read-back and a C++ kernel per block, and the 3B's first step
 compiles 2-3x slower. Under DDP each block stays one graph (`optimize_ddp` off): a block's gradients reach DDP's
-reducer as its backward ends anyway, so a cut buys no overlap and splits the fusions. hf backend only: Unsloth compiles its decoder layers and the vision tower's parts itself (common.speed, "compile").
+reducer as its backward ends anyway, so a cut buys no overlap and splits the fusions. hf backend only: Unsloth
+compiles its decoder layers and the vision tower's parts itself (common.speed, "compile").
 """
 from __future__ import annotations
 
